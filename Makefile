@@ -1,0 +1,39 @@
+# meshllm developer entry points. Everything installs into .venv from this repository's own files.
+#   make demo   start a local replica on the built-in demo model, stream a reply, run a small batch
+#   make test   install everything, then run proto freshness, lint, format, type checks and all tests
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.meshllm-installed
+PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
+
+.PHONY: setup demo test check lint typecheck protos bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(PYPROJECTS) Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
+	$(PY) -m pip install --quiet -e ./protos -e ./client -e ./router -e "./replica[ctranslate2]" --group dev
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m meshllm.client.demo
+
+check: setup
+	$(PY) protos/generate.py --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: check
+	$(VENV)/bin/pytest -q
+
+protos: setup
+	$(PY) protos/generate.py
+
+bench: setup
+	$(PY) benchmarks/replica.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

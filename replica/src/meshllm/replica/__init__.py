@@ -1,0 +1,11 @@
+"""meshllm replica: one model on one device, streaming tokens over gRPC.
+
+Public API: :class:`Replica` (the model host), :class:`ReplicaConfig`, :class:`ModelSpec`,
+and :func:`serve` to run the gRPC server.
+"""
+
+from meshllm.replica.config import ModelSpec, ReplicaConfig
+from meshllm.replica.host import Replica
+from meshllm.replica.server import serve
+
+__all__ = ["ModelSpec", "Replica", "ReplicaConfig", "serve"]

@@ -1,0 +1,3 @@
+from meshllm.replica.cli import main
+
+main()

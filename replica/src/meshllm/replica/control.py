@@ -1,0 +1,56 @@
+"""The internal ``ReplicaControl`` service: load, unload, status and load reports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import grpc
+
+from meshllm.api.v1 import replica_control_pb2 as rc
+from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
+from meshllm.replica import convert
+from meshllm.replica.handlers import streaming, unary
+from meshllm.replica.host import Replica
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _version() -> str:
+    try:
+        return version("meshllm-replica")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class ReplicaControlService(rc_grpc.ReplicaControlServicer):
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
+        self._version = _version()
+
+    def _status(self) -> rc.ReplicaStatus:
+        return convert.status_to_pb(self._replica.status(), self._version)
+
+    @unary
+    async def LoadModel(self, request: rc.LoadModelRequest, context: Context) -> rc.ReplicaStatus:  # type: ignore[override]
+        await self._replica.load(convert.spec_from_pb(request.spec), wait=request.wait)
+        return self._status()
+
+    @unary
+    async def UnloadModel(self, request: rc.UnloadModelRequest, context: Context) -> rc.ReplicaStatus:  # type: ignore[override]
+        await self._replica.unload(drain_timeout_s=request.drain_timeout_s, model=request.model)
+        return self._status()
+
+    @unary
+    async def GetStatus(self, request: rc.GetStatusRequest, context: Context) -> rc.ReplicaStatus:  # type: ignore[override]
+        return self._status()
+
+    @streaming
+    async def WatchLoad(  # type: ignore[override]
+        self, request: rc.WatchLoadRequest, context: Context
+    ) -> AsyncIterator[rc.LoadReport]:
+        interval = (request.interval_ms or self._replica.config.report_interval_ms) / 1000.0
+        while True:
+            yield convert.load_report_to_pb(self._replica.load_report())
+            await self._replica.wait_change(interval)

@@ -1,0 +1,60 @@
+"""Engine registry: name -> factory. Factories import their engine library lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from meshllm.api.errors import FailedPrecondition, InvalidArgument
+from meshllm.replica.engines.base import Engine, EngineSettings
+
+EngineFactory = Callable[[EngineSettings], Engine]
+
+
+def _ctranslate2(settings: EngineSettings) -> Engine:
+    try:
+        from meshllm.replica.engines.ctranslate2 import CTranslate2Engine
+    except ImportError as e:
+        raise _missing("ctranslate2", "meshllm-replica[ctranslate2]", e) from e
+    return CTranslate2Engine(settings)
+
+
+def _exllamav3(settings: EngineSettings) -> Engine:
+    try:
+        from meshllm.replica.engines.exllamav3 import ExLlamaV3Engine  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise _missing("exllamav3", "meshllm-replica[exllamav3]", e) from e
+    engine: Engine = ExLlamaV3Engine(settings)
+    return engine
+
+
+def _fake(settings: EngineSettings) -> Engine:
+    from meshllm.replica.engines.fake import FakeEngine
+
+    return FakeEngine(settings)
+
+
+_REGISTRY: dict[str, EngineFactory] = {
+    "ctranslate2": _ctranslate2,
+    "exllamav3": _exllamav3,
+    "fake": _fake,
+}
+
+
+def engine_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_engine(name: str, settings: EngineSettings) -> Engine:
+    """Build the named engine; unknown names and missing libraries are clear errors."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise InvalidArgument(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
+    return factory(settings)
+
+
+def _missing(engine: str, extra: str, error: ImportError) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"engine {engine!r} is selected but its library is not installed ({error}); "
+        f"install it with: pip install '{extra}'",
+        reason="ENGINE_NOT_INSTALLED",
+    )

@@ -1,0 +1,252 @@
+"""The replica: hosts at most one model, tracks its state, admits and drains work."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
+from meshllm.replica.config import ModelSpec, ReplicaConfig
+from meshllm.replica.memory import DeviceMemory, device_memory
+from meshllm.replica.model import LoadedModel, ModelInfo
+from meshllm.replica.types import Chunk, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaState(enum.Enum):
+    EMPTY = "empty"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadReport:
+    replica_id: str
+    state: ReplicaState
+    model: str
+    queued: int
+    running: int
+    tokens_in_flight: int
+    tokens_per_second: float
+    cache_utilization: float
+    requests_total: int
+    tokens_total: int
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaStatusInfo:
+    replica_id: str
+    state: ReplicaState
+    spec: ModelSpec | None
+    device: str
+    error: str
+    load: LoadReport
+    memory: DeviceMemory
+
+
+class ThroughputMeter:
+    """Tokens per second over a sliding window of one-second buckets."""
+
+    def __init__(self, window_s: int = 5, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window = window_s
+        self._clock = clock
+        self._buckets: deque[list[float]] = deque()
+
+    def add(self, tokens: int) -> None:
+        second = float(int(self._clock()))
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += tokens
+        else:
+            self._buckets.append([second, float(tokens)])
+
+    def rate(self) -> float:
+        now = self._clock()
+        while self._buckets and self._buckets[0][0] <= now - self._window:
+            self._buckets.popleft()
+        return sum(b[1] for b in self._buckets) / self._window
+
+
+class Replica:
+    """Model host of one replica process; the gRPC services are thin layers over it."""
+
+    def __init__(self, config: ReplicaConfig, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.state = ReplicaState.EMPTY
+        self.spec: ModelSpec | None = None
+        self.error = ""
+        self.model: LoadedModel | None = None
+        self.requests_total = 0
+        self.tokens_total = 0
+        self._meter = ThroughputMeter()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lifecycle = asyncio.Lock()
+        self._changed = asyncio.Condition()
+        self._load_task: asyncio.Task[None] | None = None
+        self.on_state_change: list[Callable[[ReplicaState], Awaitable[None]]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def load(self, spec: ModelSpec, *, wait: bool) -> None:
+        """Start loading ``spec`` (idempotent for the model already loaded or loading)."""
+        spec.validate()
+        async with self._lifecycle:
+            if self.spec is not None and self.spec.id == spec.id and self.state in (
+                ReplicaState.LOADING, ReplicaState.READY
+            ):
+                task = self._load_task
+            elif self.state in (ReplicaState.EMPTY, ReplicaState.FAILED):
+                self.spec, self.error = spec, ""
+                await self._set_state(ReplicaState.LOADING)
+                task = self._load_task = asyncio.create_task(self._load(spec))
+            else:
+                loaded = self.spec.id if self.spec else "?"
+                raise FailedPrecondition(
+                    f"replica hosts {loaded!r} ({self.state.value}); unload it before loading {spec.id!r}",
+                    reason="REPLICA_BUSY",
+                )
+        if wait and task is not None:
+            await asyncio.shield(task)
+
+    async def _load(self, spec: ModelSpec) -> None:
+        started = time.perf_counter()
+        try:
+            model = await asyncio.to_thread(
+                LoadedModel.load, spec, device=self.config.device, replica_name=self.name,
+                max_input_chars=self.config.max_input_chars, batch_window_ms=self.config.batch_window_ms,
+            )  # fmt: skip
+            await model.engine.start()
+        except Exception as e:  # any load failure leaves the replica idle, with the reason
+            self.error = e.message if isinstance(e, MeshError) else f"{type(e).__name__}: {e}"
+            log.error("loading %s from %s failed: %s", spec.id, spec.path, self.error)
+            await self._set_state(ReplicaState.FAILED)
+            return
+        self.model = model
+        log.info("loaded %s (%s) in %.2fs", spec.id, spec.engine, time.perf_counter() - started)
+        await self._set_state(ReplicaState.READY)
+
+    async def unload(self, *, drain_timeout_s: float, model: str = "") -> None:
+        """Drain (stop admitting, let in-flight finish up to the timeout), then free the model."""
+        async with self._lifecycle:
+            if model and (self.spec is None or self.spec.id != model):
+                raise NotFound(f"model {model!r} is not loaded on this replica")
+            if self._load_task is not None and not self._load_task.done():
+                await self._load_task
+            if self.state in (ReplicaState.EMPTY, ReplicaState.FAILED):
+                self.spec, self.error = None, ""
+                await self._set_state(ReplicaState.EMPTY)
+                return
+            await self._set_state(ReplicaState.DRAINING)
+            await self.wait_idle(drain_timeout_s or self.config.drain_grace_s)
+            await self._set_state(ReplicaState.UNLOADING)
+            if self.model is not None:
+                await self.model.close()
+            self.model, self.spec = None, None
+            await self._set_state(ReplicaState.EMPTY)
+
+    async def drain(self) -> None:
+        """Stop admitting new work (SIGTERM); in-flight requests go on."""
+        if self.state in (ReplicaState.READY, ReplicaState.LOADING):
+            await self._set_state(ReplicaState.DRAINING)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False if the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("drain timeout: %d requests still in flight", self._inflight)
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self.model is not None:
+            await self.model.close()
+            self.model = None
+
+    async def _set_state(self, state: ReplicaState) -> None:
+        self.state = state
+        for callback in self.on_state_change:
+            await callback(state)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Return on the next state change, or after ``timeout_s``."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except TimeoutError:
+                pass
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def models(self) -> list[ModelInfo]:
+        return [self.model.info()] if self.model is not None and self.state == ReplicaState.READY else []
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        model = self._admit(req.model)
+        self._inflight += 1
+        self._idle.clear()
+        self.requests_total += 1
+        try:
+            prepared = await model.prepare(req)
+            async for chunk in model.stream(prepared):
+                if chunk.token_ids:
+                    self._meter.add(len(chunk.token_ids))
+                    self.tokens_total += len(chunk.token_ids)
+                yield chunk
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    def _admit(self, model_id: str) -> LoadedModel:
+        state, spec = self.state, self.spec
+        if spec is not None and model_id and model_id != spec.id:
+            raise NotFound(f"unknown model {model_id!r}; this replica serves {spec.id!r}")
+        if state == ReplicaState.READY and self.model is not None:
+            return self.model
+        if state == ReplicaState.LOADING:
+            raise Unavailable(f"model {model_id!r} is still loading", reason="MODEL_LOADING", retry_after=1.0)
+        if state in (ReplicaState.DRAINING, ReplicaState.UNLOADING):
+            raise Unavailable("replica is draining; retry on another replica", reason="REPLICA_DRAINING",
+                              retry_after=1.0)  # fmt: skip
+        if spec is None and model_id:
+            raise NotFound(f"unknown model {model_id!r}: no model is loaded on this replica")
+        raise FailedPrecondition("no model is loaded on this replica", reason="MODEL_NOT_LOADED")
+
+    # -- reports --------------------------------------------------------------------------------
+
+    def load_report(self) -> LoadReport:
+        stats = self.model.engine.stats() if self.model is not None else None
+        return LoadReport(
+            replica_id=self.name,
+            state=self.state,
+            model=self.spec.id if self.spec is not None and self.state != ReplicaState.FAILED else "",
+            queued=stats.queued if stats else 0,
+            running=stats.running if stats else 0,
+            tokens_in_flight=stats.tokens_in_flight if stats else 0,
+            tokens_per_second=self._meter.rate(),
+            cache_utilization=stats.cache_utilization if stats else 0.0,
+            requests_total=self.requests_total,
+            tokens_total=self.tokens_total,
+            timestamp_ms=int(time.time() * 1000),
+        )
+
+    def status(self) -> ReplicaStatusInfo:
+        return ReplicaStatusInfo(
+            replica_id=self.name, state=self.state, spec=self.spec, device=self.config.device,
+            error=self.error, load=self.load_report(), memory=device_memory(self.config.device),
+        )  # fmt: skip

@@ -1,0 +1,192 @@
+"""A loaded model: tokenizer plus engine, turning requests into streams of chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshllm.api.errors import FailedPrecondition, Internal, ResourceExhausted
+from meshllm.replica.config import BUILTIN_MODELS, ModelSpec
+from meshllm.replica.engines import Engine, EngineSettings, TokenStream, create_engine
+from meshllm.replica.stops import StopMatcher
+from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
+from meshllm.replica.types import (
+    ChatMessage,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    PreparedRequest,
+    Timing,
+    Usage,
+)
+from meshllm.replica.validation import Limits, check_input, resolve_sampling
+
+DEFAULT_CONTEXT = 2048
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_QUEUED = 1024
+_BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    engine: str
+    context_length: int
+    max_tokens_limit: int
+
+
+def resolve_model_dir(path: str) -> Path:
+    """``demo``/``bench`` build (once, cached) a generated model; anything else is a folder."""
+    if path in BUILTIN_MODELS:
+        from meshllm.replica.models.tiny import RECIPES, ensure_model
+
+        return ensure_model(RECIPES[path])
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FailedPrecondition(f"model path {path!r} is not a directory", reason="MODEL_PATH_MISSING")
+    return folder
+
+
+class LoadedModel:
+    """One model on one device. Build with :meth:`load` (blocking: run it in a thread)."""
+
+    def __init__(self, spec: ModelSpec, tokenizer: ModelTokenizer, engine: Engine,
+                 limits: Limits, replica_name: str) -> None:  # fmt: skip
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.limits = limits
+        self.replica_name = replica_name
+        self.max_queued = spec.max_queued or DEFAULT_MAX_QUEUED
+
+    @classmethod
+    def load(cls, spec: ModelSpec, *, device: str, replica_name: str,
+             max_input_chars: int, batch_window_ms: float) -> LoadedModel:  # fmt: skip
+        folder = resolve_model_dir(spec.path)
+        try:
+            tokenizer = ModelTokenizer(folder, spec.chat_template)
+        except FileNotFoundError as e:
+            raise FailedPrecondition(str(e), reason="TOKENIZER_MISSING") from e
+        cfg_len = tokenizer.config.get("model_max_length")
+        context = spec.context_length or (
+            int(cfg_len) if isinstance(cfg_len, int | float) and 0 < cfg_len < 10**7 else DEFAULT_CONTEXT
+        )
+        limit = min(spec.max_tokens_limit or context, context)
+        limits = Limits(
+            context_length=context,
+            default_max_tokens=min(spec.default_max_tokens or DEFAULT_MAX_TOKENS, limit),
+            max_tokens_limit=limit,
+            vocab_size=tokenizer.vocab_size,
+            max_input_chars=max_input_chars,
+        )
+        settings = EngineSettings(
+            model_dir=folder,
+            device=device,
+            compute_type=spec.compute_type,
+            max_batch_size=spec.max_batch_size,
+            inter_threads=spec.inter_threads,
+            intra_threads=spec.intra_threads,
+            context_length=context,
+            batch_window_ms=batch_window_ms,
+            eos_ids=tokenizer.eos_ids,
+            vocabulary=tuple(tokenizer.tokens(range(tokenizer.vocab_size))),
+            options=dict(spec.options),
+        )
+        return cls(spec, tokenizer, create_engine(spec.engine, settings), limits, replica_name)
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.spec.id, self.spec.engine, self.limits.context_length,
+                         self.limits.max_tokens_limit)  # fmt: skip
+
+    async def prepare(self, req: GenerationRequest) -> PreparedRequest:
+        """Validate and tokenize; raises InvalidArgument with field violations."""
+        check_input(req, self.limits)
+        if len(req.prompt) + sum(len(m.content) for m in req.messages) > _BIG_INPUT_CHARS:
+            ids = await asyncio.to_thread(self._tokenize, req)
+        else:
+            ids = self._tokenize(req)
+        sampling = resolve_sampling(req, self.limits, len(ids))
+        return PreparedRequest(
+            request_id=req.request_id, prompt_ids=tuple(ids), sampling=sampling,
+            priority=req.priority, coalesce_tokens=req.coalesce_tokens, coalesce_ms=req.coalesce_ms,
+        )  # fmt: skip
+
+    def _tokenize(self, req: GenerationRequest) -> list[int]:
+        if req.token_ids:
+            return list(req.token_ids)
+        if req.messages:
+            messages = list(req.messages)
+            if req.instructions:
+                messages.insert(0, ChatMessage("system", req.instructions))
+            return self.tokenizer.encode_chat(messages)
+        prompt = f"{req.instructions}\n\n{req.prompt}" if req.instructions else req.prompt
+        return self.tokenizer.encode(prompt)
+
+    async def stream(self, req: PreparedRequest) -> AsyncIterator[Chunk]:
+        """Generate, yielding text deltas; the last chunk has finish reason, usage and timing."""
+        if self.engine.stats().queued >= self.max_queued:
+            raise ResourceExhausted(
+                f"replica queue is full ({self.max_queued} waiting)", reason="QUEUE_FULL", retry_after=1.0
+            )
+        stream = self.engine.submit(req.prompt_ids, req.sampling, req.priority)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopMatcher(req.sampling.stop)
+        want, wait_s = _coalescing(req)
+        first = True
+        held_ids: list[int] = []  # ids read together with a stop string go in the last chunk
+        tail = ""
+        try:
+            while True:
+                ids = await stream.read(1 if first else want, wait_s)
+                if not ids:
+                    break
+                first = False
+                text = stops.feed(detok.add(ids))
+                if stops.matched:
+                    stream.cancel()
+                    held_ids, tail = ids, text
+                    break
+                yield Chunk(text=text, token_ids=tuple(ids))
+            if not stops.matched:
+                tail = stops.feed(detok.flush()) + stops.flush()
+            yield self._final_chunk(stream, req, tail, stops.matched, held_ids)
+        finally:
+            stream.cancel()  # client gone or error: stop generating (no-op when finished)
+
+    def _final_chunk(
+        self, stream: TokenStream, req: PreparedRequest, text: str, stop: str, ids: list[int]
+    ) -> Chunk:
+        if stream.error is not None:
+            raise Internal(f"engine failed: {type(stream.error).__name__}: {stream.error}")
+        reason = FinishReason.STOP if stop else (stream.finish_reason or FinishReason.STOP)
+        end = time.perf_counter()
+        started = stream.started or end
+        first = stream.first_token or end
+        last = stream.last_token or end
+        decode_s = max(last - first, 0.0)
+        timing = Timing(
+            queue_wait_ms=(started - stream.created) * 1e3,
+            time_to_first_token_ms=(first - stream.created) * 1e3,
+            decode_ms=decode_s * 1e3,
+            total_ms=(end - stream.created) * 1e3,
+            tokens_per_second=(stream.generated - 1) / decode_s if decode_s > 0 else 0.0,
+            replica=self.replica_name,
+        )
+        usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=stream.generated)
+        return Chunk(text=text, token_ids=tuple(ids), finish_reason=reason, stop_sequence=stop, usage=usage,
+                     timing=timing, model=self.spec.id)  # fmt: skip
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+def _coalescing(req: PreparedRequest) -> tuple[int, float]:
+    """(tokens to wait for, longest hold in seconds) after the first chunk."""
+    if req.coalesce_tokens:
+        return req.coalesce_tokens, req.coalesce_ms / 1000.0
+    if req.coalesce_ms:
+        return 1 << 30, req.coalesce_ms / 1000.0
+    return 1, 0.0

@@ -1,0 +1,1 @@
+"""Built-in generated models (``demo``, ``bench``): real CTranslate2 models, random weights."""

@@ -1,0 +1,105 @@
+"""The replica's gRPC server: Generation, ReplicaControl, health and reflection on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from meshllm.api.v1 import generation_pb2, replica_control_pb2
+from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
+from meshllm.replica.config import ReplicaConfig
+from meshllm.replica.control import ReplicaControlService
+from meshllm.replica.host import Replica, ReplicaState
+from meshllm.replica.service import GenerationService
+
+log = logging.getLogger(__name__)
+
+GENERATION = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+CONTROL = replica_control_pb2.DESCRIPTOR.services_by_name["ReplicaControl"].full_name
+
+
+def server_options(config: ReplicaConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.so_reuseport", 0),  # on by default: a second server would silently share the port
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class ReplicaServer:
+    """A running replica: ``await start()``, then ``await stop()`` (drains first)."""
+
+    def __init__(self, config: ReplicaConfig) -> None:
+        self.config = config.validate()
+        self.port = 0
+        self.replica: Replica | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+
+    async def start(self) -> int:
+        server = grpc.aio.server(options=server_options(self.config))
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e}") from e
+        replica = Replica(self.config, self.config.name(self.port))
+        replica.on_state_change.append(self._on_state)
+        gen_grpc.add_GenerationServicer_to_server(GenerationService(replica), server)
+        rc_grpc.add_ReplicaControlServicer_to_server(ReplicaControlService(replica), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = (GENERATION, CONTROL, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)  # fmt: skip
+        reflection.enable_server_reflection(names, server)
+        await self._on_state(ReplicaState.EMPTY)
+        await server.start()
+        self._server, self.replica = server, replica
+        log.info("replica %s listening on %s (device %s)", replica.name, self.port, self.config.device)
+        if self.config.model is not None:
+            await replica.load(self.config.model, wait=False)
+        return self.port
+
+    async def _on_state(self, state: ReplicaState) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if state == ReplicaState.READY
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+        for name in ("", GENERATION):
+            await self._health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new work, let in-flight requests finish within the grace, then exit."""
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        if self.replica is not None:
+            await self.replica.drain()
+            await self.replica.wait_idle(grace)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self.replica is not None:
+            await self.replica.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: ReplicaConfig) -> None:
+    """Run a replica until SIGTERM or SIGINT, then drain and exit."""
+    server = ReplicaServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining (grace %.0fs)", config.drain_grace_s)
+    await server.stop()

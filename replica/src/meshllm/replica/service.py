@@ -1,0 +1,42 @@
+"""The public ``Generation`` service on a replica."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.replica import convert
+from meshllm.replica.handlers import streaming, unary
+from meshllm.replica.host import Replica
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class GenerationService(gen_grpc.GenerationServicer):
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
+
+    async def _chunks(self, request: gen.GenerateRequest) -> AsyncIterator[gen.GenerateChunk]:
+        req = convert.request_from_pb(request)
+        async for chunk in self._replica.generate(req):
+            yield convert.chunk_to_pb(chunk, req.request_id)
+
+    @streaming
+    async def GenerateStream(  # type: ignore[override]
+        self, request: gen.GenerateRequest, context: Context
+    ) -> AsyncIterator[gen.GenerateChunk]:
+        async for chunk in self._chunks(request):
+            yield chunk
+
+    @unary
+    async def Generate(self, request: gen.GenerateRequest, context: Context) -> gen.GenerateResponse:  # type: ignore[override]
+        chunks = [c async for c in self._chunks(request)]
+        return convert.response_from_chunks(chunks)
+
+    @unary
+    async def ListModels(self, request: gen.ListModelsRequest, context: Context) -> gen.ListModelsResponse:  # type: ignore[override]
+        return gen.ListModelsResponse(models=[convert.model_info_to_pb(m) for m in self._replica.models()])

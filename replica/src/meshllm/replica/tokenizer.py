@@ -1,0 +1,123 @@
+"""The model folder's tokenizer: encoding, chat templates and incremental detokenization."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from meshllm.api.errors import invalid_argument
+from meshllm.replica.types import ChatMessage
+
+_DEFAULT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    tokenizer_json: Path
+    config: dict[str, Any]
+
+
+class ModelTokenizer:
+    """Wraps ``tokenizer.json`` and ``tokenizer_config.json`` from a model folder."""
+
+    def __init__(self, folder: Path, chat_template: str = "") -> None:
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: a model folder needs tokenizer.json")
+        self._tok = Tokenizer.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._id_to_token = [self._tok.id_to_token(i) or "" for i in range(self.vocab_size)]
+        self.eos_ids = frozenset(
+            i for t in (self.eos_token,) if t and (i := self._tok.token_to_id(t)) is not None
+        )
+        template = chat_template or self.config.get("chat_template") or _DEFAULT_TEMPLATE
+        if isinstance(template, list):  # some configs hold named templates
+            template = next((t["template"] for t in template if t.get("name") == "default"), "")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(template)
+
+    def encode(self, text: str) -> list[int]:
+        """Encode a plain prompt, adding BOS and other specials as the tokenizer's post-processor does."""
+        ids: list[int] = self._tok.encode(text, add_special_tokens=True).ids
+        return ids
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Render the chat template and encode it (the template supplies the special tokens)."""
+        try:
+            text = self._template.render(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except TemplateError as e:
+            raise invalid_argument("messages", f"chat template rejected the messages: {e}") from e
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def tokens(self, ids: Sequence[int]) -> list[str]:
+        """Token strings for ids, as CTranslate2 expects them."""
+        table = self._id_to_token
+        return [table[i] for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text: str = self._tok.decode(list(ids), skip_special_tokens=True)
+        return text
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a character.
+
+    Decodes a short window (the previous delta's tokens plus the new ones) and emits only what
+    the new tokens add. If the window ends in an incomplete UTF-8 sequence (U+FFFD), the new
+    tokens are held until the next call completes it, or until ``flush``.
+    """
+
+    def __init__(self, tokenizer: ModelTokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, ids: Sequence[int]) -> str:
+        self._ids.extend(ids)
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(prefix_text):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """The rest of the text at the end of the stream, incomplete characters included."""
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(prefix_text) :]
+
+
+def _token_text(value: object) -> str:
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return str(value) if value else ""
+
+
+def _raise_template_error(message: str) -> NoReturn:
+    raise TemplateError(message)

@@ -1,0 +1,106 @@
+"""Request validation: every bad field is reported at once, as BadRequest field violations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.replica.types import GenerationRequest, SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 4096
+MAX_COALESCE_TOKENS = 4096
+MAX_COALESCE_MS = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """The loaded model's limits that requests are checked against."""
+
+    context_length: int
+    default_max_tokens: int
+    max_tokens_limit: int
+    vocab_size: int
+    max_input_chars: int
+
+
+def check_input(req: GenerationRequest, limits: Limits) -> None:
+    """Exactly one input kind, within size limits."""
+    bad: list[FieldViolation] = []
+    given = [n for n, v in (("prompt", req.prompt), ("messages", req.messages),
+                            ("token_ids", req.token_ids)) if v]  # fmt: skip
+    if not given:
+        bad.append(FieldViolation("prompt", "empty input: set one of prompt, messages or token_ids"))
+    elif len(given) > 1:
+        bad.append(FieldViolation(given[1], f"set only one of prompt, messages, token_ids (got {', '.join(given)})"))
+    chars = len(req.prompt) + len(req.instructions) + sum(len(m.content) for m in req.messages)
+    if chars > limits.max_input_chars:
+        bad.append(FieldViolation("prompt", f"input is {chars} characters; the limit is {limits.max_input_chars}"))
+    if len(req.messages) > MAX_MESSAGES:
+        bad.append(FieldViolation("messages", f"at most {MAX_MESSAGES} messages"))
+    for i, m in enumerate(req.messages):
+        if not m.role:
+            bad.append(FieldViolation(f"messages[{i}].role", "must not be empty"))
+    for i, t in enumerate(req.token_ids):
+        if t >= limits.vocab_size:
+            bad.append(FieldViolation(f"token_ids[{i}]", f"{t} is not below the vocabulary size {limits.vocab_size}"))
+            break
+    if not req.model:
+        bad.append(FieldViolation("model", "must name a model (see ListModels)"))
+    _raise(bad)
+
+
+def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int) -> SamplingParams:
+    """Apply defaults and check ranges; max_tokens left unset is clamped to the context left."""
+    bad: list[FieldViolation] = []
+
+    def check(name: str, value: float | None, ok: bool, rule: str) -> None:
+        if value is not None and (not math.isfinite(value) or not ok):
+            bad.append(FieldViolation(name, f"{value} is out of range: {rule}"))
+
+    t, k, p, rp = req.temperature, req.top_k, req.top_p, req.repetition_penalty
+    check("temperature", t, t is not None and 0.0 <= t <= 10.0, "0 <= temperature <= 10")
+    check("top_k", k, k is not None and 0 <= k <= limits.vocab_size, f"0 <= top_k <= {limits.vocab_size}")
+    check("top_p", p, p is not None and 0.0 < p <= 1.0, "0 < top_p <= 1")
+    check("repetition_penalty", rp, rp is not None and 0.0 < rp <= 10.0, "0 < repetition_penalty <= 10")
+    if len(req.stop) > MAX_STOP_STRINGS:
+        bad.append(FieldViolation("stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+    for i, s in enumerate(req.stop):
+        if not s or len(s) > MAX_STOP_CHARS:
+            bad.append(FieldViolation(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
+    if not 0 <= req.coalesce_tokens <= MAX_COALESCE_TOKENS:
+        bad.append(FieldViolation("stream_options.coalesce_tokens", f"at most {MAX_COALESCE_TOKENS}"))
+    if not 0 <= req.coalesce_ms <= MAX_COALESCE_MS:
+        bad.append(FieldViolation("stream_options.coalesce_ms", f"at most {MAX_COALESCE_MS}"))
+    room = limits.context_length - prompt_tokens
+    if room <= 0:
+        bad.append(FieldViolation(
+            "prompt", f"prompt is {prompt_tokens} tokens; the model's context is {limits.context_length}"
+        ))  # fmt: skip
+    max_tokens = req.max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(limits.default_max_tokens, room))
+    elif max_tokens < 1 or max_tokens > limits.max_tokens_limit:
+        bad.append(FieldViolation("max_tokens", f"{max_tokens} is out of range: 1 <= max_tokens <= {limits.max_tokens_limit}"))
+    elif room > 0 and max_tokens > room:
+        bad.append(FieldViolation(
+            "max_tokens", f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context ({limits.context_length})"
+        ))  # fmt: skip
+    _raise(bad)
+    return SamplingParams(
+        temperature=1.0 if t is None else t,
+        top_k=k or 0,
+        top_p=1.0 if p is None else p,
+        repetition_penalty=1.0 if rp is None else rp,
+        max_tokens=max_tokens,
+        stop=req.stop,
+        seed=req.seed,
+    )
+
+
+def _raise(bad: list[FieldViolation]) -> None:
+    if bad:
+        message = "; ".join(f"{v.field}: {v.description}" for v in bad)
+        raise InvalidArgument(message, field_violations=bad)

@@ -1,0 +1,1 @@
+"""meshllm router: one Generation endpoint in front of many replicas (see issue: router)."""

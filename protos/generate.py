@@ -1,7 +1,7 @@
 """Regenerate the committed Python code from the .proto files, or check that it is current.
 
-    python protos/generate.py          # write protos/src/meshllm/api/v1/*_pb2*.py(i)
-    python protos/generate.py --check  # exit 1 and list the stale files
+python protos/generate.py          # write protos/src/meshllm/api/v1/*_pb2*.py(i)
+python protos/generate.py --check  # exit 1 and list the stale files
 """
 
 from __future__ import annotations

@@ -24,7 +24,15 @@ from meshllm.api.errors import (
 )
 from meshllm.client._async import AsyncClient
 from meshllm.client._sync import Client
-from meshllm.client._types import BatchItem, Completion, FinishReason, ModelInfo, StreamChunk, Timing, Usage
+from meshllm.client._types import (
+    BatchItem,
+    Completion,
+    FinishReason,
+    ModelInfo,
+    StreamChunk,
+    Timing,
+    Usage,
+)
 
 __all__ = [
     "AsyncClient",
@@ -46,4 +54,5 @@ __all__ = [
     "Timing",
     "Unauthenticated",
     "Unavailable",
+    "Usage",
 ]

@@ -26,7 +26,9 @@ class AsyncClient:
       timeout: default deadline per call, in seconds (None: no deadline).
     """
 
-    def __init__(self, target: str, *, api_key: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self, target: str, *, api_key: str | None = None, timeout: float | None = None
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (
@@ -58,7 +60,9 @@ class AsyncClient:
         """Generate a whole reply. ``fields``: max_tokens, temperature, stop, token_ids, ... ."""
         req = build_request(prompt, model=model, **fields)
         try:
-            resp = await self._stub().Generate(req, timeout=self._timeout(timeout), metadata=self._metadata)
+            resp = await self._stub().Generate(
+                req, timeout=self._timeout(timeout), metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
         return completion_from_pb(resp)
@@ -68,7 +72,9 @@ class AsyncClient:
     ) -> AsyncIterator[StreamChunk]:
         """Stream a reply chunk by chunk; leaving the loop early cancels generation."""
         req = build_request(prompt, model=model, **fields)
-        call = self._stub().GenerateStream(req, timeout=self._timeout(timeout), metadata=self._metadata)
+        call = self._stub().GenerateStream(
+            req, timeout=self._timeout(timeout), metadata=self._metadata
+        )
         try:
             async for msg in call:
                 yield chunk_from_pb(msg)
@@ -105,7 +111,9 @@ class AsyncClient:
 
         async def one(index: int, item: Prompt) -> None:
             try:
-                kwargs = {**fields, **item} if isinstance(item, dict) else {**fields, "prompt": item}
+                kwargs = (
+                    {**fields, **item} if isinstance(item, dict) else {**fields, "prompt": item}
+                )
                 completion: Completion | None = await self.generate(model=model, **kwargs)
                 error: MeshError | None = None
             except MeshError as e:

@@ -23,9 +23,13 @@ _END = object()
 class Client:
     """Blocking client with the same methods as :class:`AsyncClient`."""
 
-    def __init__(self, target: str, *, api_key: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self, target: str, *, api_key: str | None = None, timeout: float | None = None
+    ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="meshllm-client", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="meshllm-client", daemon=True
+        )
         self._thread.start()
         self._async = AsyncClient(target, api_key=api_key, timeout=timeout)
 
@@ -46,7 +50,9 @@ class Client:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def generate(self, prompt: PromptArg = None, *, model: str, timeout: float | None = None, **fields: Any) -> Completion:
+    def generate(
+        self, prompt: PromptArg = None, *, model: str, timeout: float | None = None, **fields: Any
+    ) -> Completion:
         return self._run(self._async.generate(prompt, model=model, timeout=timeout, **fields))
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -73,7 +79,9 @@ class Client:
 
         async def pump() -> None:
             try:
-                async for chunk in self._async.stream(prompt, model=model, timeout=timeout, **fields):
+                async for chunk in self._async.stream(
+                    prompt, model=model, timeout=timeout, **fields
+                ):
                     chunks.put(chunk)
                 chunks.put(_END)
             except BaseException as e:  # handed to the caller's thread, re-raised there

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from meshllm.client._sync import Client
 from meshllm.api.errors import MeshError
+from meshllm.client._sync import Client
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         with Client(args.target, api_key=args.api_key) as client:
             if args.command == "models":
                 for m in client.list_models():
-                    print(f"{m.id}\t{m.engine}\tcontext={m.context_length}\treplicas={m.ready_replicas}")
+                    print(
+                        f"{m.id}\t{m.engine}\tcontext={m.context_length}\treplicas={m.ready_replicas}"
+                    )
             else:
                 for chunk in client.stream(args.prompt, model=args.model, max_tokens=args.max_tokens,
                                            temperature=args.temperature):  # fmt: skip

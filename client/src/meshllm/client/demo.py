@@ -28,7 +28,9 @@ def _free_port() -> int:
         return port
 
 
-def _wait_ready(client: Client, replica: subprocess.Popen[bytes], deadline_s: float = 120.0) -> None:
+def _wait_ready(
+    client: Client, replica: subprocess.Popen[bytes], deadline_s: float = 120.0
+) -> None:
     start = time.monotonic()
     while time.monotonic() - start < deadline_s:
         if replica.poll() is not None:
@@ -63,9 +65,15 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             ok = [i.result for i in items if i.result is not None]
             tokens = sum(c.usage.completion_tokens for c in ok)
-            print(f"batch: {len(ok)}/{len(items)} done in {elapsed:.2f}s, {tokens / elapsed:.0f} tokens/s")
+            print(
+                f"batch: {len(ok)}/{len(items)} done in {elapsed:.2f}s, {tokens / elapsed:.0f} tokens/s"
+            )
             for item in items[:3]:
-                print(f"  [{item.index}] {item.result.text[:60]!r}" if item.result else f"  [{item.index}] {item.error}")
+                print(
+                    f"  [{item.index}] {item.result.text[:60]!r}"
+                    if item.result
+                    else f"  [{item.index}] {item.error}"
+                )
             print(f"served by: {dict(Counter(c.replica for c in ok))}")
     finally:
         replica.send_signal(signal.SIGTERM)

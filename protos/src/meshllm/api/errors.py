@@ -163,11 +163,12 @@ def invalid_argument(field: str, description: str) -> InvalidArgument:
 
 def from_rpc_error(error: grpc.RpcError) -> MeshError:
     """Rebuild the typed error (details included) from a failed call."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or code.name  # type: ignore[attr-defined]
+    call: Any = error  # grpc.RpcError raised by a call also implements grpc.Call
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or code.name
     cls = _BY_CODE.get(code, MeshError)
     kwargs: dict[str, Any] = {}
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+    for key, value in call.trailing_metadata() or ():
         if key == _DETAILS_KEY and isinstance(value, bytes):
             kwargs = _parse_details(status_pb2.Status.FromString(value))
     err = cls(message, **kwargs)

@@ -20,14 +20,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Serve one model on one device over gRPC (Generation, ReplicaControl, health, reflection).",
     )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=50061, help="port (0 picks a free one; default 50061)")
+    p.add_argument(
+        "--port", type=int, default=50061, help="port (0 picks a free one; default 50061)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     p.add_argument("--replica-id", default="", help="name in reports (default hostname:port)")
     p.add_argument("--model", default="", help="model to load at start: 'demo', 'bench' or a model folder; "
                    "omit to start idle and load through ReplicaControl")  # fmt: skip
-    p.add_argument("--model-id", default="", help="id clients use (default: 'demo'/'bench' or the folder name)")
+    p.add_argument(
+        "--model-id", default="", help="id clients use (default: 'demo'/'bench' or the folder name)"
+    )
     p.add_argument("--engine", default="ctranslate2", choices=engine_names())
-    p.add_argument("--compute-type", default="", help="e.g. int8, float16, float32 (default: the engine's)")
+    p.add_argument(
+        "--compute-type", default="", help="e.g. int8, float16, float32 (default: the engine's)"
+    )
     p.add_argument("--context-length", type=int, default=0)
     p.add_argument("--default-max-tokens", type=int, default=0)
     p.add_argument("--max-tokens-limit", type=int, default=0)
@@ -35,9 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inter-threads", type=int, default=0, help="batches run in parallel")
     p.add_argument("--intra-threads", type=int, default=0, help="threads per batch")
     p.add_argument("--max-queued", type=int, default=0)
-    p.add_argument("--chat-template", type=Path, help="file with a Jinja chat template to use instead")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="engine option")
-    p.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight work may finish on SIGTERM")
+    p.add_argument(
+        "--chat-template", type=Path, help="file with a Jinja chat template to use instead"
+    )
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="engine option"
+    )
+    p.add_argument(
+        "--drain-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight work may finish on SIGTERM",
+    )
     p.add_argument("--batch-window-ms", type=float, default=2.0)
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -64,7 +79,9 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = config_from_args(args)
     except MeshError as e:

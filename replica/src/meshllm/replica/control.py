@@ -33,21 +33,23 @@ class ReplicaControlService(rc_grpc.ReplicaControlServicer):
         return convert.status_to_pb(self._replica.status(), self._version)
 
     @unary
-    async def LoadModel(self, request: rc.LoadModelRequest, context: Context) -> rc.ReplicaStatus:  # type: ignore[override]
+    async def LoadModel(self, request: rc.LoadModelRequest, context: Context) -> rc.ReplicaStatus:
         await self._replica.load(convert.spec_from_pb(request.spec), wait=request.wait)
         return self._status()
 
     @unary
-    async def UnloadModel(self, request: rc.UnloadModelRequest, context: Context) -> rc.ReplicaStatus:  # type: ignore[override]
+    async def UnloadModel(
+        self, request: rc.UnloadModelRequest, context: Context
+    ) -> rc.ReplicaStatus:
         await self._replica.unload(drain_timeout_s=request.drain_timeout_s, model=request.model)
         return self._status()
 
     @unary
-    async def GetStatus(self, request: rc.GetStatusRequest, context: Context) -> rc.ReplicaStatus:  # type: ignore[override]
+    async def GetStatus(self, request: rc.GetStatusRequest, context: Context) -> rc.ReplicaStatus:
         return self._status()
 
     @streaming
-    async def WatchLoad(  # type: ignore[override]
+    async def WatchLoad(
         self, request: rc.WatchLoadRequest, context: Context
     ) -> AsyncIterator[rc.LoadReport]:
         interval = (request.interval_ms or self._replica.config.report_interval_ms) / 1000.0

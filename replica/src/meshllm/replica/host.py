@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -103,8 +104,10 @@ class Replica:
         """Start loading ``spec`` (idempotent for the model already loaded or loading)."""
         spec.validate()
         async with self._lifecycle:
-            if self.spec is not None and self.spec.id == spec.id and self.state in (
-                ReplicaState.LOADING, ReplicaState.READY
+            if (
+                self.spec is not None
+                and self.spec.id == spec.id
+                and self.state in (ReplicaState.LOADING, ReplicaState.READY)
             ):
                 task = self._load_task
             elif self.state in (ReplicaState.EMPTY, ReplicaState.FAILED):
@@ -185,15 +188,17 @@ class Replica:
     async def wait_change(self, timeout_s: float) -> None:
         """Return on the next state change, or after ``timeout_s``."""
         async with self._changed:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
-            except TimeoutError:
-                pass
 
     # -- requests -------------------------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
-        return [self.model.info()] if self.model is not None and self.state == ReplicaState.READY else []
+        return (
+            [self.model.info()]
+            if self.model is not None and self.state == ReplicaState.READY
+            else []
+        )
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Chunk]:
         model = self._admit(req.model)
@@ -219,13 +224,15 @@ class Replica:
         if state == ReplicaState.READY and self.model is not None:
             return self.model
         if state == ReplicaState.LOADING:
-            raise Unavailable(f"model {model_id!r} is still loading", reason="MODEL_LOADING", retry_after=1.0)
+            raise Unavailable(
+                f"model {model_id!r} is still loading", reason="MODEL_LOADING", retry_after=1.0
+            )
         if state in (ReplicaState.DRAINING, ReplicaState.UNLOADING):
             raise Unavailable("replica is draining; retry on another replica", reason="REPLICA_DRAINING",
                               retry_after=1.0)  # fmt: skip
-        if spec is None and model_id:
-            raise NotFound(f"unknown model {model_id!r}: no model is loaded on this replica")
-        raise FailedPrecondition("no model is loaded on this replica", reason="MODEL_NOT_LOADED")
+        raise FailedPrecondition(
+            f"no model is loaded on this replica (asked for {model_id!r})", reason="MODEL_NOT_LOADED"
+        )
 
     # -- reports --------------------------------------------------------------------------------
 
@@ -234,7 +241,9 @@ class Replica:
         return LoadReport(
             replica_id=self.name,
             state=self.state,
-            model=self.spec.id if self.spec is not None and self.state != ReplicaState.FAILED else "",
+            model=self.spec.id
+            if self.spec is not None and self.state != ReplicaState.FAILED
+            else "",
             queued=stats.queued if stats else 0,
             running=stats.running if stats else 0,
             tokens_in_flight=stats.tokens_in_flight if stats else 0,

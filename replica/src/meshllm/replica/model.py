@@ -46,7 +46,9 @@ def resolve_model_dir(path: str) -> Path:
         return ensure_model(RECIPES[path])
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise FailedPrecondition(f"model path {path!r} is not a directory", reason="MODEL_PATH_MISSING")
+        raise FailedPrecondition(
+            f"model path {path!r} is not a directory", reason="MODEL_PATH_MISSING"
+        )
     return folder
 
 
@@ -72,7 +74,9 @@ class LoadedModel:
             raise FailedPrecondition(str(e), reason="TOKENIZER_MISSING") from e
         cfg_len = tokenizer.config.get("model_max_length")
         context = spec.context_length or (
-            int(cfg_len) if isinstance(cfg_len, int | float) and 0 < cfg_len < 10**7 else DEFAULT_CONTEXT
+            int(cfg_len)
+            if isinstance(cfg_len, int | float) and 0 < cfg_len < 10**7
+            else DEFAULT_CONTEXT
         )
         limit = min(spec.max_tokens_limit or context, context)
         limits = Limits(
@@ -129,7 +133,9 @@ class LoadedModel:
         """Generate, yielding text deltas; the last chunk has finish reason, usage and timing."""
         if self.engine.stats().queued >= self.max_queued:
             raise ResourceExhausted(
-                f"replica queue is full ({self.max_queued} waiting)", reason="QUEUE_FULL", retry_after=1.0
+                f"replica queue is full ({self.max_queued} waiting)",
+                reason="QUEUE_FULL",
+                retry_after=1.0,
             )
         stream = self.engine.submit(req.prompt_ids, req.sampling, req.priority)
         detok = IncrementalDetokenizer(self.tokenizer)

@@ -64,7 +64,9 @@ class ReplicaServer:
         await self._on_state(ReplicaState.EMPTY)
         await server.start()
         self._server, self.replica = server, replica
-        log.info("replica %s listening on %s (device %s)", replica.name, self.port, self.config.device)
+        log.info(
+            "replica %s listening on %s (device %s)", replica.name, self.port, self.config.device
+        )
         if self.config.model is not None:
             await replica.load(self.config.model, wait=False)
         return self.port

@@ -26,17 +26,23 @@ class GenerationService(gen_grpc.GenerationServicer):
             yield convert.chunk_to_pb(chunk, req.request_id)
 
     @streaming
-    async def GenerateStream(  # type: ignore[override]
+    async def GenerateStream(
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncIterator[gen.GenerateChunk]:
         async for chunk in self._chunks(request):
             yield chunk
 
     @unary
-    async def Generate(self, request: gen.GenerateRequest, context: Context) -> gen.GenerateResponse:  # type: ignore[override]
+    async def Generate(
+        self, request: gen.GenerateRequest, context: Context
+    ) -> gen.GenerateResponse:
         chunks = [c async for c in self._chunks(request)]
         return convert.response_from_chunks(chunks)
 
     @unary
-    async def ListModels(self, request: gen.ListModelsRequest, context: Context) -> gen.ListModelsResponse:  # type: ignore[override]
-        return gen.ListModelsResponse(models=[convert.model_info_to_pb(m) for m in self._replica.models()])
+    async def ListModels(
+        self, request: gen.ListModelsRequest, context: Context
+    ) -> gen.ListModelsResponse:
+        return gen.ListModelsResponse(
+            models=[convert.model_info_to_pb(m) for m in self._replica.models()]
+        )

@@ -86,31 +86,39 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas that never split a character.
 
     Decodes a short window (the previous delta's tokens plus the new ones) and emits only what
-    the new tokens add. If the window ends in an incomplete UTF-8 sequence (U+FFFD), the new
-    tokens are held until the next call completes it, or until ``flush``.
+    the new tokens add. An incomplete UTF-8 sequence at the end (decoded as U+FFFD) is held back
+    until a later token completes it, or until ``flush``; complete text before it goes out now.
     """
 
     def __init__(self, tokenizer: ModelTokenizer) -> None:
         self._tok = tokenizer
         self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
+        self._prefix = 0  # window start: context so the decoder sees word boundaries
+        self._read = 0  # window tokens before this index were fully emitted
+        self._partial = 0  # characters emitted from the still-open part of the window
 
     def add(self, ids: Sequence[int]) -> str:
         self._ids.extend(ids)
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
         text = self._tok.decode(self._ids[self._prefix :])
-        if text.endswith("\ufffd") or len(text) <= len(prefix_text):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(prefix_text) :]
+        open_end = text.endswith("\ufffd")
+        stable = text.rstrip("\ufffd") if open_end else text
+        start = len(prefix_text) + self._partial
+        out = stable[start:]
+        if open_end:
+            self._partial += len(out)
+        else:
+            self._prefix, self._read, self._partial = self._read, len(self._ids), 0
+        return out
 
     def flush(self) -> str:
         """The rest of the text at the end of the stream, incomplete characters included."""
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
         text = self._tok.decode(self._ids[self._prefix :])
+        out = text[len(prefix_text) + self._partial :]
         self._prefix = self._read = len(self._ids)
-        return text[len(prefix_text) :]
+        self._partial = 0
+        return out
 
 
 def _token_text(value: object) -> str:

@@ -32,12 +32,22 @@ def check_input(req: GenerationRequest, limits: Limits) -> None:
     given = [n for n, v in (("prompt", req.prompt), ("messages", req.messages),
                             ("token_ids", req.token_ids)) if v]  # fmt: skip
     if not given:
-        bad.append(FieldViolation("prompt", "empty input: set one of prompt, messages or token_ids"))
+        bad.append(
+            FieldViolation("prompt", "empty input: set one of prompt, messages or token_ids")
+        )
     elif len(given) > 1:
-        bad.append(FieldViolation(given[1], f"set only one of prompt, messages, token_ids (got {', '.join(given)})"))
+        bad.append(
+            FieldViolation(
+                given[1], f"set only one of prompt, messages, token_ids (got {', '.join(given)})"
+            )
+        )
     chars = len(req.prompt) + len(req.instructions) + sum(len(m.content) for m in req.messages)
     if chars > limits.max_input_chars:
-        bad.append(FieldViolation("prompt", f"input is {chars} characters; the limit is {limits.max_input_chars}"))
+        bad.append(
+            FieldViolation(
+                "prompt", f"input is {chars} characters; the limit is {limits.max_input_chars}"
+            )
+        )
     if len(req.messages) > MAX_MESSAGES:
         bad.append(FieldViolation("messages", f"at most {MAX_MESSAGES} messages"))
     for i, m in enumerate(req.messages):
@@ -45,7 +55,11 @@ def check_input(req: GenerationRequest, limits: Limits) -> None:
             bad.append(FieldViolation(f"messages[{i}].role", "must not be empty"))
     for i, t in enumerate(req.token_ids):
         if t >= limits.vocab_size:
-            bad.append(FieldViolation(f"token_ids[{i}]", f"{t} is not below the vocabulary size {limits.vocab_size}"))
+            bad.append(
+                FieldViolation(
+                    f"token_ids[{i}]", f"{t} is not below the vocabulary size {limits.vocab_size}"
+                )
+            )
             break
     if not req.model:
         bad.append(FieldViolation("model", "must name a model (see ListModels)"))
@@ -62,16 +76,28 @@ def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int)
 
     t, k, p, rp = req.temperature, req.top_k, req.top_p, req.repetition_penalty
     check("temperature", t, t is not None and 0.0 <= t <= 10.0, "0 <= temperature <= 10")
-    check("top_k", k, k is not None and 0 <= k <= limits.vocab_size, f"0 <= top_k <= {limits.vocab_size}")
+    check(
+        "top_k",
+        k,
+        k is not None and 0 <= k <= limits.vocab_size,
+        f"0 <= top_k <= {limits.vocab_size}",
+    )
     check("top_p", p, p is not None and 0.0 < p <= 1.0, "0 < top_p <= 1")
-    check("repetition_penalty", rp, rp is not None and 0.0 < rp <= 10.0, "0 < repetition_penalty <= 10")
+    check(
+        "repetition_penalty",
+        rp,
+        rp is not None and 0.0 < rp <= 10.0,
+        "0 < repetition_penalty <= 10",
+    )
     if len(req.stop) > MAX_STOP_STRINGS:
         bad.append(FieldViolation("stop", f"at most {MAX_STOP_STRINGS} stop strings"))
     for i, s in enumerate(req.stop):
         if not s or len(s) > MAX_STOP_CHARS:
             bad.append(FieldViolation(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
     if not 0 <= req.coalesce_tokens <= MAX_COALESCE_TOKENS:
-        bad.append(FieldViolation("stream_options.coalesce_tokens", f"at most {MAX_COALESCE_TOKENS}"))
+        bad.append(
+            FieldViolation("stream_options.coalesce_tokens", f"at most {MAX_COALESCE_TOKENS}")
+        )
     if not 0 <= req.coalesce_ms <= MAX_COALESCE_MS:
         bad.append(FieldViolation("stream_options.coalesce_ms", f"at most {MAX_COALESCE_MS}"))
     room = limits.context_length - prompt_tokens
@@ -83,7 +109,12 @@ def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int)
     if max_tokens is None:
         max_tokens = max(1, min(limits.default_max_tokens, room))
     elif max_tokens < 1 or max_tokens > limits.max_tokens_limit:
-        bad.append(FieldViolation("max_tokens", f"{max_tokens} is out of range: 1 <= max_tokens <= {limits.max_tokens_limit}"))
+        bad.append(
+            FieldViolation(
+                "max_tokens",
+                f"{max_tokens} is out of range: 1 <= max_tokens <= {limits.max_tokens_limit}",
+            )
+        )
     elif room > 0 and max_tokens > room:
         bad.append(FieldViolation(
             "max_tokens", f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context ({limits.context_length})"

@@ -41,7 +41,9 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Begin accepting work (called on the event loop after construction)."""
 
-    def submit(self, prompt_ids: tuple[int, ...], sampling: SamplingParams, priority: int) -> TokenStream:
+    def submit(
+        self, prompt_ids: tuple[int, ...], sampling: SamplingParams, priority: int
+    ) -> TokenStream:
         """Queue one request; its tokens arrive on the returned stream."""
 
     def stats(self) -> EngineStats:

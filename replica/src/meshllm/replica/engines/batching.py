@@ -61,10 +61,14 @@ class BatchingEngine:
             for i in range(self.workers)
         ]
 
-    def submit(self, prompt_ids: tuple[int, ...], sampling: SamplingParams, priority: int) -> TokenStream:
+    def submit(
+        self, prompt_ids: tuple[int, ...], sampling: SamplingParams, priority: int
+    ) -> TokenStream:
         if self._loop is None or self._work_ready is None:
             raise RuntimeError("engine not started")
-        stream = TokenStream(self._loop, max_tokens=sampling.max_tokens, eos_ids=self.settings.eos_ids)
+        stream = TokenStream(
+            self._loop, max_tokens=sampling.max_tokens, eos_ids=self.settings.eos_ids
+        )
         self._queue.put(Work(prompt_ids, sampling, stream), sampling.batch_key(), priority)
         self._work_ready.set()
         return stream

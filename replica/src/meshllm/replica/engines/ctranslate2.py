@@ -48,7 +48,7 @@ class CTranslate2Engine(BatchingEngine):
         streams = [w.stream for w in batch]
 
         def on_token(step: Any) -> bool:
-            return streams[step.batch_id].push(step.token_id)
+            return streams[int(step.batch_id)].push(int(step.token_id))
 
         if sampling.seed is not None:
             ctranslate2.set_random_seed(sampling.seed)

@@ -25,7 +25,9 @@ class FakeEngine(BatchingEngine):
         self.token_delay_s = float(settings.options.get("token_delay_ms", "1")) / 1000.0
 
     def run_batch(self, batch: list[Work]) -> None:
-        sources = [[t for t in w.prompt_ids if t not in self.settings.eos_ids] or [0] for w in batch]
+        sources = [
+            [t for t in w.prompt_ids if t not in self.settings.eos_ids] or [0] for w in batch
+        ]
         active = set(range(len(batch)))
         step = 0
         while active:

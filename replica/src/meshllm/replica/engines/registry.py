@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from meshllm.api.errors import FailedPrecondition, InvalidArgument
@@ -20,10 +21,10 @@ def _ctranslate2(settings: EngineSettings) -> Engine:
 
 def _exllamav3(settings: EngineSettings) -> Engine:
     try:
-        from meshllm.replica.engines.exllamav3 import ExLlamaV3Engine  # type: ignore[import-not-found]
+        module = importlib.import_module("meshllm.replica.engines.exllamav3")
     except ImportError as e:
         raise _missing("exllamav3", "meshllm-replica[exllamav3]", e) from e
-    engine: Engine = ExLlamaV3Engine(settings)
+    engine: Engine = module.ExLlamaV3Engine(settings)
     return engine
 
 
@@ -48,7 +49,9 @@ def create_engine(name: str, settings: EngineSettings) -> Engine:
     """Build the named engine; unknown names and missing libraries are clear errors."""
     factory = _REGISTRY.get(name)
     if factory is None:
-        raise InvalidArgument(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
+        raise InvalidArgument(
+            f"unknown engine {name!r}; known engines: {', '.join(engine_names())}"
+        )
     return factory(settings)
 
 

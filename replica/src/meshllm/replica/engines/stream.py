@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -19,7 +20,9 @@ class TokenStream:
     reader costs no wake-ups and receives everything pending in one read.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, max_tokens: int, eos_ids: frozenset[int]):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, max_tokens: int, eos_ids: frozenset[int]
+    ):
         self._loop = loop
         self._lock = threading.Lock()
         self._pending: list[int] = []
@@ -101,10 +104,8 @@ class TokenStream:
             timeout = None
             if max_wait_s > 0 and self.first_pending is not None:
                 timeout = max(0.0, self.first_pending + max_wait_s - time.perf_counter())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wait_for(min_tokens), timeout)
-            except TimeoutError:
-                pass
         with self._lock:
             taken, self._pending = self._pending, []
             self.first_pending = None

@@ -23,10 +23,13 @@ from meshllm.replica.models.byte_tokenizer import (
     EOS_TOKEN,
     UNK_TOKEN,
     build_tokenizer,
+    byte_token_id,
+    special_token_id,
     vocabulary,
 )
+from meshllm.replica.settings import cache_dir
 
-_BUILD_VERSION = 2  # bump when the recipe changes so cached folders are rebuilt
+_BUILD_VERSION = 3  # bump when the recipe changes so cached folders are rebuilt
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,8 +68,6 @@ RECIPES = {r.name: r for r in (DEMO, BENCH)}
 
 
 def default_cache_dir() -> Path:
-    from meshllm.replica.settings import cache_dir
-
     return cache_dir() / "models"
 
 
@@ -136,7 +137,8 @@ def _fill_weights(decoder: object, recipe: TinyModelRecipe, vocab_size: int) -> 
     qkv_rows = (recipe.num_heads + 2 * recipe.num_kv_heads) * head_dim
 
     def mat(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        scale = np.float32(1.0 / np.sqrt(cols))
+        return rng.standard_normal((rows, cols), dtype=np.float32) * scale
 
     ones = np.ones(d, dtype=np.float32)
     dec = decoder
@@ -157,8 +159,6 @@ def _fill_weights(decoder: object, recipe: TinyModelRecipe, vocab_size: int) -> 
 
 def _readable_bias(vocab_size: int) -> np.ndarray:
     """Favour lowercase letters and spaces so demo output looks like words, keep EOS rare."""
-    from meshllm.replica.models.byte_tokenizer import byte_token_id, special_token_id
-
     bias = np.full(vocab_size, -3.0, dtype=np.float32)
     for ch in "abcdefghijklmnopqrstuvwxyz":
         bias[byte_token_id(ord(ch))] = 3.0

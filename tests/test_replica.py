@@ -1,0 +1,257 @@
+"""Integration tests: a real grpc.aio replica on loopback with the real tiny CTranslate2 model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import ctranslate2
+import grpc
+import pytest
+from tokenizers import Tokenizer
+
+from conftest import StartReplica, collect, demo_spec, stub
+from meshllm.api.errors import from_rpc_error
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.replica.engines.stream import TokenStream
+from meshllm.replica.server import ReplicaServer
+
+PROMPTS = [f"prompt number {i}: " + "abc " * (i % 7) for i in range(32)]
+
+
+def reference_greedy(demo_dir: Path, prompt: str, max_tokens: int) -> list[int]:
+    """The prompt generated alone, straight through CTranslate2 (no replica code involved)."""
+    tok = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
+    generator = ctranslate2.Generator(str(demo_dir), compute_type="float32")
+    try:
+        tokens = [tok.id_to_token(i) for i in tok.encode(prompt).ids]
+        result = generator.generate_batch([tokens], max_length=max_tokens, sampling_topk=1,
+                                          include_prompt_in_result=False)  # fmt: skip
+        ids: list[int] = result[0].sequences_ids[0]
+        return ids
+    finally:
+        generator.unload_model()
+
+
+def capture_streams(server: ReplicaServer) -> list[TokenStream]:
+    """Record the engine-side stream of every request, to count tokens the engine produced."""
+    assert server.replica is not None and server.replica.model is not None
+    engine = server.replica.model.engine
+    streams: list[TokenStream] = []
+    submit = engine.submit
+
+    def recording_submit(*args: object) -> TokenStream:
+        s = submit(*args)  # type: ignore[arg-type]
+        streams.append(s)
+        return s
+
+    engine.submit = recording_submit  # type: ignore[method-assign]
+    return streams
+
+
+async def test_32_concurrent_streams_match_greedy_generation_alone(demo_replica: ReplicaServer, demo_dir: Path) -> None:
+    channel, client = stub(demo_replica.port)
+    async with channel:
+        calls = [
+            collect(client.GenerateStream(gen.GenerateRequest(model="demo", prompt=p, temperature=0.0, max_tokens=40)))
+            for p in PROMPTS
+        ]
+        results = await asyncio.gather(*calls)
+    for prompt, chunks in zip(PROMPTS, results, strict=True):
+        ids = [t for c in chunks for t in c.token_ids]
+        assert ids == reference_greedy(demo_dir, prompt, 40), prompt
+        final = chunks[-1]
+        assert final.finish_reason == gen.FINISH_REASON_LENGTH
+        assert final.usage.completion_tokens == 40
+        assert final.usage.prompt_tokens == len(prompt.encode()) + 1  # bytes + BOS
+        assert final.timing.replica == "r0"
+        assert final.timing.time_to_first_token_ms > 0
+        assert all(c.finish_reason == gen.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+
+
+async def test_text_deltas_join_to_the_decoded_tokens(demo_replica: ReplicaServer, demo_dir: Path) -> None:
+    channel, client = stub(demo_replica.port)
+    async with channel:
+        resp = await client.Generate(gen.GenerateRequest(model="demo", prompt="hello", max_tokens=64, seed=7))
+    tok = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
+    assert resp.text == tok.decode(list(resp.token_ids))
+    assert len(resp.token_ids) == resp.usage.completion_tokens == 64
+
+
+async def test_stop_string_ends_generation_before_it(demo_replica: ReplicaServer, demo_dir: Path) -> None:
+    tok = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
+    full = tok.decode(reference_greedy(demo_dir, "stop test", 60))
+    stop = full[20:23]
+    expected = full[: full.index(stop)]
+    channel, client = stub(demo_replica.port)
+    async with channel:
+        chunks = await collect(client.GenerateStream(
+            gen.GenerateRequest(model="demo", prompt="stop test", temperature=0.0, max_tokens=60, stop=[stop])
+        ))  # fmt: skip
+    assert "".join(c.text for c in chunks) == expected
+    assert chunks[-1].finish_reason == gen.FINISH_REASON_STOP
+    assert chunks[-1].stop_sequence == stop
+
+
+async def test_chat_messages_use_the_chat_template(demo_replica: ReplicaServer) -> None:
+    channel, client = stub(demo_replica.port)
+    messages = [gen.ChatMessage(role="user", content="hi")]
+    async with channel:
+        resp = await client.Generate(gen.GenerateRequest(model="demo", messages=messages, instructions="be brief",
+                                                         max_tokens=4))  # fmt: skip
+    rendered = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    specials = 1 + 2 * 3 - 1  # BOS, im_start/im_end for two messages, and the generation prompt's im_start
+    assert resp.usage.prompt_tokens == len(rendered.encode()) - len("<|im_start|>".encode()) * 3 - len(
+        "<|im_end|>".encode()
+    ) * 2 + specials
+
+
+async def test_client_cancel_stops_generation_within_a_few_tokens(demo_replica: ReplicaServer) -> None:
+    streams = capture_streams(demo_replica)
+    channel, client = stub(demo_replica.port)
+    async with channel:
+        call = client.GenerateStream(gen.GenerateRequest(model="demo", prompt="long", max_tokens=2000))
+        received = 0
+        async for chunk in call:
+            received += len(chunk.token_ids)
+            if received >= 5:
+                break
+        call.cancel()
+        await asyncio.sleep(0.5)
+    (stream,) = streams
+    assert stream.cancelled
+    produced_after = stream.generated - received
+    assert stream.generated < 2000
+    assert produced_after < 50, f"engine produced {produced_after} tokens after the cancel"
+    assert demo_replica.replica is not None
+    assert demo_replica.replica.load_report().running == 0
+
+
+async def test_deadline_expiry_returns_deadline_exceeded_and_stops_the_engine(demo_replica: ReplicaServer) -> None:
+    streams = capture_streams(demo_replica)
+    channel, client = stub(demo_replica.port)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(client.GenerateStream(gen.GenerateRequest(model="demo", prompt="x", max_tokens=2000),
+                                                timeout=0.05))  # fmt: skip
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.3)
+    assert streams[0].cancelled and streams[0].generated < 2000
+
+
+async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaServer) -> None:
+    channel, client = stub(demo_replica.port)
+    async with channel:
+        slow = client.GenerateStream(gen.GenerateRequest(model="demo", prompt="slow", max_tokens=1500, temperature=0.0))
+        slow_chunks = []
+        async for chunk in slow:
+            slow_chunks.append(chunk)
+            break
+        started = time.perf_counter()
+        others = await asyncio.gather(*[
+            client.Generate(gen.GenerateRequest(model="demo", prompt=f"fast {i}", max_tokens=32)) for i in range(8)
+        ])  # fmt: skip
+        fast_elapsed = time.perf_counter() - started
+        await asyncio.sleep(1.0)  # stall: the engine runs ahead of the reader
+        async for chunk in slow:  # the slow reader now drains what piled up
+            slow_chunks.append(chunk)
+            await asyncio.sleep(0.02)
+    assert all(o.usage.completion_tokens == 32 for o in others)
+    assert fast_elapsed < 5.0
+    tokens = sum(len(c.token_ids) for c in slow_chunks)
+    assert tokens == 1500
+    # gRPC's flow-control window absorbs the first chunks; once it is full, tokens pile up in the
+    # replica and go out several per chunk.
+    assert len(slow_chunks) < tokens, "tokens should coalesce into fewer chunks for a stalled reader"
+
+
+async def test_coalesce_option_batches_tokens_per_chunk(demo_replica: ReplicaServer) -> None:
+    channel, client = stub(demo_replica.port)
+    async with channel:
+        chunks = await collect(client.GenerateStream(gen.GenerateRequest(
+            model="demo", prompt="c", max_tokens=64, stream_options=gen.StreamOptions(coalesce_tokens=8)
+        )))  # fmt: skip
+    sizes = [len(c.token_ids) for c in chunks if c.token_ids]
+    assert sum(sizes) == 64
+    assert all(s >= 8 for s in sizes[1:-1])  # the first chunk is sent without waiting for 8
+
+
+def _status(e: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, set[str], str]:
+    err = from_rpc_error(e)
+    return err.code, {v.field for v in err.field_violations}, err.reason
+
+
+BAD_REQUESTS = [
+    (gen.GenerateRequest(model="demo"), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (gen.GenerateRequest(model="nope", prompt="x"), grpc.StatusCode.NOT_FOUND, ""),
+    (gen.GenerateRequest(model="demo", prompt="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (gen.GenerateRequest(model="demo", prompt="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (gen.GenerateRequest(model="demo", prompt="x", top_k=100000), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (gen.GenerateRequest(model="demo", prompt="x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (gen.GenerateRequest(model="demo", prompt="x", max_tokens=100), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (gen.GenerateRequest(model="demo", prompt="x" * 200), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (gen.GenerateRequest(model="demo", prompt="x", token_ids=[5]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+    (gen.GenerateRequest(model="demo", token_ids=[10**6]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids[0]"),
+    (gen.GenerateRequest(model="demo", prompt="x", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]"),
+    (gen.GenerateRequest(model="demo", messages=[gen.ChatMessage(content="x")]), grpc.StatusCode.INVALID_ARGUMENT,
+     "messages[0].role"),
+]  # fmt: skip
+
+
+async def test_every_bad_input_gets_its_status_and_the_replica_keeps_serving(start_replica: StartReplica) -> None:
+    server = await start_replica(demo_spec(context_length=128, max_tokens_limit=64))
+    channel, client = stub(server.port)
+    async with channel:
+        background = asyncio.ensure_future(
+            client.Generate(gen.GenerateRequest(model="demo", prompt="busy", max_tokens=64))
+        )
+        for request, code, field in BAD_REQUESTS:
+            for call in (client.Generate, lambda r: collect(client.GenerateStream(r))):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call(request)
+                got_code, fields, _ = _status(e.value)
+                assert got_code == code, (request, e.value.details())
+                if field:
+                    assert field in fields, (request, fields)
+        with pytest.raises(grpc.aio.AioRpcError) as e:  # bigger than the 4 MiB message limit
+            await client.Generate(gen.GenerateRequest(model="demo", prompt="y" * (5 * 1024 * 1024)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await background).usage.completion_tokens == 64
+        ok = await client.Generate(gen.GenerateRequest(model="demo", prompt="still fine", max_tokens=8), timeout=10)
+    assert ok.usage.completion_tokens == 8
+
+
+async def test_request_without_a_loaded_model_is_failed_precondition(start_replica: StartReplica) -> None:
+    server = await start_replica(None)
+    channel, client = stub(server.port)
+    async with channel:
+        for model in ("demo", "other"):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.Generate(gen.GenerateRequest(model=model, prompt="x"))
+            err = from_rpc_error(e.value)
+            assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_LOADED")
+            assert "no model is loaded" in err.message
+        assert (await client.ListModels(gen.ListModelsRequest())).models == []
+
+
+async def test_list_models_reports_limits(start_replica: StartReplica) -> None:
+    server = await start_replica(demo_spec(context_length=512, max_tokens_limit=100))
+    channel, client = stub(server.port)
+    async with channel:
+        (model,) = (await client.ListModels(gen.ListModelsRequest())).models
+    assert (model.id, model.engine, model.context_length, model.max_tokens_limit) == ("demo", "ctranslate2", 512, 100)
+
+
+async def test_queue_limit_returns_resource_exhausted_with_retry_info(start_replica: StartReplica) -> None:
+    server = await start_replica(demo_spec(max_queued=1, inter_threads=1, max_batch_size=1))
+    channel, client = stub(server.port)
+    async with channel:
+        calls = [client.Generate(gen.GenerateRequest(model="demo", prompt=f"q{i}", max_tokens=300, temperature=0.5 + i / 100))
+                 for i in range(6)]  # fmt: skip
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [from_rpc_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert errors, "with one slot and a queue of one, some of 6 concurrent requests must be refused"
+    assert all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "QUEUE_FULL" for e in errors)
+    assert all(e.retry_after is not None and e.retry_after > 0 for e in errors)
+    assert any(isinstance(r, gen.GenerateResponse) for r in results)

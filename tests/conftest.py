@@ -45,7 +45,9 @@ async def start_replica(demo_dir: Path) -> AsyncIterator[StartReplica]:
     """Start real in-process replica servers on 127.0.0.1:0; all are stopped after the test."""
     servers: list[ReplicaServer] = []
 
-    async def start(spec: ModelSpec | None = None, wait_ready: bool = True, **config: object) -> ReplicaServer:
+    async def start(
+        spec: ModelSpec | None = None, wait_ready: bool = True, **config: object
+    ) -> ReplicaServer:
         cfg = ReplicaConfig(host="127.0.0.1", port=0, model=spec, replica_id=f"r{len(servers)}",
                             drain_grace_s=2.0, **config)  # type: ignore[arg-type]  # fmt: skip
         server = ReplicaServer(cfg)
@@ -72,7 +74,9 @@ def stub(port: int) -> tuple[grpc.aio.Channel, gen_grpc.GenerationStub]:
     return channel, gen_grpc.GenerationStub(channel)
 
 
-async def collect(stream: grpc.aio.UnaryStreamCall[gen.GenerateRequest, gen.GenerateChunk]) -> list[gen.GenerateChunk]:
+async def collect(
+    stream: grpc.aio.UnaryStreamCall[gen.GenerateRequest, gen.GenerateChunk],
+) -> list[gen.GenerateChunk]:
     return [c async for c in stream]
 
 
@@ -84,13 +88,24 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def replica_process(model_cache: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], int]]]:
+def replica_process(
+    model_cache: Path,
+) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], int]]]:
     """Start ``meshllm-replica`` as a real child process; killed after the test if still running."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(*args: str) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
-        cmd = [sys.executable, "-m", "meshllm.replica", "--host", "127.0.0.1", "--port", str(port), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "meshllm.replica",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ]
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         procs.append(proc)
         wait_serving(port, proc)

@@ -9,9 +9,9 @@ from pathlib import Path
 import ctranslate2
 import grpc
 import pytest
+from conftest import StartReplica, collect, demo_spec, stub
 from tokenizers import Tokenizer
 
-from conftest import StartReplica, collect, demo_spec, stub
 from meshllm.api.errors import from_rpc_error
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.replica.engines.stream import TokenStream
@@ -46,15 +46,21 @@ def capture_streams(server: ReplicaServer) -> list[TokenStream]:
         streams.append(s)
         return s
 
-    engine.submit = recording_submit  # type: ignore[method-assign]
+    engine.submit = recording_submit  # type: ignore[method-assign,assignment]
     return streams
 
 
-async def test_32_concurrent_streams_match_greedy_generation_alone(demo_replica: ReplicaServer, demo_dir: Path) -> None:
+async def test_32_concurrent_streams_match_greedy_generation_alone(
+    demo_replica: ReplicaServer, demo_dir: Path
+) -> None:
     channel, client = stub(demo_replica.port)
     async with channel:
         calls = [
-            collect(client.GenerateStream(gen.GenerateRequest(model="demo", prompt=p, temperature=0.0, max_tokens=40)))
+            collect(
+                client.GenerateStream(
+                    gen.GenerateRequest(model="demo", prompt=p, temperature=0.0, max_tokens=40)
+                )
+            )
             for p in PROMPTS
         ]
         results = await asyncio.gather(*calls)
@@ -70,16 +76,22 @@ async def test_32_concurrent_streams_match_greedy_generation_alone(demo_replica:
         assert all(c.finish_reason == gen.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
 
 
-async def test_text_deltas_join_to_the_decoded_tokens(demo_replica: ReplicaServer, demo_dir: Path) -> None:
+async def test_text_deltas_join_to_the_decoded_tokens(
+    demo_replica: ReplicaServer, demo_dir: Path
+) -> None:
     channel, client = stub(demo_replica.port)
     async with channel:
-        resp = await client.Generate(gen.GenerateRequest(model="demo", prompt="hello", max_tokens=64, seed=7))
+        resp = await client.Generate(
+            gen.GenerateRequest(model="demo", prompt="hello", max_tokens=64, seed=7)
+        )
     tok = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
     assert resp.text == tok.decode(list(resp.token_ids))
     assert len(resp.token_ids) == resp.usage.completion_tokens == 64
 
 
-async def test_stop_string_ends_generation_before_it(demo_replica: ReplicaServer, demo_dir: Path) -> None:
+async def test_stop_string_ends_generation_before_it(
+    demo_replica: ReplicaServer, demo_dir: Path
+) -> None:
     tok = Tokenizer.from_file(str(demo_dir / "tokenizer.json"))
     full = tok.decode(reference_greedy(demo_dir, "stop test", 60))
     stop = full[20:23]
@@ -101,17 +113,24 @@ async def test_chat_messages_use_the_chat_template(demo_replica: ReplicaServer) 
         resp = await client.Generate(gen.GenerateRequest(model="demo", messages=messages, instructions="be brief",
                                                          max_tokens=4))  # fmt: skip
     rendered = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    specials = 1 + 2 * 3 - 1  # BOS, im_start/im_end for two messages, and the generation prompt's im_start
-    assert resp.usage.prompt_tokens == len(rendered.encode()) - len("<|im_start|>".encode()) * 3 - len(
-        "<|im_end|>".encode()
-    ) * 2 + specials
+    specials = (
+        1 + rendered.count("<|im_start|>") + rendered.count("<|im_end|>")
+    )  # BOS + chat markers
+    plain = rendered.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    assert (
+        resp.usage.prompt_tokens == len(plain.encode()) + specials
+    )  # byte-level: a token per byte
 
 
-async def test_client_cancel_stops_generation_within_a_few_tokens(demo_replica: ReplicaServer) -> None:
+async def test_client_cancel_stops_generation_within_a_few_tokens(
+    demo_replica: ReplicaServer,
+) -> None:
     streams = capture_streams(demo_replica)
     channel, client = stub(demo_replica.port)
     async with channel:
-        call = client.GenerateStream(gen.GenerateRequest(model="demo", prompt="long", max_tokens=2000))
+        call = client.GenerateStream(
+            gen.GenerateRequest(model="demo", prompt="long", max_tokens=2000)
+        )
         received = 0
         async for chunk in call:
             received += len(chunk.token_ids)
@@ -128,7 +147,9 @@ async def test_client_cancel_stops_generation_within_a_few_tokens(demo_replica: 
     assert demo_replica.replica.load_report().running == 0
 
 
-async def test_deadline_expiry_returns_deadline_exceeded_and_stops_the_engine(demo_replica: ReplicaServer) -> None:
+async def test_deadline_expiry_returns_deadline_exceeded_and_stops_the_engine(
+    demo_replica: ReplicaServer,
+) -> None:
     streams = capture_streams(demo_replica)
     channel, client = stub(demo_replica.port)
     async with channel:
@@ -143,7 +164,9 @@ async def test_deadline_expiry_returns_deadline_exceeded_and_stops_the_engine(de
 async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaServer) -> None:
     channel, client = stub(demo_replica.port)
     async with channel:
-        slow = client.GenerateStream(gen.GenerateRequest(model="demo", prompt="slow", max_tokens=1500, temperature=0.0))
+        slow = client.GenerateStream(
+            gen.GenerateRequest(model="demo", prompt="slow", max_tokens=1500, temperature=0.0)
+        )
         slow_chunks = []
         async for chunk in slow:
             slow_chunks.append(chunk)
@@ -163,7 +186,9 @@ async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaS
     assert tokens == 1500
     # gRPC's flow-control window absorbs the first chunks; once it is full, tokens pile up in the
     # replica and go out several per chunk.
-    assert len(slow_chunks) < tokens, "tokens should coalesce into fewer chunks for a stalled reader"
+    assert len(slow_chunks) < tokens, (
+        "tokens should coalesce into fewer chunks for a stalled reader"
+    )
 
 
 async def test_coalesce_option_batches_tokens_per_chunk(demo_replica: ReplicaServer) -> None:
@@ -199,7 +224,9 @@ BAD_REQUESTS = [
 ]  # fmt: skip
 
 
-async def test_every_bad_input_gets_its_status_and_the_replica_keeps_serving(start_replica: StartReplica) -> None:
+async def test_every_bad_input_gets_its_status_and_the_replica_keeps_serving(
+    start_replica: StartReplica,
+) -> None:
     server = await start_replica(demo_spec(context_length=128, max_tokens_limit=64))
     channel, client = stub(server.port)
     async with channel:
@@ -218,11 +245,15 @@ async def test_every_bad_input_gets_its_status_and_the_replica_keeps_serving(sta
             await client.Generate(gen.GenerateRequest(model="demo", prompt="y" * (5 * 1024 * 1024)))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert (await background).usage.completion_tokens == 64
-        ok = await client.Generate(gen.GenerateRequest(model="demo", prompt="still fine", max_tokens=8), timeout=10)
+        ok = await client.Generate(
+            gen.GenerateRequest(model="demo", prompt="still fine", max_tokens=8), timeout=10
+        )
     assert ok.usage.completion_tokens == 8
 
 
-async def test_request_without_a_loaded_model_is_failed_precondition(start_replica: StartReplica) -> None:
+async def test_request_without_a_loaded_model_is_failed_precondition(
+    start_replica: StartReplica,
+) -> None:
     server = await start_replica(None)
     channel, client = stub(server.port)
     async with channel:
@@ -230,7 +261,10 @@ async def test_request_without_a_loaded_model_is_failed_precondition(start_repli
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await client.Generate(gen.GenerateRequest(model=model, prompt="x"))
             err = from_rpc_error(e.value)
-            assert (err.code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_LOADED")
+            assert (err.code, err.reason) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "MODEL_NOT_LOADED",
+            )
             assert "no model is loaded" in err.message
         assert (await client.ListModels(gen.ListModelsRequest())).models == []
 
@@ -240,10 +274,17 @@ async def test_list_models_reports_limits(start_replica: StartReplica) -> None:
     channel, client = stub(server.port)
     async with channel:
         (model,) = (await client.ListModels(gen.ListModelsRequest())).models
-    assert (model.id, model.engine, model.context_length, model.max_tokens_limit) == ("demo", "ctranslate2", 512, 100)
+    assert (model.id, model.engine, model.context_length, model.max_tokens_limit) == (
+        "demo",
+        "ctranslate2",
+        512,
+        100,
+    )
 
 
-async def test_queue_limit_returns_resource_exhausted_with_retry_info(start_replica: StartReplica) -> None:
+async def test_queue_limit_returns_resource_exhausted_with_retry_info(
+    start_replica: StartReplica,
+) -> None:
     server = await start_replica(demo_spec(max_queued=1, inter_threads=1, max_batch_size=1))
     channel, client = stub(server.port)
     async with channel:
@@ -252,6 +293,8 @@ async def test_queue_limit_returns_resource_exhausted_with_retry_info(start_repl
         results = await asyncio.gather(*calls, return_exceptions=True)
     errors = [from_rpc_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert errors, "with one slot and a queue of one, some of 6 concurrent requests must be refused"
-    assert all(e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "QUEUE_FULL" for e in errors)
+    assert all(
+        e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "QUEUE_FULL" for e in errors
+    )
     assert all(e.retry_after is not None and e.retry_after > 0 for e in errors)
     assert any(isinstance(r, gen.GenerateResponse) for r in results)

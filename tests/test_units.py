@@ -112,7 +112,12 @@ def _req(**kw: object) -> GenerationRequest:
 def test_all_bad_sampling_fields_are_reported_together() -> None:
     with pytest.raises(InvalidArgument) as e:
         resolve_sampling(_req(temperature=-1.0, top_p=0.0, top_k=-2, max_tokens=65), LIMITS, 10)
-    assert {v.field for v in e.value.field_violations} == {"temperature", "top_p", "top_k", "max_tokens"}
+    assert {v.field for v in e.value.field_violations} == {
+        "temperature",
+        "top_p",
+        "top_k",
+        "max_tokens",
+    }
 
 
 def test_nan_temperature_is_rejected() -> None:

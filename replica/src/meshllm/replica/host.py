@@ -231,7 +231,8 @@ class Replica:
             raise Unavailable("replica is draining; retry on another replica", reason="REPLICA_DRAINING",
                               retry_after=1.0)  # fmt: skip
         raise FailedPrecondition(
-            f"no model is loaded on this replica (asked for {model_id!r})", reason="MODEL_NOT_LOADED"
+            f"no model is loaded on this replica (asked for {model_id!r})",
+            reason="MODEL_NOT_LOADED",
         )
 
     # -- reports --------------------------------------------------------------------------------

@@ -53,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=30.0,
         help="seconds in-flight work may finish on SIGTERM",
     )
-    p.add_argument("--batch-window-ms", type=float, default=2.0)
+    p.add_argument(
+        "--batch-window-ms", type=float, default=2.0, help="wait for stragglers before a batch"
+    )
+    p.add_argument("--default-coalesce-ms", type=int, default=10,
+                   help="for requests without stream_options: longest a chunk may hold tokens (0: one message per token when the reader keeps up)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -74,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
     return ReplicaConfig(
         host=args.host, port=args.port, device=args.device, replica_id=args.replica_id, model=spec,
         drain_grace_s=args.drain_grace, batch_window_ms=args.batch_window_ms,
+        default_coalesce_ms=args.default_coalesce_ms,
     ).validate()  # fmt: skip
 
 

@@ -129,6 +129,7 @@ class Replica:
             model = await asyncio.to_thread(
                 LoadedModel.load, spec, device=self.config.device, replica_name=self.name,
                 max_input_chars=self.config.max_input_chars, batch_window_ms=self.config.batch_window_ms,
+                default_coalesce_ms=self.config.default_coalesce_ms,
             )  # fmt: skip
             await model.engine.start()
         except Exception as e:  # any load failure leaves the replica idle, with the reason

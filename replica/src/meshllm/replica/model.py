@@ -63,10 +63,11 @@ class LoadedModel:
         self.limits = limits
         self.replica_name = replica_name
         self.max_queued = spec.max_queued or DEFAULT_MAX_QUEUED
+        self.default_coalesce_ms = 0
 
     @classmethod
     def load(cls, spec: ModelSpec, *, device: str, replica_name: str,
-             max_input_chars: int, batch_window_ms: float) -> LoadedModel:  # fmt: skip
+             max_input_chars: int, batch_window_ms: float, default_coalesce_ms: int = 0) -> LoadedModel:  # fmt: skip
         folder = resolve_model_dir(spec.path)
         try:
             tokenizer = ModelTokenizer(folder, spec.chat_template)
@@ -99,7 +100,9 @@ class LoadedModel:
             vocabulary=tuple(tokenizer.tokens(range(tokenizer.vocab_size))),
             options=dict(spec.options),
         )
-        return cls(spec, tokenizer, create_engine(spec.engine, settings), limits, replica_name)
+        model = cls(spec, tokenizer, create_engine(spec.engine, settings), limits, replica_name)
+        model.default_coalesce_ms = default_coalesce_ms
+        return model
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec.id, self.spec.engine, self.limits.context_length,
@@ -115,7 +118,8 @@ class LoadedModel:
         sampling = resolve_sampling(req, self.limits, len(ids))
         return PreparedRequest(
             request_id=req.request_id, prompt_ids=tuple(ids), sampling=sampling,
-            priority=req.priority, coalesce_tokens=req.coalesce_tokens, coalesce_ms=req.coalesce_ms,
+            priority=req.priority, coalesce_tokens=req.coalesce_tokens,
+            coalesce_ms=req.coalesce_ms if req.coalesce_tokens or req.coalesce_ms else self.default_coalesce_ms,
         )  # fmt: skip
 
     def _tokenize(self, req: GenerationRequest) -> list[int]:

@@ -123,13 +123,16 @@ async def test_chat_messages_use_the_chat_template(demo_replica: ReplicaServer) 
 
 
 async def test_client_cancel_stops_generation_within_a_few_tokens(
-    demo_replica: ReplicaServer,
+    start_replica: StartReplica,
 ) -> None:
-    streams = capture_streams(demo_replica)
-    channel, client = stub(demo_replica.port)
+    # The bench model (int8, d256, 4 layers) runs at a few thousand tokens/s, like a small real
+    # model; the demo model is so fast that a millisecond is dozens of tokens.
+    server = await start_replica(demo_spec(id="bench", path="bench"))
+    streams = capture_streams(server)
+    channel, client = stub(server.port)
     async with channel:
         call = client.GenerateStream(
-            gen.GenerateRequest(model="demo", prompt="long", max_tokens=2000)
+            gen.GenerateRequest(model="bench", prompt="long", max_tokens=2000)
         )
         received = 0
         async for chunk in call:
@@ -142,23 +145,32 @@ async def test_client_cancel_stops_generation_within_a_few_tokens(
     assert stream.cancelled
     produced_after = stream.generated - received
     assert stream.generated < 2000
-    assert produced_after < 50, f"engine produced {produced_after} tokens after the cancel"
-    assert demo_replica.replica is not None
-    assert demo_replica.replica.load_report().running == 0
+    print(f"tokens produced after the cancel: {produced_after}")
+    assert produced_after < 30, f"engine produced {produced_after} tokens after the cancel"
+    assert server.replica is not None
+    assert server.replica.load_report().running == 0
 
 
 async def test_deadline_expiry_returns_deadline_exceeded_and_stops_the_engine(
-    demo_replica: ReplicaServer,
+    start_replica: StartReplica,
 ) -> None:
-    streams = capture_streams(demo_replica)
-    channel, client = stub(demo_replica.port)
+    # The fake engine at 5 ms a token makes the deadline certain to pass mid-stream; the
+    # deadline path (gRPC cancels the handler, the handler cancels the engine) is engine-agnostic.
+    server = await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"}))
+    streams = capture_streams(server)
+    channel, client = stub(server.port)
     async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await collect(client.GenerateStream(gen.GenerateRequest(model="demo", prompt="x", max_tokens=2000),
-                                                timeout=0.05))  # fmt: skip
+            await collect(
+                client.GenerateStream(
+                    gen.GenerateRequest(model="demo", prompt="x", max_tokens=2000), timeout=0.2
+                )
+            )
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(0.3)
-    assert streams[0].cancelled and streams[0].generated < 2000
+        await asyncio.sleep(0.2)
+    (stream,) = streams
+    assert stream.cancelled and stream.done
+    assert stream.generated < 100  # about 40 tokens fit in 0.2 s; then the engine stopped
 
 
 async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaServer) -> None:

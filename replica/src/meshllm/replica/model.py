@@ -22,7 +22,7 @@ from meshllm.replica.types import (
     Timing,
     Usage,
 )
-from meshllm.replica.validation import Limits, check_input, resolve_sampling
+from meshllm.replica.validation import Limits, check_input, input_chars, resolve_sampling
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_MAX_TOKENS = 256
@@ -56,14 +56,14 @@ class LoadedModel:
     """One model on one device. Build with :meth:`load` (blocking: run it in a thread)."""
 
     def __init__(self, spec: ModelSpec, tokenizer: ModelTokenizer, engine: Engine,
-                 limits: Limits, replica_name: str) -> None:  # fmt: skip
+                 limits: Limits, replica_name: str, *, default_coalesce_ms: int = 0) -> None:  # fmt: skip
         self.spec = spec
         self.tokenizer = tokenizer
         self.engine = engine
         self.limits = limits
         self.replica_name = replica_name
         self.max_queued = spec.max_queued or DEFAULT_MAX_QUEUED
-        self.default_coalesce_ms = 0
+        self.default_coalesce_ms = default_coalesce_ms
 
     @classmethod
     def load(cls, spec: ModelSpec, *, device: str, replica_name: str,
@@ -100,9 +100,10 @@ class LoadedModel:
             vocabulary=tuple(tokenizer.tokens(range(tokenizer.vocab_size))),
             options=dict(spec.options),
         )
-        model = cls(spec, tokenizer, create_engine(spec.engine, settings), limits, replica_name)
-        model.default_coalesce_ms = default_coalesce_ms
-        return model
+        engine = create_engine(spec.engine, settings)
+        return cls(
+            spec, tokenizer, engine, limits, replica_name, default_coalesce_ms=default_coalesce_ms
+        )
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.spec.id, self.spec.engine, self.limits.context_length,
@@ -111,7 +112,7 @@ class LoadedModel:
     async def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Validate and tokenize; raises InvalidArgument with field violations."""
         check_input(req, self.limits)
-        if len(req.prompt) + sum(len(m.content) for m in req.messages) > _BIG_INPUT_CHARS:
+        if input_chars(req) > _BIG_INPUT_CHARS:
             ids = await asyncio.to_thread(self._tokenize, req)
         else:
             ids = self._tokenize(req)

@@ -26,6 +26,11 @@ class Limits:
     max_input_chars: int
 
 
+def input_chars(req: GenerationRequest) -> int:
+    """Characters of text input: prompt, instructions and message contents."""
+    return len(req.prompt) + len(req.instructions) + sum(len(m.content) for m in req.messages)
+
+
 def check_input(req: GenerationRequest, limits: Limits) -> None:
     """Exactly one input kind, within size limits."""
     bad: list[FieldViolation] = []
@@ -41,7 +46,7 @@ def check_input(req: GenerationRequest, limits: Limits) -> None:
                 given[1], f"set only one of prompt, messages, token_ids (got {', '.join(given)})"
             )
         )
-    chars = len(req.prompt) + len(req.instructions) + sum(len(m.content) for m in req.messages)
+    chars = input_chars(req)
     if chars > limits.max_input_chars:
         bad.append(
             FieldViolation(

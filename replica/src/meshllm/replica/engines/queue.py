@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -26,33 +25,31 @@ class BatchQueue(Generic[T]):
     """
 
     def __init__(self) -> None:
-        self._heap: list[_Entry[T]] = []
+        self._entries: list[_Entry[T]] = []  # arrival order; take_batch sorts by urgency
         self._seq = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._entries)
 
     def items(self) -> list[T]:
-        return [e.item for e in self._heap]
+        return [e.item for e in self._entries]
 
     def put(self, item: T, key: Hashable, priority: int = 0) -> None:
-        heapq.heappush(self._heap, _Entry((-priority, next(self._seq)), item, key))
+        self._entries.append(_Entry((-priority, next(self._seq)), item, key))
 
     def take_batch(self, max_size: int) -> list[T]:
-        if not self._heap:
+        if not self._entries:
             return []
-        ordered = sorted(self._heap)
+        ordered = sorted(self._entries)
         key = ordered[0].key
         chosen = [e for e in ordered if e.key == key][:max_size]
         taken = {id(e) for e in chosen}
-        self._heap = [e for e in self._heap if id(e) not in taken]
-        heapq.heapify(self._heap)
+        self._entries = [e for e in self._entries if id(e) not in taken]
         return [e.item for e in chosen]
 
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
         """Drop and return items for which ``predicate(item)`` is true (e.g. cancelled ones)."""
-        gone = [e for e in self._heap if predicate(e.item)]
+        gone = [e for e in self._entries if predicate(e.item)]
         if gone:
-            self._heap = [e for e in self._heap if not predicate(e.item)]
-            heapq.heapify(self._heap)
+            self._entries = [e for e in self._entries if not predicate(e.item)]
         return [e.item for e in gone]

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +131,7 @@ def write_model(recipe: TinyModelRecipe, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _fill_weights(decoder: object, recipe: TinyModelRecipe, vocab_size: int) -> None:
+def _fill_weights(dec: Any, recipe: TinyModelRecipe, vocab_size: int) -> None:
     rng = np.random.default_rng(recipe.seed)
     d, ffn = recipe.d_model, recipe.ffn_dim
     head_dim = d // recipe.num_heads
@@ -141,13 +142,12 @@ def _fill_weights(decoder: object, recipe: TinyModelRecipe, vocab_size: int) -> 
         return rng.standard_normal((rows, cols), dtype=np.float32) * scale
 
     ones = np.ones(d, dtype=np.float32)
-    dec = decoder
-    dec.scale_embeddings = False  # type: ignore[attr-defined]
-    dec.embeddings.weight = rng.standard_normal((vocab_size, d)).astype(np.float32)  # type: ignore[attr-defined]
-    dec.layer_norm.gamma = ones  # type: ignore[attr-defined]
-    dec.projection.weight = mat(vocab_size, d) * 1.5  # type: ignore[attr-defined]
-    dec.projection.bias = _readable_bias(vocab_size)  # type: ignore[attr-defined]
-    for layer in dec.layer:  # type: ignore[attr-defined]
+    dec.scale_embeddings = False
+    dec.embeddings.weight = rng.standard_normal((vocab_size, d)).astype(np.float32)
+    dec.layer_norm.gamma = ones
+    dec.projection.weight = mat(vocab_size, d) * 1.5
+    dec.projection.bias = _readable_bias(vocab_size)
+    for layer in dec.layer:
         layer.self_attention.layer_norm.gamma = ones
         layer.self_attention.linear[0].weight = mat(qkv_rows, d)
         layer.self_attention.linear[1].weight = mat(d, d)

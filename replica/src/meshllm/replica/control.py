@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import grpc
 
+from meshllm.api.serving import streaming, unary
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.replica import convert
-from meshllm.replica.handlers import streaming, unary
 from meshllm.replica.host import Replica
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -51,7 +51,7 @@ class ReplicaControlService(rc_grpc.ReplicaControlServicer):
     @streaming
     async def WatchLoad(
         self, request: rc.WatchLoadRequest, context: Context
-    ) -> AsyncIterator[rc.LoadReport]:
+    ) -> AsyncGenerator[rc.LoadReport]:
         interval = (request.interval_ms or self._replica.config.report_interval_ms) / 1000.0
         while True:
             yield convert.load_report_to_pb(self._replica.load_report())

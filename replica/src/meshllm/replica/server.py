@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from meshllm.api.serving import server_options
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
@@ -25,17 +26,6 @@ GENERATION = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 CONTROL = replica_control_pb2.DESCRIPTOR.services_by_name["ReplicaControl"].full_name
 
 
-def server_options(config: ReplicaConfig) -> list[tuple[str, int]]:
-    return [
-        ("grpc.so_reuseport", 0),  # on by default: a second server would silently share the port
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
-
-
 class ReplicaServer:
     """A running replica: ``await start()``, then ``await stop()`` (drains first)."""
 
@@ -47,7 +37,7 @@ class ReplicaServer:
         self._health = HealthServicer()
 
     async def start(self) -> int:
-        server = grpc.aio.server(options=server_options(self.config))
+        server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
         address = f"{self.config.host}:{self.config.port}"
         try:
             self.port = server.add_insecure_port(address)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
 
+from meshllm.api.serving import streaming, unary
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica import convert
-from meshllm.replica.handlers import streaming, unary
 from meshllm.replica.host import Replica
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -20,7 +20,7 @@ class GenerationService(gen_grpc.GenerationServicer):
     def __init__(self, replica: Replica) -> None:
         self._replica = replica
 
-    async def _chunks(self, request: gen.GenerateRequest) -> AsyncIterator[gen.GenerateChunk]:
+    async def _chunks(self, request: gen.GenerateRequest) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
         async for chunk in self._replica.generate(req):
             yield convert.chunk_to_pb(chunk, req.request_id)
@@ -28,7 +28,7 @@ class GenerationService(gen_grpc.GenerationServicer):
     @streaming
     async def GenerateStream(
         self, request: gen.GenerateRequest, context: Context
-    ) -> AsyncIterator[gen.GenerateChunk]:
+    ) -> AsyncGenerator[gen.GenerateChunk]:
         async for chunk in self._chunks(request):
             yield chunk
 

@@ -1,1 +1,6 @@
-"""meshllm router: one Generation endpoint in front of many replicas (see issue: router)."""
+"""meshllm router: one Generation endpoint in front of many replicas (least-busy routing)."""
+
+from meshllm.router.config import RouterConfig
+from meshllm.router.server import RouterServer, serve
+
+__all__ = ["RouterConfig", "RouterServer", "serve"]

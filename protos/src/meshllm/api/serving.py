@@ -1,11 +1,13 @@
-"""Turning exceptions into gRPC statuses with details, for unary and streaming handlers."""
+"""Server-side helpers shared by the router and the replica: handlers that turn exceptions into
+gRPC statuses with details, and the channel options every meshllm server uses."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -45,18 +47,32 @@ def unary(
 
 
 def streaming(
-    fn: Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
-) -> Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    fn: Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncGenerator[Resp]],
+) -> Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncGenerator[Resp]]:
     @functools.wraps(fn)
     async def wrapper(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> AsyncIterator[Resp]:
+    ) -> AsyncGenerator[Resp]:
         try:
-            async for item in fn(self, request, context):
-                yield item
+            # aclosing: a cancelled stream runs the handler's cleanup now, not at garbage collection.
+            async with contextlib.aclosing(fn(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:
             await abort(context, e, fn.__name__)
 
     return wrapper
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options of every meshllm gRPC server."""
+    return [
+        ("grpc.so_reuseport", 0),  # on by default: a second server would silently share the port
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]

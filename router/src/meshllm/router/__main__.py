@@ -1,0 +1,3 @@
+from meshllm.router.cli import main
+
+main()

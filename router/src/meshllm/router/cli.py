@@ -1,0 +1,93 @@
+"""``meshllm-router``: run the router in front of replicas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from meshllm.api.errors import MeshError
+from meshllm.router.config import POLICIES, RouterConfig, read_config_file
+from meshllm.router.server import serve
+
+# flag dest -> RouterConfig field, for flags that override the config file when given
+_OVERRIDES = {
+    "host": "host", "port": "port", "replicas_file": "replicas_file", "dns": "dns",
+    "refresh": "refresh_s", "policy": "policy", "tokens_per_request": "tokens_per_request",
+    "max_attempts": "max_attempts", "report_interval_ms": "report_interval_ms",
+    "stale_after": "stale_after_s", "drain_grace": "drain_grace_s",
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="meshllm-router",
+        description="Route meshllm.api.v1.Generation calls to the least busy replica.",
+    )
+    p.add_argument(
+        "--config", type=Path, help="TOML file with a [router] table (flags override it)"
+    )
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
+    p.add_argument("--replica", action="append", default=[], metavar="HOST:PORT",
+                   help="a replica address (repeatable)")  # fmt: skip
+    p.add_argument("--replicas-file", help="file with one HOST:PORT per line, re-read periodically")
+    p.add_argument("--dns", metavar="NAME:PORT",
+                   help="re-resolved periodically; each address is a replica (headless Service)")  # fmt: skip
+    p.add_argument("--refresh", type=float, help="seconds between file/DNS refreshes (default 5)")
+    p.add_argument("--policy", choices=POLICIES, help="routing policy (default least-busy)")
+    p.add_argument("--tokens-per-request", type=int,
+                   help="tokens in flight that weigh as much as one request (default 256)")  # fmt: skip
+    p.add_argument(
+        "--max-attempts", type=int, help="replicas tried before the first token (default 3)"
+    )
+    p.add_argument(
+        "--report-interval-ms", type=int, help="load-report period asked of replicas (default 250)"
+    )
+    p.add_argument(
+        "--stale-after",
+        type=float,
+        help="seconds without a report before a replica is ejected (default 2)",
+    )
+    p.add_argument(
+        "--drain-grace",
+        type=float,
+        help="seconds in-flight streams may finish on SIGTERM (default 30)",
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    settings: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    for flag, name in _OVERRIDES.items():
+        if getattr(args, flag) is not None:
+            settings[name] = getattr(args, flag)
+    if args.replica:
+        settings["replicas"] = (*settings.get("replicas", ()), *args.replica)
+    config = RouterConfig(**settings).validate()
+    if not config.has_replica_source:
+        raise SystemExit("meshllm-router: no replicas: give --replica, --replicas-file or --dns")
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except MeshError as e:
+        sys.exit(f"meshllm-router: {e.message}")
+    try:
+        asyncio.run(serve(config))
+    except OSError as e:
+        sys.exit(f"meshllm-router: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Router configuration: a frozen dataclass, loadable from a TOML file, validated once."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from meshllm.api.errors import FieldViolation, InvalidArgument
+
+POLICIES = ("least-busy", "round-robin")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Settings of one router process. A TOML file's ``[router]`` table uses the same names."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    replicas: tuple[str, ...] = ()
+    """Static replica addresses, ``host:port``."""
+    replicas_file: str = ""
+    """A text file with one ``host:port`` per line (``#`` comments), re-read every ``refresh_s``."""
+    dns: str = ""
+    """``name:port`` re-resolved every ``refresh_s``; every address it returns is a replica (a
+    Kubernetes headless Service)."""
+    refresh_s: float = 5.0
+    policy: str = "least-busy"
+    """``least-busy`` or ``round-robin`` (kept for comparison)."""
+    tokens_per_request: int = 256
+    """Least-busy load = requests in flight + queued + tokens in flight / this: how many tokens
+    still to generate weigh as much as one more request."""
+    max_attempts: int = 3
+    """Replicas tried for one request when a failure happens before its first token."""
+    report_interval_ms: int = 250
+    """Load-report period asked of each replica."""
+    stale_after_s: float = 2.0
+    """A replica whose last report is older than this gets no new work until it reports again."""
+    reconnect_max_s: float = 5.0
+    """Longest wait between attempts to reach a replica that stopped answering."""
+    retry_after_s: float = 1.0
+    """RetryInfo sent with UNAVAILABLE when no healthy replica serves the model."""
+    drain_grace_s: float = 30.0
+    """On SIGTERM, how long in-flight streams may run before the router exits."""
+    max_message_bytes: int = 4 * 1024 * 1024
+
+    def validate(self) -> RouterConfig:
+        bad: list[FieldViolation] = []
+        if not 0 <= self.port <= 65535:
+            bad.append(FieldViolation("port", f"{self.port} is out of range"))
+        if self.policy not in POLICIES:
+            bad.append(
+                FieldViolation("policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
+            )
+        for address in self.replicas:
+            if not valid_address(address):
+                bad.append(FieldViolation("replicas", f"{address!r} is not host:port"))
+        if self.dns and not valid_address(self.dns):
+            bad.append(FieldViolation("dns", f"{self.dns!r} is not name:port"))
+        for name in ("refresh_s", "stale_after_s", "reconnect_max_s", "retry_after_s"):
+            if getattr(self, name) <= 0:
+                bad.append(FieldViolation(name, "must be positive"))
+        for name in ("tokens_per_request", "max_attempts", "report_interval_ms"):
+            if getattr(self, name) < 1:
+                bad.append(FieldViolation(name, "must be at least 1"))
+        if self.drain_grace_s < 0:
+            bad.append(FieldViolation("drain_grace_s", "must not be negative"))
+        if bad:
+            raise InvalidArgument(
+                "invalid router config: " + "; ".join(f"{v.field} {v.description}" for v in bad),
+                field_violations=bad,
+            )
+        return self
+
+    @property
+    def has_replica_source(self) -> bool:
+        return bool(self.replicas or self.replicas_file or self.dns)
+
+
+def valid_address(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The ``[router]`` table of a TOML file, with its names checked against RouterConfig."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InvalidArgument(f"cannot read router config {path}: {e}") from e
+    table = data.get("router", {})
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"{path}: [router] must be a table")
+    known = {f.name for f in fields(RouterConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InvalidArgument(f"{path}: unknown [router] settings: {', '.join(unknown)}",
+                              field_violations=[FieldViolation(k, "unknown setting") for k in unknown])  # fmt: skip
+    if "replicas" in table:
+        table["replicas"] = tuple(table["replicas"])
+    return table

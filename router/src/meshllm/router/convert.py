@@ -1,0 +1,48 @@
+"""Wire <-> domain for the router: replica reports and statuses in, model listings out."""
+
+from __future__ import annotations
+
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.api.v1 import replica_control_pb2 as rc
+from meshllm.router.registry import LoadReport, Replica, ReplicaState, ServedModel
+
+REPLICA_DEFAULT_MAX_TOKENS = 256  # what a replica uses when the spec leaves it unset
+
+_STATES = {
+    rc.REPLICA_STATE_EMPTY: ReplicaState.EMPTY,
+    rc.REPLICA_STATE_LOADING: ReplicaState.LOADING,
+    rc.REPLICA_STATE_READY: ReplicaState.READY,
+    rc.REPLICA_STATE_DRAINING: ReplicaState.DRAINING,
+    rc.REPLICA_STATE_UNLOADING: ReplicaState.UNLOADING,
+    rc.REPLICA_STATE_FAILED: ReplicaState.FAILED,
+}
+
+
+def report_from_pb(report: rc.LoadReport) -> LoadReport:
+    return LoadReport(
+        replica_id=report.replica_id, state=_STATES.get(report.state, ReplicaState.UNKNOWN),
+        model=report.model, queued=report.queued, running=report.running,
+        tokens_in_flight=report.tokens_in_flight, tokens_per_second=report.tokens_per_second,
+    )  # fmt: skip
+
+
+def served_from_pb(info: gen.ModelInfo, status: rc.ReplicaStatus) -> ServedModel:
+    """The model a replica serves: resolved limits from its ListModels, defaults from its spec."""
+    return ServedModel(
+        id=info.id, engine=info.engine, context_length=info.context_length,
+        max_tokens_limit=info.max_tokens_limit,
+        default_max_tokens=status.spec.default_max_tokens or REPLICA_DEFAULT_MAX_TOKENS,
+    )  # fmt: skip
+
+
+def model_info_to_pb(model: str, replicas: list[Replica]) -> gen.ModelInfo:
+    served = next(
+        (r.served for r in replicas if r.served is not None and r.served.id == model), None
+    )
+    return gen.ModelInfo(
+        id=model,
+        engine=served.engine if served else "",
+        context_length=served.context_length if served else 0,
+        max_tokens_limit=served.max_tokens_limit if served else 0,
+        ready_replicas=len(replicas),
+    )

@@ -1,0 +1,211 @@
+"""Forwarding one request: pick a replica, relay the reply, retry elsewhere before the first token.
+
+The router is a proxy, so requests and chunks stay protobuf messages here (converting them to
+domain objects and back would only cost time); the routing decisions themselves work on the
+plain dataclasses of ``registry`` and ``balancer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Callable, Sequence
+
+import grpc
+
+from meshllm.api.errors import (
+    ERROR_DOMAIN,
+    DeadlineExceeded,
+    MeshError,
+    NotFound,
+    Unavailable,
+    from_rpc_error,
+    invalid_argument,
+)
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.router.balancer import Policy
+from meshllm.router.config import RouterConfig
+from meshllm.router.convert import REPLICA_DEFAULT_MAX_TOKENS
+from meshllm.router.pool import ReplicaLink, ReplicaPool
+from meshllm.router.registry import Registry, Replica
+
+log = logging.getLogger(__name__)
+
+Metadata = grpc.aio.Metadata
+TimeRemaining = Callable[[], float | None]
+
+# Failures that say "this replica cannot take it now": another replica may. A caller's mistake
+# (INVALID_ARGUMENT), its deadline or its cancellation would fail the same way everywhere.
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+})  # fmt: skip
+# Passed on to the replica: W3C trace context.
+FORWARDED_METADATA = frozenset({"traceparent", "tracestate"})
+
+
+def forwarded_metadata(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple((str(k), v) for k, v in metadata or () if k in FORWARDED_METADATA)
+
+
+def from_replica(error: grpc.aio.AioRpcError) -> bool:
+    """True when the replica itself answered with this status (it carries our ErrorInfo);
+    False for transport failures (connection refused or reset, the replica process gone)."""
+    return bool(error.trailing_metadata()) and any(
+        k == "grpc-status-details-bin" and ERROR_DOMAIN.encode() in v
+        for k, v in error.trailing_metadata() or ()
+    )
+
+
+class Forwarder:
+    def __init__(self, config: RouterConfig, registry: Registry, pool: ReplicaPool,
+                 policy: Policy) -> None:  # fmt: skip
+        self._config, self._registry, self._pool, self._policy = config, registry, pool, policy
+
+    # -- picking -----------------------------------------------------------------------------
+
+    def pick(self, model: str, tried: Sequence[Replica]) -> ReplicaLink:
+        """The replica for the next attempt, or the error that explains why there is none."""
+        while True:
+            candidates = self._registry.candidates(model, exclude=tried)
+            if not candidates:
+                raise self._no_replica(model, tried)
+            replica = self._policy.pick(candidates)
+            link = self._pool.link(replica)
+            if link is not None:
+                return link
+            tried = [*tried, replica]  # removed between listing and picking
+
+    def _no_replica(self, model: str, tried: Sequence[Replica]) -> MeshError:
+        retry = self._config.retry_after_s
+        if tried:
+            return Unavailable(
+                f"no replica could take the request for {model!r}: {len(tried)} tried "
+                f"({', '.join(r.name for r in tried)})", reason="NO_HEALTHY_REPLICA",
+                retry_after=retry, metadata={"model": model},
+            )  # fmt: skip
+        ready = self._registry.ready_models()
+        if ready and not self._registry.knows(model):
+            return NotFound(f"unknown model {model!r}; available: {', '.join(sorted(ready))}")
+        return Unavailable(f"no healthy replica serves {model!r} now", reason="NO_HEALTHY_REPLICA",
+                           retry_after=retry, metadata={"model": model})  # fmt: skip
+
+    def budget(self, request: gen.GenerateRequest, link: ReplicaLink) -> int:
+        """Tokens the request may generate: its max_tokens, else the model's default."""
+        if request.HasField("max_tokens"):
+            return request.max_tokens
+        served = link.replica.served
+        return served.default_max_tokens if served is not None else REPLICA_DEFAULT_MAX_TOKENS
+
+    # -- forwarding --------------------------------------------------------------------------
+
+    def prepare(self, request: gen.GenerateRequest) -> None:
+        if not request.model:
+            raise invalid_argument("model", "must name a model (ListModels shows them)")
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+
+    def _timeout(self, remaining: float | None) -> float | None:
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded before a replica could take the request")
+        return remaining
+
+    def _next(self, model: str, tried: list[Replica], last: MeshError | None) -> ReplicaLink:
+        if len(tried) >= self._config.max_attempts and last is not None:
+            raise last
+        try:
+            link = self.pick(model, tried)
+        except Unavailable:
+            if last is not None:  # what the last replica said explains more than "none left"
+                raise last from None
+            raise
+        tried.append(link.replica)
+        return link
+
+    def _failed(self, error: grpc.aio.AioRpcError, link: ReplicaLink, streamed: int | None,
+                tried: Sequence[Replica]) -> MeshError:  # fmt: skip
+        """The error to give the client, or to keep as the reason when a retry also fails.
+
+        ``streamed`` is None until the first chunk went out; after it, only the client's own
+        deadline or cancellation keeps its status: anything else is UNAVAILABLE, never a reply
+        that looks complete.
+        """
+        replica, code = link.replica, error.code()
+        if not from_replica(error) and code == grpc.StatusCode.UNAVAILABLE:
+            replica.eject(f"{code.name}: {error.details()}")
+            log.warning("replica %s unreachable (%s); ejected until it reports again",
+                        replica.name, error.details())  # fmt: skip
+        if streamed is not None and code not in (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.CANCELLED,
+        ):
+            return Unavailable(
+                f"replica {replica.name} failed after streaming {streamed} tokens "
+                f"({code.name}: {error.details()}); the reply is incomplete",
+                reason="STREAM_INTERRUPTED", metadata={"replica": replica.name, "tokens_streamed": str(streamed)},
+            )  # fmt: skip
+        mesh = from_rpc_error(error)
+        if streamed is None and code == grpc.StatusCode.UNAVAILABLE and not mesh.reason:
+            mesh = Unavailable(f"replica {replica.name}: {code.name}: {error.details()}",
+                               reason="REPLICA_FAILED", retry_after=self._config.retry_after_s,
+                               metadata={"replica": replica.name})  # fmt: skip
+        return mesh
+
+    def _retryable(self, error: grpc.aio.AioRpcError, tried: Sequence[Replica]) -> bool:
+        if error.code() not in RETRYABLE:
+            return False
+        log.info("attempt %d on %s failed before the first token (%s); trying another replica",
+                 len(tried), tried[-1].name, error.code().name)  # fmt: skip
+        return True
+
+    async def stream(
+        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
+    ) -> AsyncGenerator[gen.GenerateChunk]:
+        """Relay the reply of one replica; before its first chunk, failures move to another."""
+        self.prepare(request)
+        md, tried, last = forwarded_metadata(metadata), list[Replica](), None
+        while True:
+            link = self._next(request.model, tried, last)
+            with self._registry.lease(link.replica, self.budget(request, link)) as lease:
+                call = link.generation.GenerateStream(
+                    request, timeout=self._timeout(time_remaining()), metadata=md
+                )
+                streamed: int | None = None
+                try:
+                    async for chunk in call:
+                        streamed = (streamed or 0) + len(chunk.token_ids)
+                        lease.received(len(chunk.token_ids))
+                        yield chunk
+                        if chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                            return
+                    raise Unavailable(
+                        f"replica {link.replica.name} ended the stream without a final chunk after "
+                        f"{streamed or 0} tokens; the reply is incomplete", reason="STREAM_INTERRUPTED",
+                    )  # fmt: skip
+                except grpc.aio.AioRpcError as e:
+                    last = self._failed(e, link, streamed, tried)
+                    if streamed is not None or not self._retryable(e, tried):
+                        raise last from None
+                finally:
+                    call.cancel()
+
+    async def generate(
+        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
+    ) -> gen.GenerateResponse:
+        """One whole reply; the client has seen nothing until it ends, so any replica failure
+        that another replica might not share is retried (bounded by max_attempts)."""
+        self.prepare(request)
+        md, tried, last = forwarded_metadata(metadata), list[Replica](), None
+        while True:
+            link = self._next(request.model, tried, last)
+            with self._registry.lease(link.replica, self.budget(request, link)):
+                try:
+                    response: gen.GenerateResponse = await link.generation.Generate(
+                        request, timeout=self._timeout(time_remaining()), metadata=md
+                    )
+                    return response
+                except grpc.aio.AioRpcError as e:
+                    last = self._failed(e, link, None, tried)
+                    if not self._retryable(e, tried):
+                        raise last from None

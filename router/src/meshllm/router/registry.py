@@ -1,0 +1,160 @@
+"""What the router knows about each replica, rebuilt from its load reports; no I/O here."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+class ReplicaState(enum.Enum):
+    UNKNOWN = "unknown"
+    EMPTY = "empty"
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedModel:
+    """The model a replica hosts, from its status (spec)."""
+
+    id: str
+    engine: str
+    context_length: int
+    max_tokens_limit: int
+    default_max_tokens: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadReport:
+    """One load report of a replica (``ReplicaControl.WatchLoad``)."""
+
+    replica_id: str
+    state: ReplicaState
+    model: str
+    queued: int
+    running: int
+    tokens_in_flight: int
+    tokens_per_second: float
+
+
+@dataclass(eq=False, kw_only=True)
+class Replica:
+    """One replica address and the router's view of it."""
+
+    address: str
+    replica_id: str = ""
+    report: LoadReport | None = None
+    reported_at: float = 0.0
+    served: ServedModel | None = None
+    connected: bool = False
+    """The load-report stream is open; False after it broke, until it reports again."""
+    removed: bool = False
+    """Discovery no longer lists it: finish in-flight work, take no more."""
+    inflight: int = 0
+    """Requests this router has sent and not yet seen end."""
+    inflight_tokens: int = 0
+    """Tokens those requests may still generate (max_tokens minus tokens received)."""
+    served_total: int = 0
+    last_error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.replica_id or self.address
+
+    @property
+    def state(self) -> ReplicaState:
+        return self.report.state if self.report is not None else ReplicaState.UNKNOWN
+
+    def fresh(self, now: float, stale_after_s: float) -> bool:
+        return self.connected and now - self.reported_at <= stale_after_s
+
+    def serves(self, model: str, now: float, stale_after_s: float) -> bool:
+        """Takes new work for ``model``: connected, reporting, READY with that model, listed."""
+        return (
+            not self.removed
+            and self.fresh(now, stale_after_s)
+            and self.report is not None
+            and self.report.state == ReplicaState.READY
+            and self.report.model == model
+        )
+
+    def eject(self, reason: str) -> None:
+        """Stop sending work until the replica reports again."""
+        self.connected = False
+        self.last_error = reason
+
+
+@dataclass
+class Lease:
+    """A request the router has sent to a replica; ``received`` tokens lower its weight."""
+
+    replica: Replica
+    tokens: int
+
+    def received(self, count: int) -> None:
+        used = min(count, self.tokens)
+        self.tokens -= used
+        self.replica.inflight_tokens -= used
+
+
+@dataclass
+class Registry:
+    """Every replica the router knows, by address."""
+
+    stale_after_s: float
+    clock: Callable[[], float] = time.monotonic
+    replicas: dict[str, Replica] = field(default_factory=dict)
+
+    def add(self, address: str) -> Replica:
+        replica = self.replicas.get(address)
+        if replica is None or replica.removed:
+            replica = self.replicas[address] = Replica(address=address)
+        return replica
+
+    def remove(self, address: str) -> Replica | None:
+        replica = self.replicas.pop(address, None)
+        if replica is not None:
+            replica.removed = True
+        return replica
+
+    def update(self, replica: Replica, report: LoadReport) -> None:
+        replica.report, replica.reported_at = report, self.clock()
+        replica.replica_id, replica.connected, replica.last_error = report.replica_id, True, ""
+
+    def candidates(self, model: str, exclude: Iterable[Replica] = ()) -> list[Replica]:
+        now, skip = self.clock(), set(map(id, exclude))
+        return [
+            r for r in self.replicas.values()
+            if id(r) not in skip and r.serves(model, now, self.stale_after_s)
+        ]  # fmt: skip
+
+    def knows(self, model: str) -> bool:
+        """Some replica hosts (or last reported hosting) ``model``, healthy or not."""
+        return any(r.report is not None and r.report.model == model for r in self.replicas.values())
+
+    def ready_models(self) -> dict[str, list[Replica]]:
+        """Models with at least one replica taking work, and those replicas."""
+        now, out = self.clock(), dict[str, list[Replica]]()
+        for r in self.replicas.values():
+            if r.report is not None and r.serves(r.report.model, now, self.stale_after_s):
+                out.setdefault(r.report.model, []).append(r)
+        return out
+
+    @contextmanager
+    def lease(self, replica: Replica, tokens: int) -> Iterator[Lease]:
+        """Count a request against ``replica`` while it runs (least-busy reads these counts)."""
+        lease = Lease(replica, tokens)
+        replica.inflight += 1
+        replica.inflight_tokens += tokens
+        replica.served_total += 1
+        try:
+            yield lease
+        finally:
+            replica.inflight -= 1
+            replica.inflight_tokens -= lease.tokens

@@ -1,0 +1,117 @@
+"""The router's gRPC server: Generation, health and reflection on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from meshllm.api.serving import server_options
+from meshllm.api.v1 import generation_pb2
+from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.router.balancer import make_policy
+from meshllm.router.config import RouterConfig
+from meshllm.router.discovery import Discovery
+from meshllm.router.forward import Forwarder
+from meshllm.router.pool import ReplicaPool
+from meshllm.router.registry import Registry
+from meshllm.router.service import RouterGenerationService
+
+log = logging.getLogger(__name__)
+
+GENERATION = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING, NOT_SERVING = (
+    health_pb2.HealthCheckResponse.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING,
+)
+
+
+class RouterServer:
+    """A running router: ``await start()``, then ``await stop()`` (lets in-flight streams end).
+
+    Health: the overall status ("") is SERVING while the router runs; the Generation service
+    is SERVING while at least one replica can take work.
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config.validate()
+        self.port = 0
+        self.registry = Registry(stale_after_s=self.config.stale_after_s)
+        self.pool = ReplicaPool(self.config, self.registry, self._on_change)
+        self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
+        self._discovery = Discovery(self.config)
+        self._health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e}") from e
+        forwarder = Forwarder(self.config, self.registry, self.pool, self.policy)
+        gen_grpc.add_GenerationServicer_to_server(
+            RouterGenerationService(forwarder, self.registry), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((GENERATION, HEALTH, reflection.SERVICE_NAME), server)
+        await self._health.set("", SERVING)
+        await self._health.set(GENERATION, NOT_SERVING)
+        self.pool.sync(await self._discovery.addresses())
+        if self._discovery.dynamic:
+            self._refresher = asyncio.create_task(self._refresh(), name="discovery")
+        await server.start()
+        self._server = server
+        log.info("router listening on %s (%s, %d replica addresses)", self.port, self.config.policy,
+                 len(self.pool.links))  # fmt: skip
+        return self.port
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_s)
+            self.pool.sync(await self._discovery.addresses())
+
+    def _on_change(self) -> None:
+        status = SERVING if self.registry.ready_models() else NOT_SERVING
+        task = asyncio.get_running_loop().create_task(self._health.set(GENERATION, status))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish within the grace, then close everything."""
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace=grace)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.pool.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run a router until SIGTERM or SIGINT, then let in-flight streams finish and exit."""
+    server = RouterServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: finishing in-flight streams (grace %.0fs)", config.drain_grace_s)
+    await server.stop()

@@ -1,5 +1,5 @@
 # meshllm developer entry points. Everything installs into .venv from this repository's own files.
-#   make demo   start a local replica on the built-in demo model, stream a reply, run a small batch
+#   make demo   start a local mesh (router + 2 replicas) on the built-in demo model, stream a reply, run a small batch
 #   make test   install everything, then run proto freshness, lint, format, type checks and all tests
 PYTHON ?= python3.11
 VENV := .venv
@@ -18,7 +18,7 @@ $(STAMP): $(PYPROJECTS) Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m meshllm.client.demo
+	$(PY) -m meshllm.router.demo
 
 check: setup
 	$(PY) protos/generate.py --check

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import socket
 import subprocess
@@ -18,8 +20,10 @@ from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.config import ModelSpec, ReplicaConfig
 from meshllm.replica.models.tiny import DEMO, ensure_model
 from meshllm.replica.server import ReplicaServer
+from meshllm.router import RouterConfig, RouterServer
 
 StartReplica = Callable[..., Awaitable[ReplicaServer]]
+StartRouter = Callable[..., Awaitable[RouterServer]]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,8 +52,9 @@ async def start_replica(demo_dir: Path) -> AsyncIterator[StartReplica]:
     async def start(
         spec: ModelSpec | None = None, wait_ready: bool = True, **config: object
     ) -> ReplicaServer:
-        cfg = ReplicaConfig(host="127.0.0.1", port=0, model=spec, replica_id=f"r{len(servers)}",
-                            drain_grace_s=2.0, **config)  # type: ignore[arg-type]  # fmt: skip
+        settings = {"host": "127.0.0.1", "port": 0, "replica_id": f"r{len(servers)}",
+                    "drain_grace_s": 2.0, **config}  # fmt: skip
+        cfg = ReplicaConfig(model=spec, **settings)  # type: ignore[arg-type]
         server = ReplicaServer(cfg)
         await server.start()
         servers.append(server)
@@ -67,6 +72,43 @@ async def start_replica(demo_dir: Path) -> AsyncIterator[StartReplica]:
 @pytest.fixture
 async def demo_replica(start_replica: StartReplica) -> ReplicaServer:
     return await start_replica(demo_spec())
+
+
+@pytest.fixture
+async def start_router(start_replica: StartReplica) -> AsyncIterator[StartRouter]:
+    """Start real in-process routers on 127.0.0.1:0 in front of the given replicas (servers or
+    addresses); each waits until ``ready`` replicas (default: all) report READY to it."""
+    routers: list[RouterServer] = []
+
+    async def start(
+        *replicas: ReplicaServer | str, ready: int | None = None, **config: object
+    ) -> RouterServer:
+        addresses = tuple(r if isinstance(r, str) else f"127.0.0.1:{r.port}" for r in replicas)
+        settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "replicas": addresses,
+                                       "drain_grace_s": 1.0, "report_interval_ms": 50, **config}  # fmt: skip
+        router = RouterServer(RouterConfig(**settings))  # type: ignore[arg-type]
+        await router.start()
+        routers.append(router)
+        await wait_routed(router, len(addresses) if ready is None else ready)
+        return router
+
+    yield start
+    for router in routers:
+        await router.stop(grace_s=0.5)
+
+
+async def wait_routed(router: RouterServer, count: int, timeout_s: float = 15.0) -> None:
+    """Wait until exactly ``count`` replicas take work through ``router``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sum(len(r) for r in router.registry.ready_models().values()) == count:
+            return
+        await asyncio.sleep(0.02)
+    state = {
+        r.address: (r.state.value, r.connected, r.last_error)
+        for r in router.registry.replicas.values()
+    }
+    raise TimeoutError(f"router does not see {count} ready replicas: {state}")
 
 
 def stub(port: int) -> tuple[grpc.aio.Channel, gen_grpc.GenerationStub]:
@@ -87,28 +129,22 @@ def free_port() -> int:
         return port
 
 
+StartProcess = Callable[..., tuple[subprocess.Popen[bytes], int]]
+
+
 @pytest.fixture
-def replica_process(
-    model_cache: Path,
-) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], int]]]:
-    """Start ``meshllm-replica`` as a real child process; killed after the test if still running."""
+def processes(model_cache: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], int]]]:
+    """Start ``python -m <module> --host 127.0.0.1 --port <free> ...`` as real child processes
+    and wait until each lists a model; all are killed after the test if still running."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str) -> tuple[subprocess.Popen[bytes], int]:
+    def start(module: str, *args: str, wait: bool = True) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "meshllm.replica",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *args,
-        ]
+        cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         procs.append(proc)
-        wait_serving(port, proc)
+        if wait:
+            wait_serving(port, proc)
         return proc, port
 
     yield start
@@ -118,8 +154,20 @@ def replica_process(
             proc.wait()
 
 
+@pytest.fixture
+def replica_process(processes: StartProcess) -> StartProcess:
+    """Start ``meshllm-replica`` as a real child process."""
+    return functools.partial(processes, "meshllm.replica")
+
+
+@pytest.fixture
+def router_process(processes: StartProcess) -> StartProcess:
+    """Start ``meshllm-router`` as a real child process (it waits until a replica is routed)."""
+    return functools.partial(processes, "meshllm.router", "--report-interval-ms", "50")
+
+
 def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    """Wait until the replica lists a model (blocking; for subprocess tests)."""
+    """Wait until the server (replica or router) lists a model (blocking; for subprocess tests)."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         list_models = gen_grpc.GenerationStub(channel).ListModels
@@ -131,4 +179,4 @@ def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise TimeoutError(f"replica on port {port} not serving after {timeout_s}s")
+    raise TimeoutError(f"server on port {port} not serving after {timeout_s}s")

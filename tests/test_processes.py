@@ -1,4 +1,5 @@
-"""End-to-end with real processes: the meshllm-replica command, grpcurl, SIGTERM drain."""
+"""End-to-end with real processes: meshllm-replica, meshllm-router, meshllm up, grpcurl,
+SIGTERM drains and a replica killed under load."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
+from conftest import StartProcess, free_port
 
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 
-StartProcess = Callable[..., tuple[subprocess.Popen[bytes], int]]
 GRPCURL = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
 
@@ -67,3 +72,131 @@ def test_sigterm_drains_in_flight_streams_then_exits(replica_process: StartProce
     assert proc.wait(timeout=60) == 0
     assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
     assert sum(len(c.token_ids) for c in chunks) == 1800
+
+
+def long_stream(
+    client: gen_grpc.GenerationStub, i: int, max_tokens: int, started: threading.Event
+) -> Outcome:
+    """One stream to the end: the chunks received and the error that ended it, if any;
+    ``started`` is set at the first chunk."""
+    chunks: list[gen.GenerateChunk] = []
+    try:
+        for chunk in client.GenerateStream(gen.GenerateRequest(
+            model="bench", prompt=f"request {i}", max_tokens=max_tokens, temperature=0.0,
+            stream_options=gen.StreamOptions(coalesce_ms=5),
+        ), timeout=120):  # fmt: skip
+            chunks.append(chunk)
+            started.set()
+        return Outcome(chunks, None)
+    except grpc.RpcError as e:
+        return Outcome(chunks, e)
+
+
+@dataclass
+class Outcome:
+    chunks: list[gen.GenerateChunk]
+    error: grpc.RpcError | None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and self.chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
+
+
+def test_sigkill_of_a_replica_under_load_loses_no_request_that_had_not_started(
+    replica_process: StartProcess, router_process: StartProcess
+) -> None:
+    # One request at a time per replica, so each replica has one stream running and the rest
+    # queued (not started) when the victim is killed.
+    serial = (
+        "--model",
+        "bench",
+        "--max-batch-size",
+        "1",
+        "--inter-threads",
+        "1",
+        "--intra-threads",
+        "1",
+    )
+    victim, victim_port = replica_process(*serial, "--replica-id", "victim")
+    _, survivor_port = replica_process(*serial, "--replica-id", "survivor")
+    _, port = router_process(
+        "--replica", f"127.0.0.1:{victim_port}", "--replica", f"127.0.0.1:{survivor_port}"
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, ThreadPoolExecutor(12) as pool:
+        client = gen_grpc.GenerationStub(channel)
+        started = [threading.Event() for _ in range(12)]
+        futures = [pool.submit(long_stream, client, i, 600, started[i]) for i in range(12)]
+        deadline = time.monotonic() + 60
+        while sum(e.is_set() for e in started) < 2:  # both replicas are streaming one each
+            assert time.monotonic() < deadline, "streams did not start"
+            time.sleep(0.002)
+        victim.kill()
+        busy_at_kill = sum(e.is_set() for e in started)
+        outcomes = [f.result(timeout=120) for f in futures]
+    interrupted = [o for o in outcomes if not o.complete]
+    for o in interrupted:  # started on the victim: ended with UNAVAILABLE, never looking complete
+        assert o.error is not None and o.error.code() == grpc.StatusCode.UNAVAILABLE, o.error
+        assert o.chunks and o.chunks[-1].finish_reason == gen.FINISH_REASON_UNSPECIFIED
+        assert "incomplete" in (o.error.details() or "")
+    served = Counter(o.chunks[-1].timing.replica for o in outcomes if o.complete)
+    print(
+        f"complete by replica: {dict(served)}; interrupted: {len(interrupted)}; started at the kill: {busy_at_kill}"
+    )
+    # Only the stream running on the victim may fail; everything queued there moved on.
+    assert len(interrupted) == 1
+    assert served["survivor"] >= 11 - served["victim"]
+    assert all(sum(len(c.token_ids) for c in o.chunks) == 600 for o in outcomes if o.complete)
+
+
+def test_router_sigterm_lets_in_flight_streams_finish(
+    replica_process: StartProcess, router_process: StartProcess
+) -> None:
+    _, replica_port = replica_process(
+        "--model", "demo", "--engine", "fake", "--option", "token_delay_ms=5"
+    )
+    router, port = router_process("--replica", f"127.0.0.1:{replica_port}", "--drain-grace", "30")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        client = gen_grpc.GenerationStub(channel)
+        call = client.GenerateStream(gen.GenerateRequest(model="demo", prompt="x", max_tokens=200))
+        chunks = [next(call)]
+        router.send_signal(signal.SIGTERM)
+        chunks.extend(call)  # about a second more of tokens
+        with pytest.raises(grpc.RpcError):
+            client.Generate(
+                gen.GenerateRequest(model="demo", prompt="late", max_tokens=4), timeout=5
+            )
+    assert router.wait(timeout=30) == 0
+    assert chunks[-1].finish_reason == gen.FINISH_REASON_LENGTH
+    assert sum(len(c.token_ids) for c in chunks) == 200
+
+
+def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) -> None:
+    port = free_port()
+    up = subprocess.Popen([str(Path(sys.executable).parent / "meshllm"), "up", "--replicas", "2", "--port", str(port)],
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert up.stdout is not None
+        lines = []
+        while "meshllm is up" not in (line := up.stdout.readline()):
+            assert line, "meshllm up exited before the mesh was up"
+        lines.append(line)
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) == 3  # a router and two replicas
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = gen_grpc.GenerationStub(channel)
+            (info,) = client.ListModels(gen.ListModelsRequest(), timeout=5).models
+            replies = [client.Generate(gen.GenerateRequest(model="demo", prompt=f"hi {i}", max_tokens=4),
+                                       timeout=30) for i in range(8)]  # fmt: skip
+        assert info.ready_replicas == 2
+        assert {r.timing.replica for r in replies} == {"replica-0", "replica-1"}
+        up.send_signal(signal.SIGINT)
+        lines.append(up.communicate(timeout=60)[0])
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert up.returncode == 0
+    out = "".join(lines)
+    assert f"router at 127.0.0.1:{port}" in out and out.endswith("stopped.\n")
+    assert not any(
+        child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children
+    )

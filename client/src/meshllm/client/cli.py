@@ -20,13 +20,17 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--max-tokens", type=int)
     g.add_argument("--temperature", type=float)
     sub.add_parser("models", help="list the models that can serve requests")
-    sub.add_parser("demo", help="start a local replica on the demo model and exercise it")
+    u = sub.add_parser("up", help="start a local mesh (a router and replicas) until Ctrl-C")
+    u.add_argument("--replicas", type=int, default=2, help="replica processes (default 2)")
+    u.add_argument(
+        "--model", default="demo", help="'demo', 'bench' or a model folder (default demo)"
+    )
+    u.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
+    u.add_argument("--policy", default="least-busy", choices=("least-busy", "round-robin"))
+    sub.add_parser("demo", help="start a local mesh on the demo model, stream a reply, run a batch")
     args = p.parse_args(argv)
-    if args.command == "demo":
-        from meshllm.client.demo import main as demo
-
-        demo()
-        return
+    if args.command in ("up", "demo"):
+        sys.exit(_local(args))
     try:
         with Client(args.target, api_key=args.api_key) as client:
             if args.command == "models":
@@ -41,6 +45,26 @@ def main(argv: list[str] | None = None) -> None:
                 print()
     except MeshError as e:
         sys.exit(f"meshllm: {type(e).__name__}: {e.message}")
+
+
+def _local(args: argparse.Namespace) -> int:
+    """``up`` and ``demo`` run router and replica processes: they need those packages too."""
+    try:
+        from meshllm.router import demo, local
+    except ImportError:
+        print("meshllm: 'up' and 'demo' need meshllm-router and meshllm-replica[ctranslate2] "
+              "installed next to the client", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.command == "demo":
+        demo.main()
+        return 0
+    config = local.LocalMeshConfig(replicas=args.replicas, model=args.model, port=args.port,
+                                   policy=args.policy)  # fmt: skip
+    try:
+        return local.up(config)
+    except (ValueError, RuntimeError, TimeoutError) as e:
+        print(f"meshllm up: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class ReplicaServer:
         self.replica: Replica | None = None
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
+        self._stopped = False
 
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
@@ -69,6 +70,9 @@ class ReplicaServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new work, let in-flight requests finish within the grace, then exit."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         if self.replica is not None:
             await self.replica.drain()

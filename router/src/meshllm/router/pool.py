@@ -42,6 +42,7 @@ class ReplicaLink:
         self._config, self._registry = config, registry
         self._task: asyncio.Task[None] | None = None
         self._reports = 0
+        self._closing = False
 
     def start(self, on_change: Callable[[], None]) -> None:
         self._task = asyncio.create_task(
@@ -50,7 +51,7 @@ class ReplicaLink:
 
     async def _follow(self, on_change: Callable[[], None]) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             reports_before = self._reports
             try:
                 await self._watch(on_change)
@@ -72,8 +73,9 @@ class ReplicaLink:
         # the read timeout turns that silence into a reconnect.
         call = self.control.WatchLoad(request)
         try:
-            while True:
-                msg = await asyncio.wait_for(call.read(), self._config.stale_after_s)
+            while not self._closing:
+                async with asyncio.timeout(self._config.stale_after_s):
+                    msg = await call.read()
                 if msg is grpc.aio.EOF:
                     return
                 assert isinstance(msg, rc.LoadReport)
@@ -108,6 +110,8 @@ class ReplicaLink:
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop watching; close the channel once this router's requests there ended (or grace)."""
+        # The flag, not just cancel(): a cancel that races a finishing read can be lost.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

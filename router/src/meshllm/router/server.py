@@ -48,6 +48,7 @@ class RouterServer:
         self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
         self._discovery = Discovery(self.config)
         self._health = HealthServicer()
+        self._stopped = False
         self._server: grpc.aio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
@@ -89,6 +90,9 @@ class RouterServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new calls, let in-flight ones finish within the grace, then close everything."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
         if self._server is not None:

@@ -1,0 +1,161 @@
+"""A whole mesh on one machine: N replica processes and a router in front (``meshllm up``).
+
+Every part is a real process speaking real gRPC, as in a deployment; each child runs in its own
+session so that Ctrl-C reaches only this supervisor, which then stops the router first (its
+in-flight streams finish) and the replicas after it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from meshllm.client import Client, MeshError
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalMeshConfig:
+    replicas: int = 2
+    """Replica processes to start."""
+    model: str = "demo"
+    """What each replica loads: ``demo``, ``bench`` or a model folder."""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """The router's port (0 picks a free one)."""
+    policy: str = "least-busy"
+    replica_args: tuple[str, ...] = ()
+    """Extra ``meshllm-replica`` flags, e.g. ``("--inter-threads", "1")``."""
+    log_level: str = "WARNING"
+    ready_timeout_s: float = 120.0
+
+    def validate(self) -> LocalMeshConfig:
+        if self.replicas < 1:
+            raise ValueError(f"replicas: need at least 1, got {self.replicas}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is out of range")
+        return self
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LocalMesh:
+    """Start with ``with LocalMesh(config) as mesh:``; ``mesh.address`` is the router."""
+
+    def __init__(self, config: LocalMeshConfig) -> None:
+        self.config = config.validate()
+        self.replicas: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.router: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def __enter__(self) -> LocalMesh:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop()
+
+    def _spawn(self, module: str, *args: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", module, "--log-level", self.config.log_level, *args]
+        return subprocess.Popen(
+            cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True
+        )
+
+    def start(self) -> str:
+        c = self.config
+        for i in range(c.replicas):
+            address = f"{c.host}:{free_port(c.host)}"
+            proc = self._spawn("meshllm.replica", "--host", c.host, "--port", address.rsplit(":", 1)[1],
+                               "--model", c.model, "--replica-id", f"replica-{i}", *c.replica_args)  # fmt: skip
+            self.replicas.append((address, proc))
+        port = c.port or free_port(c.host)
+        replica_flags = [flag for address, _ in self.replicas for flag in ("--replica", address)]
+        self.router = self._spawn("meshllm.router", "--host", c.host, "--port", str(port),
+                                  "--policy", c.policy, *replica_flags)  # fmt: skip
+        self.address = f"{c.host}:{port}"
+        self._wait_ready()
+        return self.address
+
+    def _children(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        router = [("router", self.router)] if self.router is not None else []
+        return [*router, *((f"replica {a}", p) for a, p in self.replicas)]
+
+    def exited(self) -> str | None:
+        """The first child that is no longer running, described; None while all run."""
+        for name, proc in self._children():
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def _wait_ready(self) -> None:
+        """Until the router lists the model on every replica (the model is built on first use)."""
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        with Client(self.address, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if (gone := self.exited()) is not None:
+                    raise RuntimeError(f"the local mesh did not start: {gone}")
+                try:
+                    if sum(m.ready_replicas for m in client.list_models()) == self.config.replicas:
+                        return
+                except MeshError:
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError(f"the local mesh was not ready after {self.config.ready_timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the router (in-flight streams finish), then the replicas; SIGKILL stragglers."""
+        if self.router is not None:
+            _terminate([self.router], timeout_s)
+        _terminate([p for _, p in self.replicas], timeout_s)
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def up(config: LocalMeshConfig) -> int:
+    """``meshllm up``: start the mesh, print its address, run until Ctrl-C (or SIGTERM), stop it
+    all. Returns the exit status: 1 if a part of the mesh died on its own."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"starting {config.replicas} replicas of {config.model!r} and a router ...", flush=True)
+    gone = None
+    try:
+        with LocalMesh(config) as mesh:
+            replicas = ", ".join(a for a, _ in mesh.replicas)
+            print(f"meshllm is up: router at {mesh.address} (replicas: {replicas})")
+            print(f'try:  meshllm --target {mesh.address} generate "Hello" --model {config.model}')
+            print("Ctrl-C stops the mesh.", flush=True)
+            while (gone := mesh.exited()) is None:
+                time.sleep(0.5)
+            print(f"stopping the mesh: {gone}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # LocalMesh.__exit__ (or __enter__ on the way up) stopped it all
+        pass
+    print("stopped.", flush=True)
+    return 0 if gone is None else 1

@@ -1,0 +1,130 @@
+"""Unit tests of the router's pure logic: load scores, policies, the registry, config, discovery."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from meshllm.api.errors import InvalidArgument
+from meshllm.router.balancer import LeastBusy, RoundRobin, load
+from meshllm.router.config import RouterConfig, read_config_file
+from meshllm.router.discovery import join_host_port, read_replicas_file
+from meshllm.router.registry import LoadReport, Registry, Replica, ReplicaState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def report(model: str = "m", state: ReplicaState = ReplicaState.READY, queued: int = 0,
+           tokens: int = 0) -> LoadReport:  # fmt: skip
+    return LoadReport(replica_id="", state=state, model=model, queued=queued, running=0,
+                      tokens_in_flight=tokens, tokens_per_second=0.0)  # fmt: skip
+
+
+def registry_with(*reports: LoadReport) -> tuple[Registry, list[Replica], Clock]:
+    clock = Clock()
+    registry = Registry(stale_after_s=2.0, clock=clock)
+    replicas = []
+    for i, r in enumerate(reports):
+        replica = registry.add(f"10.0.0.{i}:1")
+        registry.update(replica, r)
+        replicas.append(replica)
+    return registry, replicas, clock
+
+
+def test_load_counts_own_requests_reported_queue_and_tokens() -> None:
+    _, (a,), _ = registry_with(report(queued=2, tokens=512))
+    a.inflight, a.inflight_tokens = 3, 100
+    assert load(a, tokens_per_request=256) == 3 + 2 + 512 / 256
+    a.inflight_tokens = 1024  # the router's own count is fresher than a lagging report
+    assert load(a, tokens_per_request=256) == 3 + 2 + 1024 / 256
+
+
+def test_least_busy_picks_the_lowest_load() -> None:
+    _, (a, b, c), _ = registry_with(report(queued=1), report(tokens=1024), report())
+    c.inflight = 1
+    assert LeastBusy(256).pick([a, b, c]) in (a, c)  # a: 1, b: 4, c: 1
+    c.inflight = 2
+    assert LeastBusy(256).pick([a, b, c]) is a
+
+
+def test_least_busy_breaks_ties_at_random() -> None:
+    _, replicas, _ = registry_with(report(), report(), report())
+    policy = LeastBusy(256, rng=random.Random(7))
+    counts = Counter(policy.pick(replicas).address for _ in range(300))
+    assert set(counts) == {r.address for r in replicas}
+    assert min(counts.values()) > 60
+
+
+def test_round_robin_takes_turns_whatever_the_load() -> None:
+    _, (a, b, c), _ = registry_with(report(queued=50), report(), report())
+    policy = RoundRobin()
+    assert [policy.pick([c, a, b]) for _ in range(6)] == [a, b, c, a, b, c]
+
+
+def test_candidates_are_ready_fresh_listed_replicas_of_the_model() -> None:
+    registry, (ok, _draining, other, stale, gone, ejected), clock = registry_with(
+        report(),
+        report(state=ReplicaState.DRAINING),
+        report(model="x"),
+        report(),
+        report(),
+        report(),
+    )
+    stale.reported_at = clock.now - 5.0
+    registry.remove(gone.address)
+    ejected.eject("connection refused")
+    assert registry.candidates("m") == [ok]
+    assert registry.candidates("m", exclude=[ok]) == []
+    assert registry.knows("x") and not registry.knows("y")
+    assert {m: [r.address for r in rs] for m, rs in registry.ready_models().items()} == {
+        "m": [ok.address], "x": [other.address]
+    }  # fmt: skip
+    registry.update(ejected, report())  # a new report re-admits it
+    assert ejected in registry.candidates("m")
+
+
+def test_lease_counts_requests_and_tokens_until_it_ends() -> None:
+    registry, (a,), _ = registry_with(report())
+    with registry.lease(a, tokens=100) as lease:
+        assert (a.inflight, a.inflight_tokens) == (1, 100)
+        lease.received(30)
+        assert a.inflight_tokens == 70
+        lease.received(500)  # never below what was reserved
+        assert a.inflight_tokens == 0
+    assert (a.inflight, a.inflight_tokens, a.served_total) == (0, 0, 1)
+    with pytest.raises(RuntimeError), registry.lease(a, tokens=10):
+        raise RuntimeError
+    assert (a.inflight, a.inflight_tokens) == (0, 0)
+
+
+def test_config_errors_name_every_bad_field() -> None:
+    bad = RouterConfig(policy="fastest", replicas=("nohost",), max_attempts=0, refresh_s=0)
+    with pytest.raises(InvalidArgument) as e:
+        bad.validate()
+    fields = {v.field for v in e.value.field_violations}
+    assert fields == {"policy", "replicas", "max_attempts", "refresh_s"}
+
+
+def test_config_file_is_checked_for_unknown_settings(tmp_path: Path) -> None:
+    path = tmp_path / "router.toml"
+    path.write_text('[router]\nreplicas = ["a:1", "b:2"]\npolicy = "round-robin"\n')
+    assert RouterConfig(**read_config_file(path)).validate().replicas == ("a:1", "b:2")
+    path.write_text("[router]\nreplica = 3\n")
+    with pytest.raises(InvalidArgument, match="unknown \\[router\\] settings: replica"):
+        read_config_file(path)
+
+
+def test_replicas_file_skips_comments_and_bad_lines(tmp_path: Path) -> None:
+    path = tmp_path / "replicas"
+    path.write_text("# mesh\nr1:50061\n\n  r2:50061  # second\nnot-an-address\n[::1]:7\n")
+    assert read_replicas_file(path) == {"r1:50061", "r2:50061", "[::1]:7"}
+    assert join_host_port("::1", 7) == "[::1]:7" and join_host_port("10.1.2.3", 7) == "10.1.2.3:7"

@@ -14,7 +14,6 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 import grpc
 
 from meshllm.api.errors import (
-    ERROR_DOMAIN,
     DeadlineExceeded,
     MeshError,
     NotFound,
@@ -47,15 +46,6 @@ FORWARDED_METADATA = frozenset({"traceparent", "tracestate"})
 
 def forwarded_metadata(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...]:
     return tuple((str(k), v) for k, v in metadata or () if k in FORWARDED_METADATA)
-
-
-def from_replica(error: grpc.aio.AioRpcError) -> bool:
-    """True when the replica itself answered with this status (it carries our ErrorInfo);
-    False for transport failures (connection refused or reset, the replica process gone)."""
-    return bool(error.trailing_metadata()) and any(
-        k == "grpc-status-details-bin" and ERROR_DOMAIN.encode() in v
-        for k, v in error.trailing_metadata() or ()
-    )
 
 
 class Forwarder:
@@ -123,16 +113,20 @@ class Forwarder:
         tried.append(link.replica)
         return link
 
-    def _failed(self, error: grpc.aio.AioRpcError, link: ReplicaLink, streamed: int | None,
-                tried: Sequence[Replica]) -> MeshError:  # fmt: skip
+    def _failed(
+        self, error: grpc.aio.AioRpcError, link: ReplicaLink, streamed: int | None
+    ) -> MeshError:
         """The error to give the client, or to keep as the reason when a retry also fails.
 
         ``streamed`` is None until the first chunk went out; after it, only the client's own
         deadline or cancellation keeps its status: anything else is UNAVAILABLE, never a reply
         that looks complete.
         """
-        replica, code = link.replica, error.code()
-        if not from_replica(error) and code == grpc.StatusCode.UNAVAILABLE:
+        replica, code, mesh = link.replica, error.code(), from_rpc_error(error)
+        # A replica's own UNAVAILABLE (loading, draining) carries a reason; a bare one is the
+        # transport: connection refused or reset, the process gone.
+        transport_failure = code == grpc.StatusCode.UNAVAILABLE and not mesh.reason
+        if transport_failure:
             replica.eject(f"{code.name}: {error.details()}")
             log.warning("replica %s unreachable (%s); ejected until it reports again",
                         replica.name, error.details())  # fmt: skip
@@ -145,8 +139,7 @@ class Forwarder:
                 f"({code.name}: {error.details()}); the reply is incomplete",
                 reason="STREAM_INTERRUPTED", metadata={"replica": replica.name, "tokens_streamed": str(streamed)},
             )  # fmt: skip
-        mesh = from_rpc_error(error)
-        if streamed is None and code == grpc.StatusCode.UNAVAILABLE and not mesh.reason:
+        if transport_failure:
             mesh = Unavailable(f"replica {replica.name}: {code.name}: {error.details()}",
                                reason="REPLICA_FAILED", retry_after=self._config.retry_after_s,
                                metadata={"replica": replica.name})  # fmt: skip
@@ -184,7 +177,7 @@ class Forwarder:
                         f"{streamed or 0} tokens; the reply is incomplete", reason="STREAM_INTERRUPTED",
                     )  # fmt: skip
                 except grpc.aio.AioRpcError as e:
-                    last = self._failed(e, link, streamed, tried)
+                    last = self._failed(e, link, streamed)
                     if streamed is not None or not self._retryable(e, tried):
                         raise last from None
                 finally:
@@ -206,6 +199,6 @@ class Forwarder:
                     )
                     return response
                 except grpc.aio.AioRpcError as e:
-                    last = self._failed(e, link, None, tried)
+                    last = self._failed(e, link, None)
                     if not self._retryable(e, tried):
                         raise last from None

@@ -11,6 +11,7 @@ from typing import TypeVar
 import grpc
 import pytest
 from conftest import StartReplica, StartRouter, collect, demo_spec, stub, wait_routed
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_replica import capture_streams
 
 from meshllm.api.errors import Internal, ResourceExhausted, from_rpc_error
@@ -330,3 +331,27 @@ async def test_dns_name_and_replicas_file_are_followed(
     listing.write_text(f"127.0.0.1:{b.port}\n")
     await wait_routed(by_file, 1)
     assert [r.replica_id for r in by_file.registry.replicas.values()] == ["r1"]
+
+
+async def test_generation_health_follows_the_replicas(
+    demo_replica: ReplicaServer, start_router: StartRouter
+) -> None:
+    router = await start_router(demo_replica)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def status(service: str) -> int:
+        return (await health.Check(health_pb2.HealthCheckRequest(service=service))).status  # type: ignore[no-any-return]
+
+    async with channel:
+        assert await status("meshllm.api.v1.Generation") == health_pb2.HealthCheckResponse.SERVING
+        assert demo_replica.replica is not None
+        await demo_replica.replica.drain()
+        await wait_routed(router, 0)
+        await asyncio.sleep(0.05)
+        assert (
+            await status("meshllm.api.v1.Generation") == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        assert (
+            await status("") == health_pb2.HealthCheckResponse.SERVING
+        )  # the router itself is fine

@@ -143,7 +143,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def up(config: LocalMeshConfig) -> int:
     """``meshllm up``: start the mesh, print its address, run until Ctrl-C (or SIGTERM), stop it
     all. Returns the exit status: 1 if a part of the mesh died on its own."""
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job starts with it ignored
+    for sig in (
+        signal.SIGTERM,
+        signal.SIGINT,
+    ):  # SIGINT too: a background job starts with it ignored
         signal.signal(sig, _interrupt)
     print(f"starting {config.replicas} replicas of {config.model!r} and a router ...", flush=True)
     gone = None

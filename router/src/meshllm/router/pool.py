@@ -15,7 +15,7 @@ from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.router.config import RouterConfig
 from meshllm.router.convert import report_from_pb, served_from_pb
-from meshllm.router.registry import Registry, Replica
+from meshllm.router.registry import LoadReport, Registry, Replica
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +78,25 @@ class ReplicaLink:
                     msg = await call.read()
                 if msg is grpc.aio.EOF:
                     return
-                assert isinstance(msg, rc.LoadReport)
-                report = report_from_pb(msg)
                 self._reports += 1
-                was_connected = self.replica.connected
-                if report.model and (
-                    self.replica.served is None or self.replica.served.id != report.model
-                ):
-                    await self._refresh_model()
-                elif not report.model:
-                    self.replica.served = None
-                self._registry.update(self.replica, report)
-                if not was_connected:
-                    log.info("replica %s at %s: %s %s", report.replica_id, self.replica.address,
-                             report.state.value, report.model or "(no model)")  # fmt: skip
-                    on_change()
-                elif report.state != getattr(self.replica.report, "state", None):
-                    on_change()
+                await self._apply(report_from_pb(msg), on_change)
         except TimeoutError:
             self.replica.last_error = f"no load report for {self._config.stale_after_s:.1f}s"
         finally:
             call.cancel()
+
+    async def _apply(self, report: LoadReport, on_change: Callable[[], None]) -> None:
+        replica = self.replica
+        before = (replica.connected, replica.state, replica.report.model if replica.report else "")
+        if report.model and (replica.served is None or replica.served.id != report.model):
+            await self._refresh_model()
+        elif not report.model:
+            replica.served = None
+        self._registry.update(replica, report)
+        if before != (True, report.state, report.model):
+            log.info("replica %s at %s: %s %s", report.replica_id, replica.address,
+                     report.state.value, report.model or "(no model)")  # fmt: skip
+            on_change()
 
     async def _refresh_model(self) -> None:
         timeout = self._config.stale_after_s

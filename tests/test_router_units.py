@@ -41,18 +41,29 @@ def registry_with(*reports: LoadReport) -> tuple[Registry, list[Replica], Clock]
     return registry, replicas, clock
 
 
-def test_load_counts_own_requests_reported_queue_and_tokens() -> None:
-    _, (a,), _ = registry_with(report(queued=2, tokens=512))
-    a.inflight, a.inflight_tokens = 3, 100
-    assert load(a, tokens_per_request=256) == 3 + 2 + 512 / 256
-    a.inflight_tokens = 1024  # the router's own count is fresher than a lagging report
-    assert load(a, tokens_per_request=256) == 3 + 2 + 1024 / 256
+def test_load_counts_own_work_exactly_and_adds_other_routers_work_from_reports() -> None:
+    registry, (a,), _ = registry_with(report())
+    with registry.lease(a, tokens=300) as lease:
+        lease.received(100)
+        assert load(a, tokens_per_request=100) == 1 + 200 / 100
+        # The report shows our request (running, 200 tokens left) and another router's 2 queued
+        # requests with 400 tokens: only those count on top of our own figures.
+        registry.update(a, LoadReport(replica_id="", state=ReplicaState.READY, model="m", queued=2,
+                                      running=1, tokens_in_flight=600, tokens_per_second=0.0))  # fmt: skip
+        assert (a.others_requests, a.others_tokens) == (2, 400)
+        assert load(a, tokens_per_request=100) == 3 + 600 / 100
+        lease.received(150)  # fresh progress counts at once, without waiting for a report
+        assert load(a, tokens_per_request=100) == 3 + 450 / 100
+    assert load(a, tokens_per_request=100) == 2 + 400 / 100
+    # A report that lags behind our own finished work never inflates the load.
+    registry.update(a, report(queued=0, tokens=0))
+    assert load(a, tokens_per_request=100) == 0
 
 
 def test_least_busy_picks_the_lowest_load() -> None:
     _, (a, b, c), _ = registry_with(report(queued=1), report(tokens=1024), report())
     c.inflight = 1
-    assert LeastBusy(256).pick([a, b, c]) in (a, c)  # a: 1, b: 4, c: 1
+    assert LeastBusy(256).pick([a, b, c]) in (a, c)  # a: 1 (another router's), b: 4, c: 1
     c.inflight = 2
     assert LeastBusy(256).pick([a, b, c]) is a
 

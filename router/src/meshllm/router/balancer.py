@@ -16,13 +16,18 @@ class Policy(Protocol):
 
 
 def load(replica: Replica, tokens_per_request: int) -> float:
-    """Requests this router has in flight there, plus the replica's reported queue, plus tokens
-    still to generate in units of ``tokens_per_request``. The router's own counts are exact and
-    current; the report adds other routers' work and lags by up to one report interval."""
-    report = replica.report
-    queued = report.queued if report is not None else 0
-    tokens = max(replica.inflight_tokens, report.tokens_in_flight if report is not None else 0)
-    return replica.inflight + queued + tokens / tokens_per_request
+    """Requests in flight on the replica plus tokens still to generate there, in units of
+    ``tokens_per_request``.
+
+    This router's own counts are exact and current (they change the moment it sends a request
+    or receives a chunk); the replica's report adds only what other routers sent — the part of
+    it above this router's counts when the report arrived — so a report that lags by up to an
+    interval neither hides this router's new requests nor keeps finished ones alive.
+    """
+    return (
+        replica.inflight + replica.others_requests
+        + (replica.inflight_tokens + replica.others_tokens) / tokens_per_request
+    )  # fmt: skip
 
 
 class LeastBusy:

@@ -60,6 +60,10 @@ class Replica:
     """Requests this router has sent and not yet seen end."""
     inflight_tokens: int = 0
     """Tokens those requests may still generate (max_tokens minus tokens received)."""
+    others_requests: int = 0
+    """Queued and running requests the last report showed beyond this router's own, at the time."""
+    others_tokens: int = 0
+    """Likewise for tokens in flight: what other routers' requests may still generate."""
     served_total: int = 0
     last_error: str = ""
 
@@ -125,6 +129,8 @@ class Registry:
 
     def update(self, replica: Replica, report: LoadReport) -> None:
         replica.report, replica.reported_at = report, self.clock()
+        replica.others_requests = max(report.queued + report.running - replica.inflight, 0)
+        replica.others_tokens = max(report.tokens_in_flight - replica.inflight_tokens, 0)
         replica.replica_id, replica.connected, replica.last_error = report.replica_id, True, ""
 
     def candidates(self, model: str, exclude: Iterable[Replica] = ()) -> list[Replica]:

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meshllm-installed
 PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
-.PHONY: setup demo test check lint typecheck protos bench clean
+.PHONY: setup demo test check lint typecheck protos bench bench-router clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ protos: setup
 
 bench: setup
 	$(PY) benchmarks/replica.py
+
+bench-router: setup
+	$(PY) benchmarks/router.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -122,6 +122,22 @@ async def collect(
     return [c async for c in stream]
 
 
+async def cancel_after(port: int, request: gen.GenerateRequest, tokens: int) -> int:
+    """Stream ``request`` from the server on ``port``, cancel once ``tokens`` arrived, wait 0.5 s
+    for the engine to notice; returns the tokens received."""
+    channel, client = stub(port)
+    async with channel:
+        call = client.GenerateStream(request)
+        received = 0
+        async for chunk in call:
+            received += len(chunk.token_ids)
+            if received >= tokens:
+                break
+        call.cancel()
+        await asyncio.sleep(0.5)
+    return received
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

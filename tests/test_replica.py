@@ -9,7 +9,7 @@ from pathlib import Path
 import ctranslate2
 import grpc
 import pytest
-from conftest import StartReplica, collect, demo_spec, stub
+from conftest import StartReplica, cancel_after, collect, demo_spec, stub
 from tokenizers import Tokenizer
 
 from meshllm.api.errors import from_rpc_error
@@ -129,18 +129,9 @@ async def test_client_cancel_stops_generation_within_a_few_tokens(
     # model; the demo model is so fast that a millisecond is dozens of tokens.
     server = await start_replica(demo_spec(id="bench", path="bench"))
     streams = capture_streams(server)
-    channel, client = stub(server.port)
-    async with channel:
-        call = client.GenerateStream(
-            gen.GenerateRequest(model="bench", prompt="long", max_tokens=2000)
-        )
-        received = 0
-        async for chunk in call:
-            received += len(chunk.token_ids)
-            if received >= 5:
-                break
-        call.cancel()
-        await asyncio.sleep(0.5)
+    received = await cancel_after(
+        server.port, gen.GenerateRequest(model="bench", prompt="long", max_tokens=2000), tokens=5
+    )
     (stream,) = streams
     assert stream.cancelled
     produced_after = stream.generated - received

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from conftest import StartReplica, StartRouter, collect, demo_spec, stub, wait_routed
+from conftest import StartReplica, StartRouter, cancel_after, collect, demo_spec, stub, wait_routed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_replica import capture_streams
 
@@ -279,18 +279,9 @@ async def test_client_cancel_stops_generation_on_the_replica(
     server = await start_replica(demo_spec(id="bench", path="bench"))
     streams = capture_streams(server)
     router = await start_router(server)
-    channel, client = stub(router.port)
-    async with channel:
-        call = client.GenerateStream(
-            gen.GenerateRequest(model="bench", prompt="long", max_tokens=2000)
-        )
-        received = 0
-        async for chunk in call:
-            received += len(chunk.token_ids)
-            if received >= 5:
-                break
-        call.cancel()
-        await asyncio.sleep(0.5)
+    received = await cancel_after(
+        router.port, gen.GenerateRequest(model="bench", prompt="long", max_tokens=2000), tokens=5
+    )
     (stream,) = streams
     assert stream.cancelled and stream.generated < 2000
     print(f"tokens produced after the cancel: {stream.generated - received}")

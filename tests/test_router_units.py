@@ -133,6 +133,11 @@ def test_config_file_is_checked_for_unknown_settings(tmp_path: Path) -> None:
     path.write_text("[router]\nreplica = 3\n")
     with pytest.raises(InvalidArgument, match="unknown \\[router\\] settings: replica"):
         read_config_file(path)
+    path.write_text('[router]\nport = "50051"\nrefresh_s = 2\n')
+    with pytest.raises(InvalidArgument, match="port must be an integer"):
+        read_config_file(path)
+    path.write_text("[router]\nrefresh_s = 2\n")
+    assert read_config_file(path) == {"refresh_s": 2.0}
 
 
 def test_replicas_file_skips_comments_and_bad_lines(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, TypeVar
+import signal
+import sys
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self = TypeVar("Self")
+C = TypeVar("C")
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception, what: str) -> None:
@@ -76,3 +79,36 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+class Server(Protocol):
+    async def start(self) -> int: ...
+    async def stop(self, grace_s: float | None = None) -> None: ...
+
+
+async def serve_until_signal(server: Server, what: str) -> None:
+    """Start ``server``, run until SIGTERM or SIGINT, then stop it (each server drains its own way)."""
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: %s", what)
+    await server.stop()
+
+
+def run_command(prog: str, log_level: str, make_config: Callable[[], C],
+                serve: Callable[[C], Coroutine[Any, Any, None]]) -> None:  # fmt: skip
+    """The body of a server command: logging, config (errors name the field), serve, exit codes."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = make_config()
+    except MeshError as e:
+        sys.exit(f"{prog}: {e.message}")
+    try:
+        asyncio.run(serve(config))
+    except OSError as e:
+        sys.exit(f"{prog}: {e}")

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import sys
 from pathlib import Path
 
-from meshllm.api.errors import MeshError
+from meshllm.api.serving import run_command
 from meshllm.replica.config import ModelSpec, ReplicaConfig
 from meshllm.replica.engines import engine_names
 from meshllm.replica.server import serve
@@ -84,17 +81,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        config = config_from_args(args)
-    except MeshError as e:
-        sys.exit(f"meshllm-replica: {e.message}")
-    try:
-        asyncio.run(serve(config))
-    except OSError as e:
-        sys.exit(f"meshllm-replica: {e}")
+    run_command("meshllm-replica", args.log_level, lambda: config_from_args(args), serve)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from meshllm.api.serving import server_options
+from meshllm.api.serving import serve_until_signal, server_options
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
@@ -90,12 +88,4 @@ class ReplicaServer:
 
 async def serve(config: ReplicaConfig) -> None:
     """Run a replica until SIGTERM or SIGINT, then drain and exit."""
-    server = ReplicaServer(config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal received: draining (grace %.0fs)", config.drain_grace_s)
-    await server.stop()
+    await serve_until_signal(ReplicaServer(config), f"draining (grace {config.drain_grace_s:.0f}s)")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from meshllm.api.errors import MeshError
+from meshllm.api.errors import InvalidArgument
+from meshllm.api.serving import run_command
 from meshllm.router.config import POLICIES, RouterConfig, read_config_file
 from meshllm.router.server import serve
 
@@ -70,23 +68,13 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         settings["replicas"] = (*settings.get("replicas", ()), *args.replica)
     config = RouterConfig(**settings).validate()
     if not config.has_replica_source:
-        raise SystemExit("meshllm-router: no replicas: give --replica, --replicas-file or --dns")
+        raise InvalidArgument("no replicas: give --replica, --replicas-file or --dns")
     return config
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        config = config_from_args(args)
-    except MeshError as e:
-        sys.exit(f"meshllm-router: {e.message}")
-    try:
-        asyncio.run(serve(config))
-    except OSError as e:
-        sys.exit(f"meshllm-router: {e}")
+    run_command("meshllm-router", args.log_level, lambda: config_from_args(args), serve)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 from meshllm.api.errors import FieldViolation, InvalidArgument
 
 POLICIES = ("least-busy", "round-robin")
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", tuple: "a list of strings"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +98,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise InvalidArgument(f"{path}: unknown [router] settings: {', '.join(unknown)}",
                               field_violations=[FieldViolation(k, "unknown setting") for k in unknown])  # fmt: skip
-    if "replicas" in table:
-        table["replicas"] = tuple(table["replicas"])
+    defaults = RouterConfig()
+    for key, value in table.items():
+        expected = type(getattr(defaults, key))
+        if expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            table[key] = tuple(value)
+        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+            table[key] = float(value)
+        elif type(value) is not expected:
+            what = _TYPE_NAMES[expected]
+            raise InvalidArgument(f"{path}: [router] {key} must be {what}, not {value!r}",
+                                  field_violations=[FieldViolation(key, f"must be {what}")])  # fmt: skip
     return table

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from meshllm.api.serving import server_options
+from meshllm.api.serving import serve_until_signal, server_options
 from meshllm.api.v1 import generation_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.router.balancer import make_policy
@@ -110,12 +109,6 @@ class RouterServer:
 
 async def serve(config: RouterConfig) -> None:
     """Run a router until SIGTERM or SIGINT, then let in-flight streams finish and exit."""
-    server = RouterServer(config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal received: finishing in-flight streams (grace %.0fs)", config.drain_grace_s)
-    await server.stop()
+    await serve_until_signal(
+        RouterServer(config), f"finishing in-flight streams (grace {config.drain_grace_s:.0f}s)"
+    )

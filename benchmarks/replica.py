@@ -37,24 +37,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import os
-import platform
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import ctranslate2
 import grpc
-from tokenizers import Tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks._common as a script
+
+from benchmarks._common import (
+    RawCell,
+    RequestRecord,
+    best_raw,
+    closed_loop,
+    exit_on_sigterm,
+    free_port,
+    machine_info,
+    measure_raw,
+    percentile,
+    print_targets,
+    prompt_texts,
+    prompt_tokens,
+    replica_args,
+    start_process,
+    stop_processes,
+    wait_ready,
+    write_json,
+)
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.models.tiny import BENCH, ensure_model
@@ -64,7 +75,6 @@ MODEL_ID = "bench"
 TARGET_RATIO = 0.85
 TARGET_TTFT_P50_MS = 100.0
 DEFAULT_OUT = Path("benchmarks/results/replica.json")
-PROMPT = "Request {index:02d}: write a short story about a lighthouse keeper."
 
 
 @dataclass(frozen=True)
@@ -97,192 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )  # fmt: skip
 
 
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 1]; 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "cuda_devices": ctranslate2.get_cuda_device_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "ctranslate2": ctranslate2.__version__,
-        "grpcio": grpc.__version__,
-    }
-
-
-def prompt_texts(count: int) -> list[str]:
-    """Distinct prompts of equal token length (no padding differences inside a batch)."""
-    return [PROMPT.format(index=i) for i in range(count)]
-
-
-def prompt_tokens(model_dir: Path, texts: Sequence[str]) -> list[list[str]]:
-    """Token strings as the replica makes them: tokenizer.json encoding, BOS included."""
-    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return [list(tokenizer.encode(t, add_special_tokens=True).tokens) for t in texts]
-
-
-# -- raw CTranslate2 ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RawConfig:
-    label: str
-    inter_threads: int
-    intra_threads: int
-
-
-@dataclass(frozen=True)
-class RawRun:
-    tokens: int
-    wall_s: float
-    first_token_s: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class RawCell:
-    config: str
-    inter_threads: int
-    intra_threads: int
-    batch_size: int
-    runs: int
-    tokens_per_s: float
-    tokens_per_s_with_callback: float
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-
-
-def raw_configs(cores: int) -> list[RawConfig]:
-    """The replica's own layout (same formula as CTranslate2Engine on CPU) and two others."""
-    workers = min(2, cores)
-    configs = [
-        RawConfig("replica", workers, max(1, cores // workers)),
-        RawConfig("all-cores", 1, cores),
-        RawConfig("one-core", 1, 1),
-    ]
-    seen: set[tuple[int, int]] = set()
-    unique = []
-    for c in configs:
-        if (c.inter_threads, c.intra_threads) not in seen:
-            seen.add((c.inter_threads, c.intra_threads))
-            unique.append(c)
-    return unique
-
-
-def generate_once(
-    generator: Any, prompts: list[list[str]], max_tokens: int, split: int, timed: bool
-) -> RawRun:
-    """One generate_batch call; ``split`` is max_batch_size (spreads the batch over workers)."""
-    first: dict[int, float] = {}
-    kwargs: dict[str, Any] = {
-        "max_length": max_tokens, "include_prompt_in_result": False, "beam_size": 1,
-        "sampling_topk": 1, "sampling_topp": 1.0, "repetition_penalty": 1.0,
-        "max_batch_size": split,
-    }  # fmt: skip
-    if timed:
-
-        def on_step(step: Any) -> bool:
-            if step.batch_id not in first:
-                first[step.batch_id] = time.perf_counter()
-            return False
-
-        kwargs["callback"] = on_step
-    start = time.perf_counter()
-    results = generator.generate_batch(prompts, **kwargs)
-    wall = time.perf_counter() - start
-    tokens = sum(len(r.sequences_ids[0]) for r in results)
-    return RawRun(tokens, wall, tuple(t - start for t in first.values()))
-
-
-def repeat_runs(
-    generator: Any, prompts: list[list[str]], opts: Options, split: int, timed: bool
-) -> list[RawRun]:
-    """At least three calls and at least ``opts.raw_seconds`` of generation."""
-    runs: list[RawRun] = []
-    while len(runs) < 3 or sum(r.wall_s for r in runs) < opts.raw_seconds:
-        runs.append(generate_once(generator, prompts, opts.max_tokens, split, timed))
-    return runs
-
-
-def rate(runs: Sequence[RawRun]) -> float:
-    return sum(r.tokens for r in runs) / sum(r.wall_s for r in runs)
-
-
-def measure_raw_cell(
-    generator: Any, config: RawConfig, prompts: list[list[str]], opts: Options
-) -> RawCell:
-    split = -(-len(prompts) // config.inter_threads)  # ceil: one sub-batch per worker
-    generate_once(generator, prompts, opts.max_tokens, split, timed=False)  # warm-up
-    plain = repeat_runs(generator, prompts, opts, split, timed=False)
-    timed = repeat_runs(generator, prompts, opts, split, timed=True)
-    firsts = [t * 1e3 for r in timed for t in r.first_token_s]
-    return RawCell(
-        config=config.label, inter_threads=config.inter_threads,
-        intra_threads=config.intra_threads, batch_size=len(prompts), runs=len(plain),
-        tokens_per_s=rate(plain), tokens_per_s_with_callback=rate(timed),
-        ttft_p50_ms=percentile(firsts, 0.5), ttft_p99_ms=percentile(firsts, 0.99),
-    )  # fmt: skip
-
-
-def measure_raw(model_dir: Path, prompts: list[list[str]], opts: Options) -> list[RawCell]:
-    cells: list[RawCell] = []
-    for config in raw_configs(os.cpu_count() or 1):
-        generator = ctranslate2.Generator(
-            str(model_dir), device="cpu", compute_type="default",
-            inter_threads=config.inter_threads, intra_threads=config.intra_threads,
-            max_queued_batches=-1,
-        )  # fmt: skip
-        try:
-            for size in LEVELS:
-                cell = measure_raw_cell(generator, config, prompts[:size], opts)
-                print(f"  raw {config.label:>9} batch {size:>2}: {cell.tokens_per_s:8.0f} tok/s")
-                cells.append(cell)
-        finally:
-            generator.unload_model()
-            del generator
-    return cells
-
-
-def best_raw(cells: Sequence[RawCell]) -> dict[int, RawCell]:
-    """The fastest configuration (no callback) for each batch size."""
-    best: dict[int, RawCell] = {}
-    for cell in cells:
-        if cell.batch_size not in best or cell.tokens_per_s > best[cell.batch_size].tokens_per_s:
-            best[cell.batch_size] = cell
-    return best
-
-
 # -- gRPC replica -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    ttft_s: float
-    latency_s: float
-    tokens: int
-    chunks: int
-    server_ttft_ms: float
-    server_queue_ms: float
 
 
 @dataclass(frozen=True)
@@ -302,73 +127,6 @@ class GrpcLevel:
     tokens_per_chunk: float
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_replica(port: int) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "meshllm.replica", "--host", "127.0.0.1", "--port", str(port),
-            "--model", MODEL_ID, "--log-level", "WARNING"]  # fmt: skip
-    return subprocess.Popen(args)
-
-
-def stop_replica(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-async def wait_ready(stub: Any, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
-    """Poll ListModels until the replica lists the model."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"replica exited with status {proc.returncode}")
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            reply = await stub.ListModels(gen.ListModelsRequest(), timeout=1.0)
-            if any(m.id == MODEL_ID for m in reply.models):
-                return
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"replica did not list {MODEL_ID!r} within {timeout_s:.0f}s")
-
-
-async def one_request(stub: Any, request: gen.GenerateRequest) -> RequestRecord:
-    start = time.perf_counter()
-    first: float | None = None
-    chunks = 0
-    last: gen.GenerateChunk | None = None
-    async for chunk in stub.GenerateStream(request):
-        chunks += 1
-        if first is None and chunk.token_ids:
-            first = time.perf_counter()
-        last = chunk
-    end = time.perf_counter()
-    if last is None:
-        raise RuntimeError("GenerateStream ended without a chunk")
-    return RequestRecord(
-        ttft_s=(first or end) - start, latency_s=end - start,
-        tokens=last.usage.completion_tokens, chunks=chunks,
-        server_ttft_ms=last.timing.time_to_first_token_ms,
-        server_queue_ms=last.timing.queue_wait_ms,
-    )  # fmt: skip
-
-
-async def client_loop(stub: Any, request: gen.GenerateRequest, end: float) -> list[RequestRecord]:
-    """A closed-loop client: the next request goes out when the previous one has finished."""
-    records: list[RequestRecord] = []
-    while time.perf_counter() < end:
-        records.append(await one_request(stub, request))
-    return records
-
-
 async def run_level(
     stub: Any, texts: Sequence[str], concurrency: int, seconds: float, max_tokens: int
 ) -> tuple[list[RequestRecord], float]:
@@ -379,10 +137,7 @@ async def run_level(
         )
         for i in range(concurrency)
     ]
-    start = time.perf_counter()
-    end = start + seconds
-    per_client = await asyncio.gather(*(client_loop(stub, r, end) for r in requests))
-    return [rec for recs in per_client for rec in recs], time.perf_counter() - start
+    return await closed_loop(stub, requests, seconds)
 
 
 def summarize_level(concurrency: int, records: Sequence[RequestRecord], wall: float) -> GrpcLevel:
@@ -415,14 +170,14 @@ async def measure_levels(stub: Any, texts: Sequence[str], opts: Options) -> list
 
 async def measure_grpc(texts: Sequence[str], opts: Options) -> list[GrpcLevel]:
     port = free_port()
-    proc = start_replica(port)
+    proc = start_process(replica_args(port, MODEL_ID))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = gen_grpc.GenerationStub(channel)
-            await wait_ready(stub, proc)
+            await wait_ready(stub, [proc], MODEL_ID)
             return await measure_levels(stub, texts, opts)
     finally:
-        stop_replica(proc)
+        stop_processes([proc])
 
 
 # -- comparison and report ----------------------------------------------------------------------
@@ -476,25 +231,15 @@ def print_grpc(
               f"{raw[lv.concurrency].tokens_per_s:>9.0f} {ratio:>6.2f}")  # fmt: skip
 
 
-def print_targets(met: dict[str, Any]) -> None:
-    print()
-    for name, t in met.items():
-        verdict = "met" if t["met"] else "NOT met"
-        print(f"target {name} {t['target']}: {t['value']:.2f} -> {verdict}")
-
-
-def write_json(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {path}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     opts = parse_args(argv)
+    exit_on_sigterm()
     model_dir = ensure_model(BENCH)
     texts = prompt_texts(max(LEVELS))
     print(f"raw CTranslate2 ({opts.raw_seconds:g} s per cell) ...")
-    cells = measure_raw(model_dir, prompt_tokens(model_dir, texts), opts)
+    cells = measure_raw(
+        model_dir, prompt_tokens(model_dir, texts), LEVELS, opts.max_tokens, opts.raw_seconds
+    )
     print(f"gRPC replica ({opts.duration_s:g} s per level after {opts.warmup_s:g} s warm-up) ...")
     levels = asyncio.run(measure_grpc(texts, opts))
     raw = best_raw(cells)

@@ -29,6 +29,7 @@ import psutil
 from tokenizers import Tokenizer
 
 from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.router import local
 
 PROMPT = "Request {index:02d}: write a short story about a lighthouse keeper."
 
@@ -282,18 +283,8 @@ def start_process(args: Sequence[str]) -> Process:
 
 
 def stop_processes(procs: Sequence[Process], timeout_s: float = 40.0) -> None:
-    """SIGTERM to all (they drain in parallel), then SIGKILL to any still running after
-    ``timeout_s``."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """SIGTERM to all (they drain in parallel), then SIGKILL to stragglers (as ``meshllm up``)."""
+    local.stop_processes(procs, timeout_s)
 
 
 def cpu_seconds(procs: Mapping[str, Process]) -> dict[str, float]:

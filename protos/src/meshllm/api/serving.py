@@ -81,6 +81,15 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def listen(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind ``host:port`` (0: a free port) and return the port; a clear OSError if taken."""
+    address = f"{host}:{port}"
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {address}: {e}") from e
+
+
 class Server(Protocol):
     async def start(self) -> int: ...
     async def stop(self, grace_s: float | None = None) -> None: ...

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from meshllm.api.serving import serve_until_signal, server_options
+from meshllm.api.serving import listen, serve_until_signal, server_options
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
@@ -37,11 +37,7 @@ class ReplicaServer:
 
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
-        address = f"{self.config.host}:{self.config.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise OSError(f"cannot listen on {address}: {e}") from e
+        self.port = listen(server, self.config.host, self.config.port)
         replica = Replica(self.config, self.config.name(self.port))
         replica.on_state_change.append(self._on_state)
         gen_grpc.add_GenerationServicer_to_server(GenerationService(replica), server)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -119,11 +120,13 @@ class LocalMesh:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the router (in-flight streams finish), then the replicas; SIGKILL stragglers."""
         if self.router is not None:
-            _terminate([self.router], timeout_s)
-        _terminate([p for _, p in self.replicas], timeout_s)
+            stop_processes([self.router], timeout_s)
+        stop_processes([p for _, p in self.replicas], timeout_s)
 
 
-def _terminate(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """SIGTERM to all (they drain in parallel), then SIGKILL to any still running after
+    ``timeout_s``."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

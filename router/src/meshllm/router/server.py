@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from meshllm.api.serving import serve_until_signal, server_options
+from meshllm.api.serving import listen, serve_until_signal, server_options
 from meshllm.api.v1 import generation_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.router.balancer import make_policy
@@ -54,11 +54,7 @@ class RouterServer:
 
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
-        address = f"{self.config.host}:{self.config.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise OSError(f"cannot listen on {address}: {e}") from e
+        self.port = listen(server, self.config.host, self.config.port)
         forwarder = Forwarder(self.config, self.registry, self.pool, self.policy)
         gen_grpc.add_GenerationServicer_to_server(
             RouterGenerationService(forwarder, self.registry), server

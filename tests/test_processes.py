@@ -200,3 +200,21 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
     assert not any(
         child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children
     )
+
+
+def test_killing_meshllm_up_itself_stops_its_children(model_cache: Path) -> None:
+    up = subprocess.Popen([str(Path(sys.executable).parent / "meshllm"), "up", "--replicas", "1", "--port", "0"],
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert up.stdout is not None
+        while "meshllm is up" not in (line := up.stdout.readline()):
+            assert line, "meshllm up exited before the mesh was up"
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) == 2
+        up.kill()  # no chance to clean up: the children must notice on their own
+        up.wait()
+        _, alive = psutil.wait_procs(children, timeout=30)
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert alive == []

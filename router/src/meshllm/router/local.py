@@ -2,11 +2,13 @@
 
 Every part is a real process speaking real gRPC, as in a deployment; each child runs in its own
 session so that Ctrl-C reaches only this supervisor, which then stops the router first (its
-in-flight streams finish) and the replicas after it.
+in-flight streams finish) and the replicas after it. On Linux the children also get SIGTERM if
+the supervisor itself is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -43,6 +45,13 @@ class LocalMeshConfig:
         return self
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM (and drain) when the supervisor dies, even by
+    SIGKILL, so a killed ``meshllm up`` leaves no orphans (Linux ``PR_SET_PDEATHSIG``). The
+    mesh is spawned before this process starts any thread, as ``preexec_fn`` requires."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -73,8 +82,9 @@ class LocalMesh:
     def _spawn(self, module: str, *args: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", module, "--log-level", self.config.log_level, *args]
         return subprocess.Popen(
-            cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True
-        )
+            cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 (no threads yet)
+        )  # fmt: skip
 
     def start(self) -> str:
         c = self.config

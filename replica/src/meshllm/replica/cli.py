@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--default-coalesce-ms", type=int, default=10,
                    help="for requests without stream_options: longest a chunk may hold tokens (0: one message per token when the reader keeps up)")  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics over HTTP on this port (default: off)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -75,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
     return ReplicaConfig(
         host=args.host, port=args.port, device=args.device, replica_id=args.replica_id, model=spec,
         drain_grace_s=args.drain_grace, batch_window_ms=args.batch_window_ms,
-        default_coalesce_ms=args.default_coalesce_ms,
+        default_coalesce_ms=args.default_coalesce_ms, metrics_port=args.metrics_port,
     ).validate()  # fmt: skip
 
 

@@ -73,6 +73,8 @@ class ReplicaConfig:
     drain_grace_s: float = 30.0
     """On SIGTERM or unload, how long in-flight requests may finish before being cancelled."""
     report_interval_ms: int = 500
+    metrics_port: int | None = None
+    """HTTP port of the Prometheus ``/metrics`` endpoint (0: a free port; None: off)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request accepted; bigger ones get RESOURCE_EXHAUSTED from gRPC itself."""
     max_input_chars: int = 1_000_000

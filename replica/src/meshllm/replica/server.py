@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from meshllm.api.metrics import serve_metrics
 from meshllm.api.serving import listen, serve_until_signal, server_options
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -16,6 +18,7 @@ from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.control import ReplicaControlService
 from meshllm.replica.host import Replica, ReplicaState
+from meshllm.replica.metrics import replica_metrics
 from meshllm.replica.service import GenerationService
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ class ReplicaServer:
         self.replica: Replica | None = None
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
+        self.metrics_port: int | None = None
+        self._metrics_http: WSGIServer | None = None
         self._stopped = False
 
     async def start(self) -> int:
@@ -40,7 +45,10 @@ class ReplicaServer:
         self.port = listen(server, self.config.host, self.config.port)
         replica = Replica(self.config, self.config.name(self.port))
         replica.on_state_change.append(self._on_state)
-        gen_grpc.add_GenerationServicer_to_server(GenerationService(replica), server)
+        registry, request_metrics = replica_metrics(replica)
+        gen_grpc.add_GenerationServicer_to_server(
+            GenerationService(replica, request_metrics), server
+        )
         rc_grpc.add_ReplicaControlServicer_to_server(ReplicaControlService(replica), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (GENERATION, CONTROL, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -49,6 +57,10 @@ class ReplicaServer:
         await self._on_state(ReplicaState.EMPTY)
         await server.start()
         self._server, self.replica = server, replica
+        if self.config.metrics_port is not None:
+            self._metrics_http, self.metrics_port = serve_metrics(
+                registry, self.config.host, self.config.metrics_port
+            )
         log.info(
             "replica %s listening on %s (device %s)", replica.name, self.port, self.config.device
         )
@@ -76,6 +88,8 @@ class ReplicaServer:
             await self._server.stop(grace=1.0)
         if self.replica is not None:
             await self.replica.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from meshllm.api.metrics import RequestMetrics
 from meshllm.api.serving import streaming, unary
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -17,13 +18,18 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class GenerationService(gen_grpc.GenerationServicer):
-    def __init__(self, replica: Replica) -> None:
-        self._replica = replica
+    def __init__(self, replica: Replica, metrics: RequestMetrics) -> None:
+        self._replica, self._metrics = replica, metrics
 
     async def _chunks(self, request: gen.GenerateRequest) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
-        async for chunk in self._replica.generate(req):
-            yield convert.chunk_to_pb(chunk, req.request_id)
+        spec = self._replica.spec
+        with self._metrics.track(req.model or (spec.id if spec else "")) as record:
+            async for chunk in self._replica.generate(req):
+                record.tokens(len(chunk.token_ids))
+                if chunk.usage is not None:
+                    record.prompt_tokens = chunk.usage.prompt_tokens
+                yield convert.chunk_to_pb(chunk, req.request_id)
 
     @streaming
     async def GenerateStream(

@@ -16,7 +16,7 @@ _OVERRIDES = {
     "host": "host", "port": "port", "replicas_file": "replicas_file", "dns": "dns",
     "refresh": "refresh_s", "policy": "policy", "tokens_per_request": "tokens_per_request",
     "max_attempts": "max_attempts", "report_interval_ms": "report_interval_ms",
-    "stale_after": "stale_after_s", "drain_grace": "drain_grace_s",
+    "stale_after": "stale_after_s", "drain_grace": "drain_grace_s", "metrics_port": "metrics_port",
 }  # fmt: skip
 
 
@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--drain-grace",
         type=float,
         help="seconds in-flight streams may finish on SIGTERM (default 30)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this HTTP port (default: off)",
     )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)

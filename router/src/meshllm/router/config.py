@@ -45,6 +45,8 @@ class RouterConfig:
     drain_grace_s: float = 30.0
     """On SIGTERM, how long in-flight streams may run before the router exits."""
     max_message_bytes: int = 4 * 1024 * 1024
+    metrics_port: int | None = None
+    """HTTP port of the Prometheus ``/metrics`` endpoint (0: a free port; None: off)."""
 
     def validate(self) -> RouterConfig:
         bad: list[FieldViolation] = []
@@ -100,7 +102,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
                               field_violations=[FieldViolation(k, "unknown setting") for k in unknown])  # fmt: skip
     defaults = RouterConfig()
     for key, value in table.items():
-        expected = type(getattr(defaults, key))
+        default = getattr(defaults, key)
+        expected = int if default is None else type(default)  # None: an optional port
         if expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
             table[key] = tuple(value)
         elif expected is float and isinstance(value, int) and not isinstance(value, bool):

@@ -7,6 +7,7 @@ plain dataclasses of ``registry`` and ``balancer``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -25,6 +26,7 @@ from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.balancer import Policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.convert import REPLICA_DEFAULT_MAX_TOKENS
+from meshllm.router.metrics import RouterMetrics
 from meshllm.router.pool import ReplicaLink, ReplicaPool
 from meshllm.router.registry import Registry, Replica
 
@@ -50,8 +52,9 @@ def forwarded_metadata(metadata: Metadata | None) -> tuple[tuple[str, str | byte
 
 class Forwarder:
     def __init__(self, config: RouterConfig, registry: Registry, pool: ReplicaPool,
-                 policy: Policy) -> None:  # fmt: skip
+                 policy: Policy, metrics: RouterMetrics) -> None:  # fmt: skip
         self._config, self._registry, self._pool, self._policy = config, registry, pool, policy
+        self._metrics = metrics
 
     # -- picking -----------------------------------------------------------------------------
 
@@ -145,9 +148,10 @@ class Forwarder:
                                metadata={"replica": replica.name})  # fmt: skip
         return mesh
 
-    def _retryable(self, error: grpc.aio.AioRpcError, tried: Sequence[Replica]) -> bool:
+    def _retryable(self, error: grpc.aio.AioRpcError, model: str, tried: Sequence[Replica]) -> bool:
         if error.code() not in RETRYABLE:
             return False
+        self._metrics.retries.labels(model, error.code().name).inc()
         log.info("attempt %d on %s failed before the first token (%s); trying another replica",
                  len(tried), tried[-1].name, error.code().name)  # fmt: skip
         return True
@@ -156,6 +160,30 @@ class Forwarder:
         self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
     ) -> AsyncGenerator[gen.GenerateChunk]:
         """Relay the reply of one replica; before its first chunk, failures move to another."""
+        with self._metrics.track(request.model) as record:
+            async with contextlib.aclosing(
+                self._stream(request, time_remaining, metadata)
+            ) as chunks:
+                async for chunk in chunks:
+                    record.tokens(len(chunk.token_ids))
+                    if chunk.HasField("usage"):
+                        record.prompt_tokens = chunk.usage.prompt_tokens
+                    yield chunk
+
+    async def generate(
+        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
+    ) -> gen.GenerateResponse:
+        """One whole reply; the client has seen nothing until it ends, so any replica failure
+        that another replica might not share is retried (bounded by max_attempts)."""
+        with self._metrics.track(request.model) as record:
+            response = await self._generate(request, time_remaining, metadata)
+            record.prompt_tokens = response.usage.prompt_tokens
+            record.completion_tokens = response.usage.completion_tokens
+            return response
+
+    async def _stream(
+        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
+    ) -> AsyncGenerator[gen.GenerateChunk]:
         self.prepare(request)
         md, tried, last = forwarded_metadata(metadata), list[Replica](), None
         while True:
@@ -178,16 +206,14 @@ class Forwarder:
                     )  # fmt: skip
                 except grpc.aio.AioRpcError as e:
                     last = self._failed(e, link, streamed)
-                    if streamed is not None or not self._retryable(e, tried):
+                    if streamed is not None or not self._retryable(e, request.model, tried):
                         raise last from None
                 finally:
                     call.cancel()
 
-    async def generate(
+    async def _generate(
         self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
     ) -> gen.GenerateResponse:
-        """One whole reply; the client has seen nothing until it ends, so any replica failure
-        that another replica might not share is retried (bounded by max_attempts)."""
         self.prepare(request)
         md, tried, last = forwarded_metadata(metadata), list[Replica](), None
         while True:
@@ -200,5 +226,5 @@ class Forwarder:
                     return response
                 except grpc.aio.AioRpcError as e:
                     last = self._failed(e, link, None)
-                    if not self._retryable(e, tried):
+                    if not self._retryable(e, request.model, tried):
                         raise last from None

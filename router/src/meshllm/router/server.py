@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from meshllm.api.metrics import serve_metrics
 from meshllm.api.serving import listen, serve_until_signal, server_options
 from meshllm.api.v1 import generation_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -18,6 +20,7 @@ from meshllm.router.balancer import make_policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.discovery import Discovery
 from meshllm.router.forward import Forwarder
+from meshllm.router.metrics import router_metrics
 from meshllm.router.pool import ReplicaPool
 from meshllm.router.registry import Registry
 from meshllm.router.service import RouterGenerationService
@@ -48,6 +51,8 @@ class RouterServer:
         self._discovery = Discovery(self.config)
         self._health = HealthServicer()
         self._stopped = False
+        self.metrics_port: int | None = None
+        self._metrics_http: WSGIServer | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
@@ -55,7 +60,8 @@ class RouterServer:
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
         self.port = listen(server, self.config.host, self.config.port)
-        forwarder = Forwarder(self.config, self.registry, self.pool, self.policy)
+        prometheus, metrics = router_metrics(self.registry, self.config.tokens_per_request)
+        forwarder = Forwarder(self.config, self.registry, self.pool, self.policy, metrics)
         gen_grpc.add_GenerationServicer_to_server(
             RouterGenerationService(forwarder, self.registry), server
         )
@@ -68,6 +74,10 @@ class RouterServer:
             self._refresher = asyncio.create_task(self._refresh(), name="discovery")
         await server.start()
         self._server = server
+        if self.config.metrics_port is not None:
+            self._metrics_http, self.metrics_port = serve_metrics(
+                prometheus, self.config.host, self.config.metrics_port
+            )
         log.info("router listening on %s (%s, %d replica addresses)", self.port, self.config.policy,
                  len(self.pool.links))  # fmt: skip
         return self.port
@@ -97,6 +107,8 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.pool.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -1,0 +1,114 @@
+"""Prometheus metrics shared by the router and the replica: one registry per server (so several
+servers can live in one process, as in tests), request counters and latency histograms, and the
+``/metrics`` HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from meshllm.api.errors import MeshError
+
+T = TypeVar("T")
+
+# From a few milliseconds (a tiny model's first token) to minutes (a long reply on a busy GPU).
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, filled in while it runs; recorded when it ends."""
+
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    code: str = "OK"
+
+    def tokens(self, count: int) -> None:
+        if count and self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self.completion_tokens += count
+
+
+class RequestMetrics:
+    """``<prefix>_requests_total{model,code}``, time to first token and request duration
+    histograms, and prompt and generated token counters, all by model."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.requests = Counter(f"{prefix}_requests", "Requests by model and final gRPC status code.",
+                                ["model", "code"], registry=registry)  # fmt: skip
+        self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds", "Request start to the first generated token.",
+                              ["model"], registry=registry, buckets=LATENCY_BUCKETS)  # fmt: skip
+        self.duration = Histogram(f"{prefix}_request_duration_seconds", "Request start to its end, by model.",
+                                  ["model"], registry=registry, buckets=LATENCY_BUCKETS)  # fmt: skip
+        self.prompt_tokens = Counter(f"{prefix}_prompt_tokens", "Prompt tokens of finished requests.",
+                                     ["model"], registry=registry)  # fmt: skip
+        self.generated_tokens = Counter(f"{prefix}_generated_tokens", "Tokens generated (streamed) for requests.",
+                                        ["model"], registry=registry)  # fmt: skip
+
+    @contextlib.contextmanager
+    def track(self, model: str) -> Iterator[RequestRecord]:
+        """Record one request: its status code comes from how the block ends."""
+        record = RequestRecord(model=model)
+        try:
+            yield record
+        except MeshError as e:
+            record.code = e.code.name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client left or its deadline passed
+            record.code = "CANCELLED"
+            raise
+        except Exception:
+            record.code = "INTERNAL"
+            raise
+        finally:
+            self._record(record)
+
+    def _record(self, r: RequestRecord) -> None:
+        self.requests.labels(r.model, r.code).inc()
+        self.duration.labels(r.model).observe(time.perf_counter() - r.started)
+        if r.first_token_s is not None:
+            self.ttft.labels(r.model).observe(r.first_token_s)
+        self.prompt_tokens.labels(r.model).inc(r.prompt_tokens)
+        self.generated_tokens.labels(r.model).inc(r.completion_tokens)
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout_s: float = 5.0) -> T:
+    """Run ``fn`` on the server's event loop and wait for it: the HTTP thread that serves a
+    scrape must not read state the loop is changing."""
+
+    async def call() -> T:
+        return fn()
+
+    return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout_s)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:
+    """Serve ``/metrics`` over HTTP on a daemon thread; returns the server and its port."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_port)

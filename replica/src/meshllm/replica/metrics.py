@@ -1,0 +1,48 @@
+"""The replica's Prometheus metrics: per-request counters and histograms, and load gauges read
+at scrape time. The load gauges use vLLM's names, which the Kubernetes Gateway API Inference
+Extension's model-server protocol recommends, so its endpoint picker can scrape our replicas
+as they are."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meshllm.api.metrics import RequestMetrics, on_loop
+from meshllm.replica.host import Replica, ReplicaState
+
+
+class LoadCollector(Collector):
+    def __init__(self, replica: Replica) -> None:
+        self._replica, self._loop = replica, asyncio.get_running_loop()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = on_loop(self._loop, self._replica.load_report)
+        model = report.model
+        for name, help_text, value in (
+            ("vllm:num_requests_waiting", "Requests admitted and waiting for the engine.", report.queued),
+            ("vllm:num_requests_running", "Requests generating now.", report.running),
+            ("vllm:gpu_cache_usage_perc", "KV-cache use, 0..1 (0 where the engine does not report it).",
+             report.cache_utilization),
+            ("meshllm_replica_tokens_in_flight", "Tokens still to generate for admitted requests, at most.",
+             report.tokens_in_flight),
+        ):  # fmt: skip
+            family = GaugeMetricFamily(name, help_text, labels=["model_name"])
+            family.add_metric([model], float(value))
+            yield family
+        state = GaugeMetricFamily(
+            "meshllm_replica_state", "1 for the replica's current state.", labels=["state"]
+        )
+        for s in ReplicaState:
+            state.add_metric([s.value], 1.0 if s == report.state else 0.0)
+        yield state
+
+
+def replica_metrics(replica: Replica) -> tuple[CollectorRegistry, RequestMetrics]:
+    registry = CollectorRegistry()
+    registry.register(LoadCollector(replica))
+    return registry, RequestMetrics(registry, "meshllm_replica")

@@ -1,0 +1,60 @@
+"""The router's Prometheus metrics: per-request counters and histograms (as the replica's, with
+the ``meshllm_router`` prefix), retries, and each replica's load as this router sees it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meshllm.api.metrics import RequestMetrics, on_loop
+from meshllm.router.balancer import load
+from meshllm.router.registry import Registry
+
+
+class ReplicaLoadCollector(Collector):
+    """Read at scrape time from the registry: nothing to keep in step."""
+
+    def __init__(self, registry: Registry, tokens_per_request: int) -> None:
+        self._registry, self._tokens_per_request = registry, tokens_per_request
+        self._loop = asyncio.get_running_loop()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return iter(on_loop(self._loop, self._families))
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        labels = ["replica", "address", "model"]
+        families = {
+            "inflight": GaugeMetricFamily("meshllm_router_replica_inflight_requests",
+                                          "Requests this router has in flight on the replica.", labels=labels),
+            "load": GaugeMetricFamily("meshllm_router_replica_load",
+                                      "The least-busy load score of the replica.", labels=labels),
+            "available": GaugeMetricFamily("meshllm_router_replica_available",
+                                           "1 while the replica takes new work.", labels=labels),
+        }  # fmt: skip
+        now, stale = self._registry.clock(), self._registry.stale_after_s
+        for r in self._registry.replicas.values():
+            model = r.report.model if r.report is not None else ""
+            values = [r.name, r.address, model]
+            families["inflight"].add_metric(values, r.inflight)
+            families["load"].add_metric(values, load(r, self._tokens_per_request))
+            families["available"].add_metric(values, 1.0 if r.serves(model, now, stale) else 0.0)
+        return list(families.values())
+
+
+class RouterMetrics(RequestMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry, "meshllm_router")
+        self.retries = Counter("meshllm_router_retries", "Attempts retried on another replica, by the failed attempt's code.",
+                               ["model", "code"], registry=registry)  # fmt: skip
+
+
+def router_metrics(
+    registry: Registry, tokens_per_request: int
+) -> tuple[CollectorRegistry, RouterMetrics]:
+    prometheus = CollectorRegistry()
+    prometheus.register(ReplicaLoadCollector(registry, tokens_per_request))
+    return prometheus, RouterMetrics(prometheus)

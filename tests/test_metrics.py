@@ -1,9 +1,11 @@
-"""Prometheus /metrics on a real router and replica: counters and histograms move by what the
-traffic did."""
+"""Prometheus /metrics and access logs on a real router and replica: counters and histograms
+move by what the traffic did; one log line per request, without the prompt."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import urllib.request
 
 import grpc
@@ -11,7 +13,9 @@ import pytest
 from conftest import StartReplica, StartRouter, collect, demo_spec, stub
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshllm.api.logs import JsonFormatter
 from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.replica.server import ReplicaServer
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -83,3 +87,24 @@ async def test_router_and_replica_metrics_count_the_traffic(
         )
         == 1
     )
+
+
+async def test_each_request_logs_one_access_line_without_the_prompt(
+    demo_replica: ReplicaServer, start_router: StartRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = await start_router(demo_replica)
+    channel, client = stub(router.port)
+    with caplog.at_level(logging.INFO, logger="meshllm.requests"):
+        async with channel:
+            await client.Generate(gen.GenerateRequest(model="demo", prompt="secret prompt", max_tokens=5,
+                                                      request_id="req-7"))  # fmt: skip
+    lines = [r for r in caplog.records if r.name == "meshllm.requests"]
+    assert len(lines) == 2  # the router's and the replica's
+    for line in lines:
+        fields = line.__dict__
+        assert (fields["request_id"], fields["model"], fields["code"]) == ("req-7", "demo", "OK")
+        assert (fields["replica"], fields["completion_tokens"]) == ("r0", 5)
+        assert "secret" not in line.getMessage()
+    record = next(r for r in lines)
+    parsed = json.loads(JsonFormatter().format(record))
+    assert parsed["request_id"] == "req-7" and parsed["duration_ms"] > 0

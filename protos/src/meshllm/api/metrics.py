@@ -15,6 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from meshllm.api.errors import MeshError
+from meshllm.api.logs import log_request
 
 T = TypeVar("T")
 
@@ -43,6 +44,8 @@ class RequestRecord:
     """What one request did, filled in while it runs; recorded when it ends."""
 
     model: str
+    request_id: str = ""
+    replica: str = ""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     prompt_tokens: int = 0
@@ -72,9 +75,10 @@ class RequestMetrics:
                                         ["model"], registry=registry)  # fmt: skip
 
     @contextlib.contextmanager
-    def track(self, model: str) -> Iterator[RequestRecord]:
-        """Record one request: its status code comes from how the block ends."""
-        record = RequestRecord(model=model)
+    def track(self, model: str, request_id: str = "") -> Iterator[RequestRecord]:
+        """Record one request (metrics and its access log line): its status code comes from how
+        the block ends."""
+        record = RequestRecord(model=model, request_id=request_id)
         try:
             yield record
         except MeshError as e:
@@ -90,12 +94,18 @@ class RequestMetrics:
             self._record(record)
 
     def _record(self, r: RequestRecord) -> None:
+        duration = time.perf_counter() - r.started
         self.requests.labels(r.model, r.code).inc()
-        self.duration.labels(r.model).observe(time.perf_counter() - r.started)
+        self.duration.labels(r.model).observe(duration)
         if r.first_token_s is not None:
             self.ttft.labels(r.model).observe(r.first_token_s)
         self.prompt_tokens.labels(r.model).inc(r.prompt_tokens)
         self.generated_tokens.labels(r.model).inc(r.completion_tokens)
+        ttft_ms = round(r.first_token_s * 1000, 2) if r.first_token_s is not None else None
+        log_request({"request_id": r.request_id, "model": r.model, "replica": r.replica,
+                     "code": r.code, "prompt_tokens": r.prompt_tokens,
+                     "completion_tokens": r.completion_tokens, "ttft_ms": ttft_ms,
+                     "duration_ms": round(duration * 1000, 2)})  # fmt: skip
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout_s: float = 5.0) -> T:

@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from meshllm.api.errors import Internal, MeshError
+from meshllm.api.logs import setup_logging
 
 log = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -107,12 +108,10 @@ async def serve_until_signal(server: Server, what: str) -> None:
     await server.stop()
 
 
-def run_command(prog: str, log_level: str, make_config: Callable[[], C],
+def run_command(prog: str, log_level: str, log_format: str, make_config: Callable[[], C],
                 serve: Callable[[C], Coroutine[Any, Any, None]]) -> None:  # fmt: skip
     """The body of a server command: logging, config (errors name the field), serve, exit codes."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(log_level, log_format)
     try:
         config = make_config()
     except MeshError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from meshllm.api.logs import FORMATS
 from meshllm.api.serving import run_command
 from meshllm.replica.config import ModelSpec, ReplicaConfig
 from meshllm.replica.engines import engine_names
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics over HTTP on this port (default: off)")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="json: one object per line, with request fields (default text)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -83,7 +86,9 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_command("meshllm-replica", args.log_level, lambda: config_from_args(args), serve)
+    run_command(
+        "meshllm-replica", args.log_level, args.log_format, lambda: config_from_args(args), serve
+    )
 
 
 if __name__ == "__main__":

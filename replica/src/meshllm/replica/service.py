@@ -24,7 +24,8 @@ class GenerationService(gen_grpc.GenerationServicer):
     async def _chunks(self, request: gen.GenerateRequest) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
         spec = self._replica.spec
-        with self._metrics.track(req.model or (spec.id if spec else "")) as record:
+        with self._metrics.track(req.model or (spec.id if spec else ""), req.request_id) as record:
+            record.replica = self._replica.name
             async for chunk in self._replica.generate(req):
                 record.tokens(len(chunk.token_ids))
                 if chunk.usage is not None:

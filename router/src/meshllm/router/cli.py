@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from meshllm.api.errors import InvalidArgument
+from meshllm.api.logs import FORMATS
 from meshllm.api.serving import run_command
 from meshllm.router.config import POLICIES, RouterConfig, read_config_file
 from meshllm.router.server import serve
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="serve Prometheus /metrics on this HTTP port (default: off)",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="json: one object per line, with request fields (default text)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -79,7 +82,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_command("meshllm-router", args.log_level, lambda: config_from_args(args), serve)
+    run_command(
+        "meshllm-router", args.log_level, args.log_format, lambda: config_from_args(args), serve
+    )
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ class Forwarder:
     ) -> AsyncGenerator[gen.GenerateChunk]:
         """Relay the reply of one replica; before its first chunk, failures move to another."""
         with self._metrics.track(request.model) as record:
+            self.prepare(request)
+            record.request_id = request.request_id
             async with contextlib.aclosing(
                 self._stream(request, time_remaining, metadata)
             ) as chunks:
@@ -168,6 +170,7 @@ class Forwarder:
                     record.tokens(len(chunk.token_ids))
                     if chunk.HasField("usage"):
                         record.prompt_tokens = chunk.usage.prompt_tokens
+                        record.replica = chunk.timing.replica
                     yield chunk
 
     async def generate(
@@ -176,7 +179,10 @@ class Forwarder:
         """One whole reply; the client has seen nothing until it ends, so any replica failure
         that another replica might not share is retried (bounded by max_attempts)."""
         with self._metrics.track(request.model) as record:
+            self.prepare(request)
+            record.request_id = request.request_id
             response = await self._generate(request, time_remaining, metadata)
+            record.replica = response.timing.replica
             record.prompt_tokens = response.usage.prompt_tokens
             record.completion_tokens = response.usage.completion_tokens
             return response

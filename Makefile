@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): $(PYPROJECTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
-	$(PY) -m pip install --quiet -e ./protos -e ./client -e ./router -e "./replica[ctranslate2]" --group dev
+	$(PY) -m pip install --quiet -e ./protos -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
 	touch $(STAMP)
 
 demo: setup

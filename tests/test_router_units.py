@@ -12,7 +12,6 @@ from meshllm.api.errors import InvalidArgument
 from meshllm.router.balancer import LeastBusy, RoundRobin, load
 from meshllm.router.config import RouterConfig, read_config_file
 from meshllm.router.discovery import join_host_port, read_replicas_file
-from meshllm.router.forward import forwarded_metadata
 from meshllm.router.registry import LoadReport, Registry, Replica, ReplicaState
 
 
@@ -145,9 +144,3 @@ def test_replicas_file_skips_comments_and_bad_lines(tmp_path: Path) -> None:
     path.write_text("# mesh\nr1:50061\n\n  r2:50061  # second\nnot-an-address\n[::1]:7\n")
     assert read_replicas_file(path) == {"r1:50061", "r2:50061", "[::1]:7"}
     assert join_host_port("::1", 7) == "[::1]:7" and join_host_port("10.1.2.3", 7) == "10.1.2.3:7"
-
-
-def test_only_trace_context_metadata_is_forwarded() -> None:
-    incoming = (("traceparent", "00-abc-def-01"), ("authorization", "Bearer secret"),
-                ("tracestate", "x=1"), ("user-agent", "grpc"))  # fmt: skip
-    assert forwarded_metadata(incoming) == (("traceparent", "00-abc-def-01"), ("tracestate", "x=1"))  # type: ignore[arg-type]

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import MeshError, from_rpc_error
+from meshllm.api.tracing import end_with_error, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.client._convert import build_request, chunk_from_pb, completion_from_pb, model_from_pb
@@ -59,12 +61,19 @@ class AsyncClient:
     ) -> Completion:
         """Generate a whole reply. ``fields``: max_tokens, temperature, stop, token_ids, ... ."""
         req = build_request(prompt, model=model, **fields)
+        span = tracer.start_span(
+            "meshllm.client/Generate", kind=SpanKind.CLIENT, attributes={"meshllm.model": model}
+        )
+        code = "OK"
         try:
             resp = await self._stub().Generate(
-                req, timeout=self._timeout(timeout), metadata=self._metadata
+                req, timeout=self._timeout(timeout), metadata=(*self._metadata, *inject(span))
             )
         except grpc.aio.AioRpcError as e:
+            code = e.code().name
             raise from_rpc_error(e) from None
+        finally:
+            end_with_error(span, code)
         return completion_from_pb(resp)
 
     async def stream(
@@ -72,16 +81,24 @@ class AsyncClient:
     ) -> AsyncIterator[StreamChunk]:
         """Stream a reply chunk by chunk; leaving the loop early cancels generation."""
         req = build_request(prompt, model=model, **fields)
+        span = tracer.start_span("meshllm.client/GenerateStream", kind=SpanKind.CLIENT,
+                                 attributes={"meshllm.model": model})  # fmt: skip
         call = self._stub().GenerateStream(
-            req, timeout=self._timeout(timeout), metadata=self._metadata
+            req, timeout=self._timeout(timeout), metadata=(*self._metadata, *inject(span))
         )
+        code = "OK"
         try:
             async for msg in call:
                 yield chunk_from_pb(msg)
         except grpc.aio.AioRpcError as e:
+            code = e.code().name
             raise from_rpc_error(e) from None
+        except BaseException:
+            code = "CANCELLED"
+            raise
         finally:
             call.cancel()
+            end_with_error(span, code)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         try:

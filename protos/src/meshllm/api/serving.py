@@ -16,6 +16,7 @@ import grpc
 
 from meshllm.api.errors import Internal, MeshError
 from meshllm.api.logs import setup_logging
+from meshllm.api.tracing import configure_from_env
 
 log = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -112,6 +113,7 @@ def run_command(prog: str, log_level: str, log_format: str, make_config: Callabl
                 serve: Callable[[C], Coroutine[Any, Any, None]]) -> None:  # fmt: skip
     """The body of a server command: logging, config (errors name the field), serve, exit codes."""
     setup_logging(log_level, log_format)
+    configure_from_env(prog)
     try:
         config = make_config()
     except MeshError as e:

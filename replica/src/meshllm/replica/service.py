@@ -2,48 +2,82 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
-from meshllm.api.metrics import RequestMetrics
+from meshllm.api.metrics import RequestMetrics, RequestRecord
 from meshllm.api.serving import streaming, unary
+from meshllm.api.tracing import child_of, end_with_error, extract, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica import convert
 from meshllm.replica.host import Replica
+from meshllm.replica.types import Timing, Usage
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def engine_spans(parent: trace.Span, timing: Timing, usage: Usage) -> None:
+    """The replica's phases, from the request's own timing: waiting for an engine slot, then
+    generating (time to first token and token count as attributes)."""
+    now = time.time_ns()
+    admitted = now - int(timing.total_ms * 1e6)
+    started = admitted + int(timing.queue_wait_ms * 1e6)
+    tracer.start_span("meshllm.replica/queue", context=child_of(parent), start_time=admitted).end(
+        end_time=started
+    )
+    engine = tracer.start_span("meshllm.engine/generate", context=child_of(parent), start_time=started,
+                               attributes={"meshllm.time_to_first_token_ms": timing.time_to_first_token_ms,
+                                           "meshllm.completion_tokens": usage.completion_tokens,
+                                           "meshllm.prompt_tokens": usage.prompt_tokens})  # fmt: skip
+    engine.end(end_time=now)
 
 
 class GenerationService(gen_grpc.GenerationServicer):
     def __init__(self, replica: Replica, metrics: RequestMetrics) -> None:
         self._replica, self._metrics = replica, metrics
 
-    async def _chunks(self, request: gen.GenerateRequest) -> AsyncGenerator[gen.GenerateChunk]:
+    async def _chunks(
+        self, request: gen.GenerateRequest, context: Context
+    ) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
         spec = self._replica.spec
-        with self._metrics.track(req.model or (spec.id if spec else ""), req.request_id) as record:
-            record.replica = self._replica.name
-            async for chunk in self._replica.generate(req):
-                record.tokens(len(chunk.token_ids))
-                if chunk.usage is not None:
-                    record.prompt_tokens = chunk.usage.prompt_tokens
-                yield convert.chunk_to_pb(chunk, req.request_id)
+        span = tracer.start_span("meshllm.replica/generate", context=extract(context.invocation_metadata()),
+                                 kind=SpanKind.SERVER, attributes={"meshllm.request_id": req.request_id,
+                                                                   "meshllm.replica": self._replica.name})  # fmt: skip
+        record: RequestRecord | None = None
+        try:
+            with self._metrics.track(
+                req.model or (spec.id if spec else ""), req.request_id
+            ) as record:
+                record.replica = self._replica.name
+                async for chunk in self._replica.generate(req):
+                    record.tokens(len(chunk.token_ids))
+                    if chunk.usage is not None:
+                        record.prompt_tokens = chunk.usage.prompt_tokens
+                    if chunk.timing is not None and chunk.usage is not None:
+                        engine_spans(span, chunk.timing, chunk.usage)
+                    yield convert.chunk_to_pb(chunk, req.request_id)
+        finally:
+            end_with_error(span, record.code if record is not None else "INTERNAL")
 
     @streaming
     async def GenerateStream(
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncGenerator[gen.GenerateChunk]:
-        async for chunk in self._chunks(request):
+        async for chunk in self._chunks(request, context):
             yield chunk
 
     @unary
     async def Generate(
         self, request: gen.GenerateRequest, context: Context
     ) -> gen.GenerateResponse:
-        chunks = [c async for c in self._chunks(request)]
+        chunks = [c async for c in self._chunks(request, context)]
         return convert.response_from_chunks(chunks)
 
     @unary

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import (
     DeadlineExceeded,
@@ -22,6 +24,8 @@ from meshllm.api.errors import (
     from_rpc_error,
     invalid_argument,
 )
+from meshllm.api.metrics import RequestRecord
+from meshllm.api.tracing import child_of, end_with_error, extract, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.balancer import Policy
 from meshllm.router.config import RouterConfig
@@ -42,12 +46,17 @@ RETRYABLE = frozenset({
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED,
     grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
 })  # fmt: skip
-# Passed on to the replica: W3C trace context.
-FORWARDED_METADATA = frozenset({"traceparent", "tracestate"})
 
 
-def forwarded_metadata(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple((str(k), v) for k, v in metadata or () if k in FORWARDED_METADATA)
+@contextlib.contextmanager
+def _ending(span: trace.Span, record: RequestRecord) -> Iterator[None]:
+    """End the request's span with the status the metrics record saw."""
+    try:
+        yield
+    finally:
+        span.set_attribute("meshllm.request_id", record.request_id)
+        span.set_attribute("meshllm.completion_tokens", record.completion_tokens)
+        end_with_error(span, record.code)
 
 
 class Forwarder:
@@ -83,6 +92,23 @@ class Forwarder:
             return NotFound(f"unknown model {model!r}; available: {', '.join(sorted(ready))}")
         return Unavailable(f"no healthy replica serves {model!r} now", reason="NO_HEALTHY_REPLICA",
                            retry_after=retry, metadata={"model": model})  # fmt: skip
+
+    @contextlib.contextmanager
+    def _attempt(self, parent: trace.Span, link: ReplicaLink) -> Iterator[trace.Span]:
+        """A span per replica tried; the replica's own spans nest under it."""
+        span = tracer.start_span("meshllm.router/forward", context=child_of(parent), kind=SpanKind.CLIENT,
+                                 attributes={"meshllm.replica": link.replica.name, "net.peer.name": link.replica.address})  # fmt: skip
+        code = "OK"
+        try:
+            yield span
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+            raise
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            end_with_error(span, code)
 
     def budget(self, request: gen.GenerateRequest, link: ReplicaLink) -> int:
         """Tokens the request may generate: its max_tokens, else the model's default."""
@@ -160,12 +186,12 @@ class Forwarder:
         self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
     ) -> AsyncGenerator[gen.GenerateChunk]:
         """Relay the reply of one replica; before its first chunk, failures move to another."""
-        with self._metrics.track(request.model) as record:
+        span = tracer.start_span("meshllm.router/GenerateStream", context=extract(metadata), kind=SpanKind.SERVER,
+                                 attributes={"meshllm.model": request.model})  # fmt: skip
+        with self._metrics.track(request.model) as record, _ending(span, record):
             self.prepare(request)
             record.request_id = request.request_id
-            async with contextlib.aclosing(
-                self._stream(request, time_remaining, metadata)
-            ) as chunks:
+            async with contextlib.aclosing(self._stream(request, time_remaining, span)) as chunks:
                 async for chunk in chunks:
                     record.tokens(len(chunk.token_ids))
                     if chunk.HasField("usage"):
@@ -178,25 +204,28 @@ class Forwarder:
     ) -> gen.GenerateResponse:
         """One whole reply; the client has seen nothing until it ends, so any replica failure
         that another replica might not share is retried (bounded by max_attempts)."""
-        with self._metrics.track(request.model) as record:
+        span = tracer.start_span("meshllm.router/Generate", context=extract(metadata), kind=SpanKind.SERVER,
+                                 attributes={"meshllm.model": request.model})  # fmt: skip
+        with self._metrics.track(request.model) as record, _ending(span, record):
             self.prepare(request)
             record.request_id = request.request_id
-            response = await self._generate(request, time_remaining, metadata)
+            response = await self._generate(request, time_remaining, span)
             record.replica = response.timing.replica
             record.prompt_tokens = response.usage.prompt_tokens
             record.completion_tokens = response.usage.completion_tokens
             return response
 
     async def _stream(
-        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
+        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, parent: trace.Span
     ) -> AsyncGenerator[gen.GenerateChunk]:
         self.prepare(request)
-        md, tried, last = forwarded_metadata(metadata), list[Replica](), None
+        tried, last = list[Replica](), None
         while True:
             link = self._next(request.model, tried, last)
-            with self._registry.lease(link.replica, self.budget(request, link)) as lease:
+            with self._registry.lease(link.replica, self.budget(request, link)) as lease, \
+                    self._attempt(parent, link) as span:  # fmt: skip
                 call = link.generation.GenerateStream(
-                    request, timeout=self._timeout(time_remaining()), metadata=md
+                    request, timeout=self._timeout(time_remaining()), metadata=inject(span)
                 )
                 streamed: int | None = None
                 try:
@@ -218,16 +247,17 @@ class Forwarder:
                     call.cancel()
 
     async def _generate(
-        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
+        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, parent: trace.Span
     ) -> gen.GenerateResponse:
         self.prepare(request)
-        md, tried, last = forwarded_metadata(metadata), list[Replica](), None
+        tried, last = list[Replica](), None
         while True:
             link = self._next(request.model, tried, last)
-            with self._registry.lease(link.replica, self.budget(request, link)):
+            with self._registry.lease(link.replica, self.budget(request, link)), \
+                    self._attempt(parent, link) as span:  # fmt: skip
                 try:
                     response: gen.GenerateResponse = await link.generation.Generate(
-                        request, timeout=self._timeout(time_remaining()), metadata=md
+                        request, timeout=self._timeout(time_remaining()), metadata=inject(span)
                     )
                     return response
                 except grpc.aio.AioRpcError as e:

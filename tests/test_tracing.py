@@ -1,0 +1,57 @@
+"""One request through a real client, router and replica makes one trace whose spans nest
+client -> router -> forward attempt -> replica -> queue and engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import StartRouter
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from meshllm.client import AsyncClient
+from meshllm.replica.server import ReplicaServer
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # once per process: the global provider cannot be replaced
+    yield exporter
+
+
+def parent_name(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> str | None:
+    parent = by_id.get(span.parent.span_id) if span.parent is not None else None
+    return parent.name if parent is not None else None
+
+
+async def test_one_trace_from_the_client_to_the_engine(
+    spans: InMemorySpanExporter, demo_replica: ReplicaServer, start_router: StartRouter
+) -> None:
+    router = await start_router(demo_replica)
+    spans.clear()
+    async with AsyncClient(f"127.0.0.1:{router.port}") as client:
+        chunks = [c async for c in client.stream("hello", model="demo", max_tokens=6)]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    finished = spans.get_finished_spans()
+    assert len({s.context.trace_id for s in finished}) == 1, [s.name for s in finished]
+    by_id = {s.context.span_id: s for s in finished}
+    chain = {s.name: parent_name(s, by_id) for s in finished}
+    assert chain == {
+        "meshllm.client/GenerateStream": None,
+        "meshllm.router/GenerateStream": "meshllm.client/GenerateStream",
+        "meshllm.router/forward": "meshllm.router/GenerateStream",
+        "meshllm.replica/generate": "meshllm.router/forward",
+        "meshllm.replica/queue": "meshllm.replica/generate",
+        "meshllm.engine/generate": "meshllm.replica/generate",
+    }
+    engine = next(s for s in finished if s.name == "meshllm.engine/generate")
+    assert engine.attributes is not None and engine.attributes["meshllm.completion_tokens"] == 6
+    assert float(engine.attributes["meshllm.time_to_first_token_ms"]) > 0  # type: ignore[arg-type]
+    forward = next(s for s in finished if s.name == "meshllm.router/forward")
+    assert forward.attributes is not None and forward.attributes["meshllm.replica"] == "r0"

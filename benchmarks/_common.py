@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -256,13 +255,6 @@ def best_raw(cells: Sequence[RawCell]) -> dict[int, RawCell]:
 # -- server processes ---------------------------------------------------------------------------
 
 Process = subprocess.Popen[bytes]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def replica_args(port: int, model: str, *extra: str) -> list[str]:

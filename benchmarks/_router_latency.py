@@ -13,7 +13,6 @@ import grpc
 from benchmarks._common import (
     Process,
     closed_loop,
-    free_port,
     percentile,
     replica_args,
     router_args,
@@ -32,6 +31,7 @@ from benchmarks._router_paths import (
 )
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.models.tiny import DEMO
+from meshllm.router.local import free_port
 
 LATENCY_LEVELS = (1, 64)
 LATENCY_MAX_TOKENS = 8

@@ -16,7 +16,6 @@ from benchmarks._common import (
     RawCell,
     best_raw,
     closed_loop,
-    free_port,
     machine_info,
     measure_raw,
     percentile,
@@ -39,6 +38,7 @@ from benchmarks._router_paths import (
 )
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.models.tiny import BENCH
+from meshllm.router.local import free_port
 
 THROUGHPUT_CONCURRENCY = 32
 THROUGHPUT_MAX_TOKENS = 128

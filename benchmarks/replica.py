@@ -53,7 +53,6 @@ from benchmarks._common import (
     best_raw,
     closed_loop,
     exit_on_sigterm,
-    free_port,
     machine_info,
     measure_raw,
     percentile,
@@ -69,6 +68,7 @@ from benchmarks._common import (
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.models.tiny import BENCH, ensure_model
+from meshllm.router.local import free_port
 
 LEVELS = (1, 8, 32)
 MODEL_ID = "bench"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from meshllm.replica.config import ModelSpec, ReplicaConfig
 from meshllm.replica.models.tiny import DEMO, ensure_model
 from meshllm.replica.server import ReplicaServer
 from meshllm.router import RouterConfig, RouterServer
+from meshllm.router.local import free_port
 
 StartReplica = Callable[..., Awaitable[ReplicaServer]]
 StartRouter = Callable[..., Awaitable[RouterServer]]
@@ -136,13 +136,6 @@ async def cancel_after(port: int, request: gen.GenerateRequest, tokens: int) -> 
         call.cancel()
         await asyncio.sleep(0.5)
     return received
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 StartProcess = Callable[..., tuple[subprocess.Popen[bytes], int]]

@@ -18,10 +18,11 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-from conftest import StartProcess, free_port
+from conftest import StartProcess
 
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.router.local import free_port
 
 GRPCURL = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 

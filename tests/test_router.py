@@ -20,6 +20,7 @@ from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.server import ReplicaServer
 from meshllm.replica.types import Chunk, GenerationRequest
 from meshllm.router import RouterServer
+from meshllm.router.local import free_port
 
 T = TypeVar("T")
 
@@ -259,8 +260,6 @@ async def test_bad_requests_get_clear_statuses(
 async def test_no_healthy_replica_is_unavailable_with_retry_info(
     start_router: StartRouter, tmp_path: Path
 ) -> None:
-    from conftest import free_port
-
     router = await start_router(f"127.0.0.1:{free_port()}", ready=0, retry_after_s=3.0)
     channel, client = stub(router.port)
     async with channel:

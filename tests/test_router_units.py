@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import pytest
 
-from meshllm.api.errors import InvalidArgument
+from meshllm.api.errors import InvalidArgument, status_name
 from meshllm.router.balancer import LeastBusy, RoundRobin, load
 from meshllm.router.config import RouterConfig, read_config_file
 from meshllm.router.discovery import join_host_port, read_replicas_file
@@ -144,3 +146,12 @@ def test_replicas_file_skips_comments_and_bad_lines(tmp_path: Path) -> None:
     path.write_text("# mesh\nr1:50061\n\n  r2:50061  # second\nnot-an-address\n[::1]:7\n")
     assert read_replicas_file(path) == {"r1:50061", "r2:50061", "[::1]:7"}
     assert join_host_port("::1", 7) == "[::1]:7" and join_host_port("10.1.2.3", 7) == "10.1.2.3:7"
+
+
+def test_status_name_names_how_a_request_ended() -> None:
+    rpc = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
+    )
+    assert [status_name(e) for e in (None, InvalidArgument("x"), rpc, asyncio.CancelledError(),
+                                     GeneratorExit(), ValueError())] == [
+        "OK", "INVALID_ARGUMENT", "UNAVAILABLE", "CANCELLED", "CANCELLED", "INTERNAL"]  # fmt: skip

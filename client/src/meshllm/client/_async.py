@@ -10,7 +10,7 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import MeshError, from_rpc_error
-from meshllm.api.tracing import end_with_error, inject, tracer
+from meshllm.api.tracing import ending, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.client._convert import build_request, chunk_from_pb, completion_from_pb, model_from_pb
@@ -64,16 +64,13 @@ class AsyncClient:
         span = tracer.start_span(
             "meshllm.client/Generate", kind=SpanKind.CLIENT, attributes={"meshllm.model": model}
         )
-        code = "OK"
-        try:
-            resp = await self._stub().Generate(
-                req, timeout=self._timeout(timeout), metadata=(*self._metadata, *inject(span))
-            )
-        except grpc.aio.AioRpcError as e:
-            code = e.code().name
-            raise from_rpc_error(e) from None
-        finally:
-            end_with_error(span, code)
+        with ending(span):
+            try:
+                resp = await self._stub().Generate(
+                    req, timeout=self._timeout(timeout), metadata=(*self._metadata, *inject(span))
+                )
+            except grpc.aio.AioRpcError as e:
+                raise from_rpc_error(e) from None
         return completion_from_pb(resp)
 
     async def stream(
@@ -86,19 +83,14 @@ class AsyncClient:
         call = self._stub().GenerateStream(
             req, timeout=self._timeout(timeout), metadata=(*self._metadata, *inject(span))
         )
-        code = "OK"
         try:
-            async for msg in call:
-                yield chunk_from_pb(msg)
+            with ending(span):
+                async for msg in call:
+                    yield chunk_from_pb(msg)
         except grpc.aio.AioRpcError as e:
-            code = e.code().name
             raise from_rpc_error(e) from None
-        except BaseException:
-            code = "CANCELLED"
-            raise
         finally:
             call.cancel()
-            end_with_error(span, code)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         try:

@@ -18,6 +18,7 @@ turns a failed call back into the same class, so both sides speak one vocabulary
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -159,6 +160,21 @@ def invalid_argument(field: str, description: str) -> InvalidArgument:
     return InvalidArgument(
         f"{field}: {description}", field_violations=[FieldViolation(field, description)]
     )
+
+
+def status_name(error: BaseException | None) -> str:
+    """The gRPC status code name a request ends with, given the exception that ended it (None:
+    ``OK``). Used wherever a request's outcome is recorded: metrics, logs, spans."""
+    if error is None:
+        return "OK"
+    if isinstance(error, MeshError):
+        return error.code.name
+    if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)):
+        code: grpc.StatusCode = error.code()
+        return code.name
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the caller left or timed out
+        return "CANCELLED"
+    return "INTERNAL"
 
 
 def from_rpc_error(error: grpc.RpcError) -> MeshError:

@@ -14,7 +14,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from meshllm.api.errors import MeshError
+from meshllm.api.errors import status_name
 from meshllm.api.logs import log_request
 
 T = TypeVar("T")
@@ -81,14 +81,8 @@ class RequestMetrics:
         record = RequestRecord(model=model, request_id=request_id)
         try:
             yield record
-        except MeshError as e:
-            record.code = e.code.name
-            raise
-        except (asyncio.CancelledError, GeneratorExit):  # the client left or its deadline passed
-            record.code = "CANCELLED"
-            raise
-        except Exception:
-            record.code = "INTERNAL"
+        except BaseException as e:
+            record.code = status_name(e)
             raise
         finally:
             self._record(record)

@@ -11,12 +11,15 @@ async generators, which cannot hold a context across their yields.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+
+from meshllm.api.errors import status_name
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("meshllm")
@@ -33,12 +36,23 @@ def extract(metadata: Metadata | None) -> Context:
 def inject(span: trace.Span) -> tuple[tuple[str, str], ...]:
     """Outgoing gRPC metadata that makes ``span`` the parent of the callee's spans."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    propagate.inject(carrier, context=child_of(span))
     return tuple(carrier.items())
 
 
 def child_of(span: trace.Span) -> Context:
     return trace.set_span_in_context(span)
+
+
+@contextlib.contextmanager
+def ending(span: trace.Span) -> Iterator[trace.Span]:
+    """End ``span`` when the block ends, with the status code its exception (if any) means."""
+    try:
+        yield span
+    except BaseException as e:
+        end_with_error(span, status_name(e))
+        raise
+    end_with_error(span, "OK")
 
 
 def end_with_error(span: trace.Span, code: str, message: str = "") -> None:

@@ -25,7 +25,7 @@ from meshllm.api.errors import (
     invalid_argument,
 )
 from meshllm.api.metrics import RequestRecord
-from meshllm.api.tracing import child_of, end_with_error, extract, inject, tracer
+from meshllm.api.tracing import child_of, end_with_error, ending, extract, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.balancer import Policy
 from meshllm.router.config import RouterConfig
@@ -98,17 +98,8 @@ class Forwarder:
         """A span per replica tried; the replica's own spans nest under it."""
         span = tracer.start_span("meshllm.router/forward", context=child_of(parent), kind=SpanKind.CLIENT,
                                  attributes={"meshllm.replica": link.replica.name, "net.peer.name": link.replica.address})  # fmt: skip
-        code = "OK"
-        try:
+        with ending(span):
             yield span
-        except grpc.aio.AioRpcError as e:
-            code = e.code().name
-            raise
-        except BaseException:
-            code = "CANCELLED"
-            raise
-        finally:
-            end_with_error(span, code)
 
     def budget(self, request: gen.GenerateRequest, link: ReplicaLink) -> int:
         """Tokens the request may generate: its max_tokens, else the model's default."""
@@ -218,7 +209,6 @@ class Forwarder:
     async def _stream(
         self, request: gen.GenerateRequest, time_remaining: TimeRemaining, parent: trace.Span
     ) -> AsyncGenerator[gen.GenerateChunk]:
-        self.prepare(request)
         tried, last = list[Replica](), None
         while True:
             link = self._next(request.model, tried, last)
@@ -249,7 +239,6 @@ class Forwarder:
     async def _generate(
         self, request: gen.GenerateRequest, time_remaining: TimeRemaining, parent: trace.Span
     ) -> gen.GenerateResponse:
-        self.prepare(request)
         tried, last = list[Replica](), None
         while True:
             link = self._next(request.model, tried, last)

@@ -52,7 +52,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (another process could take it before it is used)."""
     with socket.socket() as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]

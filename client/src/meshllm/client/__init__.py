@@ -6,10 +6,18 @@
         for chunk in client.stream("Hello", model="demo"):
             print(chunk.text, end="", flush=True)
 
-``AsyncClient`` has the same methods as coroutines / async iterators.
+``AsyncClient`` has the same methods as coroutines / async iterators. A batch::
+
+    with Client("localhost:50051") as client:
+        for item in client.iter_batch(prompts, model="demo", max_tokens=64, progress=True):
+            print(item.index, item.result.text if item.result else item.error)
+
+keeps input order and a bounded window, retries transient failures (:class:`RetryPolicy`),
+paces itself (:class:`Pacing`) and can stop early (:class:`AbortPolicy`).
 """
 
 from meshllm.api.errors import (
+    Aborted,
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -22,7 +30,11 @@ from meshllm.api.errors import (
     Unauthenticated,
     Unavailable,
 )
+from meshllm.client._abort import AbortPolicy
 from meshllm.client._async import AsyncClient
+from meshllm.client._cache import ResponseCache
+from meshllm.client._pacing import Pacing
+from meshllm.client._retry import RetryPolicy
 from meshllm.client._sync import Client
 from meshllm.client._types import (
     BatchItem,
@@ -35,6 +47,8 @@ from meshllm.client._types import (
 )
 
 __all__ = [
+    "AbortPolicy",
+    "Aborted",
     "AsyncClient",
     "BatchItem",
     "Cancelled",
@@ -48,8 +62,11 @@ __all__ = [
     "MeshError",
     "ModelInfo",
     "NotFound",
+    "Pacing",
     "PermissionDenied",
     "ResourceExhausted",
+    "ResponseCache",
+    "RetryPolicy",
     "StreamChunk",
     "Timing",
     "Unauthenticated",

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 from opentelemetry.trace import SpanKind
 
-from meshllm.api.errors import MeshError, from_rpc_error
+from meshllm.api.errors import from_rpc_error
 from meshllm.api.tracing import ending, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
-from meshllm.client._convert import build_request, chunk_from_pb, completion_from_pb, model_from_pb
+from meshllm.client._abort import NEVER, AbortPolicy
+from meshllm.client._batch import BatchOptions, BatchRunner, OnResult, Prepared, token_estimate
+from meshllm.client._cache import ResponseCache, cache_key
+from meshllm.client._convert import (
+    build_request,
+    canonical_request,
+    chunk_from_pb,
+    completion_from_pb,
+    deterministic,
+    model_from_pb,
+)
+from meshllm.client._pacing import Pacing, RateLimits, parse_rate_limits
+from meshllm.client._retry import RetryPolicy
 from meshllm.client._types import BatchItem, Completion, ModelInfo, Prompt, StreamChunk
 
 PromptArg = str | Sequence[Mapping[str, str]] | None
+CacheArg = str | os.PathLike[str] | ResponseCache | None
 
 
 class AsyncClient:
@@ -26,13 +39,23 @@ class AsyncClient:
       target: ``host:port`` of the router (or of one replica, for development).
       api_key: sent as ``authorization: Bearer <key>``.
       timeout: default deadline per call, in seconds (None: no deadline).
+      cache: a SQLite file (or a :class:`ResponseCache`) that answers deterministic requests
+        (temperature 0 or top_k 1) seen before, without calling the server. Off by default.
     """
 
     def __init__(
-        self, target: str, *, api_key: str | None = None, timeout: float | None = None
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        cache: CacheArg = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.cache = (
+            cache if isinstance(cache, ResponseCache) or cache is None else ResponseCache(cache)
+        )
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
@@ -49,6 +72,8 @@ class AsyncClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub_obj = None
+        if self.cache is not None:
+            self.cache.close()
 
     def _stub(self) -> gen_grpc.GenerationStub:
         if self._stub_obj is None:
@@ -59,24 +84,25 @@ class AsyncClient:
     async def generate(
         self, prompt: PromptArg = None, *, model: str, timeout: float | None = None, **fields: Any
     ) -> Completion:
-        """Generate a whole reply. ``fields``: max_tokens, temperature, stop, token_ids, ... ."""
-        req = build_request(prompt, model=model, **fields)
-        span = tracer.start_span(
-            "meshllm.client/Generate", kind=SpanKind.CLIENT, attributes={"meshllm.model": model}
-        )
-        with ending(span):
-            try:
-                resp = await self._stub().Generate(
-                    req, timeout=self._timeout(timeout), metadata=(*self._metadata, *inject(span))
-                )
-            except grpc.aio.AioRpcError as e:
-                raise from_rpc_error(e) from None
-        return completion_from_pb(resp)
+        """Generate a whole reply. ``fields``: max_tokens, temperature, stop, token_ids, ... .
+
+        One call, no retries (``generate_batch`` retries); a failure raises a ``MeshError``.
+        """
+        transport = _Transport(self)
+        prepared = transport.prepare({**fields, "prompt": prompt, "model": model})
+        if (hit := transport.cached(prepared)) is not None:
+            return hit
+        completion, _ = await transport.send(prepared, timeout)
+        transport.store(prepared, completion)
+        return completion
 
     async def stream(
         self, prompt: PromptArg = None, *, model: str, timeout: float | None = None, **fields: Any
-    ) -> AsyncIterator[StreamChunk]:
-        """Stream a reply chunk by chunk; leaving the loop early cancels generation."""
+    ) -> AsyncGenerator[StreamChunk]:
+        """Stream a reply chunk by chunk; leaving the loop early cancels generation.
+
+        Never retried and never cached: tokens already shown cannot be taken back.
+        """
         req = build_request(prompt, model=model, **fields)
         span = tracer.start_span("meshllm.client/GenerateStream", kind=SpanKind.CLIENT,
                                  attributes={"meshllm.model": model})  # fmt: skip
@@ -101,44 +127,107 @@ class AsyncClient:
             raise from_rpc_error(e) from None
         return [model_from_pb(m) for m in resp.models]
 
+    async def iter_batch(
+        self,
+        prompts: Iterable[Prompt],
+        *,
+        model: str,
+        concurrency: int = 32,
+        ordered: bool = True,
+        retry: RetryPolicy | None = None,
+        pacing: Pacing | None = None,
+        abort: AbortPolicy | None = None,
+        on_result: OnResult | None = None,
+        progress: bool = False,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> AsyncGenerator[BatchItem]:
+        """Generate for every prompt, yielding a :class:`BatchItem` per prompt as they finish:
+        in input order (``ordered``, the default) or in completion order. Only a bounded
+        window is held, so memory stays flat for any number of prompts (``prompts`` may be a
+        generator; it is read as the window moves).
+
+        Each prompt is text, a chat (list of {role, content}), or a dict of request fields
+        (``prompt``/``messages`` plus per-item fields overriding ``fields``). A failed item
+        carries its error; transient failures are retried first (``retry``: exponential
+        backoff with jitter, never sooner than the server's RetryInfo). ``pacing`` keeps under
+        explicit rates and the router's quota; ``abort`` stops a run that keeps failing (the
+        rest end with ``Aborted``); ``on_result(index, result, error)`` is called for every
+        item as it finishes; ``progress`` shows a tqdm bar on stderr.
+        """
+        build_request(None, model=model, **fields)  # a bad batch-wide field fails here, once
+        options = BatchOptions(concurrency=concurrency, ordered=ordered,
+                               retry=retry or RetryPolicy(), pacing=pacing or Pacing(),
+                               abort=abort or NEVER, progress=progress, timeout=timeout)  # fmt: skip
+        runner = BatchRunner(_Transport(self), options)
+        async for item in runner.run(prompts, {**fields, "model": model}, on_result):
+            yield item
+
     async def generate_batch(
         self,
         prompts: Iterable[Prompt],
         *,
         model: str,
         concurrency: int = 32,
-        on_result: Callable[[int, Completion | None, MeshError | None], None] | None = None,
+        retry: RetryPolicy | None = None,
+        pacing: Pacing | None = None,
+        abort: AbortPolicy | None = None,
+        on_result: OnResult | None = None,
+        progress: bool = False,
+        timeout: float | None = None,
         **fields: Any,
     ) -> list[BatchItem]:
-        """Generate for every prompt with at most ``concurrency`` in flight.
-
-        Results come back in input order; a failed item carries its error instead of raising.
-        Each prompt is text, a chat (list of {role, content}), or a dict of request fields.
-        """
-        results: dict[int, BatchItem] = {}
-        window = asyncio.Semaphore(concurrency)
-
-        async def one(index: int, item: Prompt) -> None:
-            try:
-                kwargs = (
-                    {**fields, **item} if isinstance(item, dict) else {**fields, "prompt": item}
-                )
-                completion: Completion | None = await self.generate(model=model, **kwargs)
-                error: MeshError | None = None
-            except MeshError as e:
-                completion, error = None, e
-            finally:
-                window.release()
-            results[index] = BatchItem(index=index, result=completion, error=error)
-            if on_result is not None:
-                on_result(index, completion, error)
-
-        tasks = []
-        for index, item in enumerate(prompts):
-            await window.acquire()
-            tasks.append(asyncio.create_task(one(index, item)))
-        await asyncio.gather(*tasks)
-        return [results[i] for i in range(len(results))]
+        """:meth:`iter_batch` collected into a list, in input order (the list itself grows
+        with the input: for very large inputs iterate ``iter_batch`` instead)."""
+        items = self.iter_batch(prompts, model=model, concurrency=concurrency, retry=retry,
+                                pacing=pacing, abort=abort, on_result=on_result,
+                                progress=progress, timeout=timeout, **fields)  # fmt: skip
+        return [item async for item in items]
 
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
+
+
+class _Transport:
+    """How a batch (and ``generate``) prepares, caches and sends one request."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    def prepare(self, fields: dict[str, Any]) -> Prepared:
+        fields = dict(fields)
+        prompt, model = fields.pop("prompt", None), fields.pop("model")
+        req = build_request(prompt, model=model, **fields)
+        key = (
+            cache_key(canonical_request(req))
+            if self.client.cache is not None and deterministic(req)
+            else None
+        )
+        return Prepared(req, key, token_estimate({**fields, "prompt": prompt}))
+
+    def cached(self, prepared: Prepared) -> Completion | None:
+        cache = self.client.cache
+        return cache.get(prepared.key) if cache is not None and prepared.key else None
+
+    def store(self, prepared: Prepared, completion: Completion) -> None:
+        cache = self.client.cache
+        if cache is not None and prepared.key:
+            cache.put(prepared.key, completion)
+
+    async def send(
+        self, prepared: Prepared, timeout: float | None
+    ) -> tuple[Completion, RateLimits]:
+        """One unary call; the router's ``x-ratelimit-*`` initial metadata comes back with it."""
+        client, req = self.client, prepared.request
+        span = tracer.start_span("meshllm.client/Generate", kind=SpanKind.CLIENT,
+                                 attributes={"meshllm.model": req.model})  # fmt: skip
+        with ending(span):
+            call = client._stub().Generate(
+                req, timeout=client._timeout(timeout), metadata=(*client._metadata, *inject(span))
+            )
+            try:
+                metadata = await call.initial_metadata()
+                response = await call
+            except grpc.aio.AioRpcError as e:
+                raise from_rpc_error(e) from None
+        return completion_from_pb(response), parse_rate_limits(metadata)

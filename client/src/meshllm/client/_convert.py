@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from google.protobuf import json_format
+
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.client._types import Completion, FinishReason, ModelInfo, StreamChunk, Timing, Usage
 
@@ -79,3 +81,21 @@ def completion_from_pb(r: gen.GenerateResponse) -> Completion:
 def model_from_pb(m: gen.ModelInfo) -> ModelInfo:
     return ModelInfo(id=m.id, engine=m.engine, context_length=m.context_length,
                      max_tokens_limit=m.max_tokens_limit, ready_replicas=m.ready_replicas)  # fmt: skip
+
+
+_NOT_OUTPUT = ("request_id", "priority", "stream_options")
+
+
+def deterministic(req: gen.GenerateRequest) -> bool:
+    """Greedy decoding, set explicitly (an unset temperature samples at 1 on the replica)."""
+    return (req.HasField("temperature") and req.temperature == 0.0) or (
+        req.HasField("top_k") and req.top_k == 1
+    )
+
+
+def canonical_request(req: gen.GenerateRequest) -> dict[str, Any]:
+    """The fields that decide the output, as plain JSON values (the response cache's key)."""
+    data: dict[str, Any] = json_format.MessageToDict(req, preserving_proto_field_name=True)
+    for name in _NOT_OUTPUT:
+        data.pop(name, None)
+    return data

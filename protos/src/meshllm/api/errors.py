@@ -13,6 +13,7 @@ turns a failed call back into the same class, so both sides speak one vocabulary
     ├── Unavailable          UNAVAILABLE          RetryInfo, ErrorInfo reason
     ├── DeadlineExceeded     DEADLINE_EXCEEDED
     ├── Cancelled            CANCELLED
+    ├── Aborted              ABORTED              ErrorInfo reason (client batches: BATCH_ABORTED)
     └── Internal             INTERNAL             a bug on our side, never a caller's mistake
 """
 
@@ -142,6 +143,10 @@ class Cancelled(MeshError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Aborted(MeshError):
+    code = grpc.StatusCode.ABORTED
+
+
 class Internal(MeshError):
     code = grpc.StatusCode.INTERNAL
 
@@ -150,7 +155,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unauthenticated,
-        PermissionDenied, Unavailable, DeadlineExceeded, Cancelled, Internal,
+        PermissionDenied, Unavailable, DeadlineExceeded, Cancelled, Aborted, Internal,
     )
 }  # fmt: skip
 

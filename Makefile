@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meshllm-installed
+# redis-server (Debian's package) runs the shared-quota tests; installing it needs root
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
 .PHONY: setup demo test check lint typecheck protos bench bench-router clean
@@ -12,6 +14,7 @@ PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/
 setup: $(STAMP)
 
 $(STAMP): $(PYPROJECTS) Makefile
+	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
 	$(PY) -m pip install --quiet -e ./protos -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev

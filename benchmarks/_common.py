@@ -267,7 +267,7 @@ def router_args(port: int, replica_ports: Sequence[int], *extra: str) -> list[st
     """``python -m meshllm.router`` on loopback in front of the replicas on ``replica_ports``."""
     replicas = [a for p in replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
     return [sys.executable, "-m", "meshllm.router", "--host", "127.0.0.1", "--port", str(port),
-            *replicas, "--log-level", "WARNING", *extra]  # fmt: skip
+            *replicas, "--no-auth", "--log-level", "WARNING", *extra]  # fmt: skip
 
 
 def start_process(args: Sequence[str]) -> Process:

@@ -84,7 +84,7 @@ async def start_router(start_replica: StartReplica) -> AsyncIterator[StartRouter
         *replicas: ReplicaServer | str, ready: int | None = None, **config: object
     ) -> RouterServer:
         addresses = tuple(r if isinstance(r, str) else f"127.0.0.1:{r.port}" for r in replicas)
-        settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "replicas": addresses,
+        settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "replicas": addresses, "auth": "none",
                                        "drain_grace_s": 1.0, "report_interval_ms": 50, **config}  # fmt: skip
         router = RouterServer(RouterConfig(**settings))  # type: ignore[arg-type]
         await router.start()
@@ -172,7 +172,7 @@ def replica_process(processes: StartProcess) -> StartProcess:
 @pytest.fixture
 def router_process(processes: StartProcess) -> StartProcess:
     """Start ``meshllm-router`` as a real child process (it waits until a replica is routed)."""
-    return functools.partial(processes, "meshllm.router", "--report-interval-ms", "50")
+    return functools.partial(processes, "meshllm.router", "--report-interval-ms", "50", "--no-auth")
 
 
 def wait_serving(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:

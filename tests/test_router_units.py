@@ -120,7 +120,7 @@ def test_lease_counts_requests_and_tokens_until_it_ends() -> None:
 
 
 def test_config_errors_name_every_bad_field() -> None:
-    bad = RouterConfig(policy="fastest", replicas=("nohost",), max_attempts=0, refresh_s=0)
+    bad = RouterConfig(policy="fastest", replicas=("nohost",), max_attempts=0, refresh_s=0, auth="none")
     with pytest.raises(InvalidArgument) as e:
         bad.validate()
     fields = {v.field for v in e.value.field_violations}
@@ -130,7 +130,7 @@ def test_config_errors_name_every_bad_field() -> None:
 def test_config_file_is_checked_for_unknown_settings(tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
     path.write_text('[router]\nreplicas = ["a:1", "b:2"]\npolicy = "round-robin"\n')
-    assert RouterConfig(**read_config_file(path)).validate().replicas == ("a:1", "b:2")
+    assert RouterConfig(**read_config_file(path), auth="none").validate().replicas == ("a:1", "b:2")
     path.write_text("[router]\nreplica = 3\n")
     with pytest.raises(InvalidArgument, match="unknown \\[router\\] settings: replica"):
         read_config_file(path)

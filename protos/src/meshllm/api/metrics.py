@@ -46,6 +46,8 @@ class RequestRecord:
     model: str
     request_id: str = ""
     replica: str = ""
+    tenant: str = ""
+    """Who asked (router only; empty on a replica, which never sees API keys)."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     prompt_tokens: int = 0
@@ -96,7 +98,8 @@ class RequestMetrics:
         self.prompt_tokens.labels(r.model).inc(r.prompt_tokens)
         self.generated_tokens.labels(r.model).inc(r.completion_tokens)
         ttft_ms = round(r.first_token_s * 1000, 2) if r.first_token_s is not None else None
-        log_request({"request_id": r.request_id, "model": r.model, "replica": r.replica,
+        tenant = {"tenant": r.tenant} if r.tenant else {}
+        log_request({"request_id": r.request_id, **tenant, "model": r.model, "replica": r.replica,
                      "code": r.code, "prompt_tokens": r.prompt_tokens,
                      "completion_tokens": r.completion_tokens, "ttft_ms": ttft_ms,
                      "duration_ms": round(duration * 1000, 2)})  # fmt: skip

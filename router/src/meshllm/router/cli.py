@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from meshllm.api.errors import InvalidArgument
 from meshllm.api.logs import FORMATS
 from meshllm.api.serving import run_command
-from meshllm.router.config import POLICIES, RouterConfig, read_config_file
+from meshllm.router.config import (
+    POLICIES,
+    STORE_FAILURE_POLICIES,
+    RouterConfig,
+    from_environment,
+    read_config_file,
+)
+from meshllm.router.quota import STORES
 from meshllm.router.server import serve
+from meshllm.router.tenants import hash_key, new_key
 
 # flag dest -> RouterConfig field, for flags that override the config file when given
 _OVERRIDES = {
@@ -18,13 +27,16 @@ _OVERRIDES = {
     "refresh": "refresh_s", "policy": "policy", "tokens_per_request": "tokens_per_request",
     "max_attempts": "max_attempts", "report_interval_ms": "report_interval_ms",
     "stale_after": "stale_after_s", "drain_grace": "drain_grace_s", "metrics_port": "metrics_port",
+    "tenants_file": "tenants_file", "quota_store": "quota_store", "redis_url": "redis_url",
+    "redis_unavailable": "redis_unavailable",
 }  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="meshllm-router",
-        description="Route meshllm.api.v1.Generation calls to the least busy replica.",
+        description="Route meshllm.api.v1.Generation calls to the least busy replica. "
+        "Key tools: 'meshllm-router new-key TENANT [user|admin]', 'meshllm-router hash-key' (key on stdin).",
     )
     p.add_argument(
         "--config", type=Path, help="TOML file with a [router] table (flags override it)"
@@ -61,6 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="serve Prometheus /metrics on this HTTP port (default: off)",
     )
+    p.add_argument("--tenants-file", help="TOML file of tenants, key hashes and quotas")
+    p.add_argument("--no-auth", action="store_true",
+                   help="no API keys: every caller is an admin (local development only)")  # fmt: skip
+    p.add_argument(
+        "--quota-store", choices=STORES, help="where quota counters live (default memory)"
+    )
+    p.add_argument("--redis-url", help="redis://host:port/db for --quota-store redis "
+                   "(or MESHLLM_REDIS_URL, to keep a password out of the command line)")  # fmt: skip
+    p.add_argument("--redis-unavailable", choices=STORE_FAILURE_POLICIES,
+                   help="when Redis is unreachable: deny requests (default) or allow them unmetered")  # fmt: skip
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=FORMATS,
                    help="json: one object per line, with request fields (default text)")  # fmt: skip
@@ -72,6 +94,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     for flag, name in _OVERRIDES.items():
         if getattr(args, flag) is not None:
             settings[name] = getattr(args, flag)
+    if args.no_auth:
+        settings["auth"] = "none"
+    settings = from_environment(settings)
     if args.replica:
         settings["replicas"] = (*settings.get("replicas", ()), *args.replica)
     config = RouterConfig(**settings).validate()
@@ -80,7 +105,30 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return config
 
 
+def keys_command(argv: list[str]) -> int:
+    """``hash-key``: the line to store for a key read from stdin (never an argument: shell
+    history). ``new-key NAME [ROLE]``: a fresh key, shown once, and its tenants-file entry."""
+    if argv[0] == "hash-key":
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("meshllm-router hash-key: give the key on stdin", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
+    if len(argv) not in (2, 3) or argv[2:] not in ([], ["user"], ["admin"]):
+        print("usage: meshllm-router new-key TENANT [user|admin]", file=sys.stderr)
+        return 2
+    key, role = new_key(), (argv[2] if len(argv) == 3 else "user")
+    print(f"# API key for {argv[1]} (shown once; give it to the tenant, store only the hash):")
+    print(f"#   {key}")
+    print(f'[[tenants]]\nname = "{argv[1]}"\nrole = "{role}"\nkeys = ["{hash_key(key)}"]')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["hash-key"], ["new-key"]):
+        sys.exit(keys_command(argv))
     args = parse_args(argv)
     run_command(
         "meshllm-router", args.log_level, args.log_format, lambda: config_from_args(args), serve

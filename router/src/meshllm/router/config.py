@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.router.quota.store import STORES
 
 POLICIES = ("least-busy", "round-robin")
+AUTH_MODES = ("api-key", "none")
+STORE_FAILURE_POLICIES = ("deny", "allow")
+REDIS_URL_ENV = "MESHLLM_REDIS_URL"
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", tuple: "a list of strings"}
 
 
@@ -47,6 +52,26 @@ class RouterConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     metrics_port: int | None = None
     """HTTP port of the Prometheus ``/metrics`` endpoint (0: a free port; None: off)."""
+    auth: str = "api-key"
+    """``api-key``: every call needs a key listed in ``tenants_file``. ``none``: no
+    authentication, every caller is the admin tenant ``anonymous`` (local development only)."""
+    tenants_file: str = ""
+    """TOML file of tenants, their key hashes, roles and quotas (see meshllm.router.tenants);
+    re-read when it changes."""
+    quota_store: str = "memory"
+    """``memory`` (one router) or ``redis`` (several routers enforce one global limit)."""
+    redis_url: str = ""
+    """``redis://[:password@]host:port/db`` for the redis store; MESHLLM_REDIS_URL overrides it,
+    which keeps a password out of files."""
+    redis_unavailable: str = "deny"
+    """When Redis cannot be reached: ``deny`` refuses requests (UNAVAILABLE,
+    QUOTA_STORE_UNAVAILABLE), ``allow`` admits them unmetered. Both log at ERROR and count
+    ``meshllm_router_quota_store_failures_total``."""
+    redis_timeout_s: float = 0.25
+    """Longest wait for one Redis call before it counts as unreachable."""
+    quota_lease_s: float = 900.0
+    """Redis store: a concurrent-request slot is freed after this even if its router died
+    without settling (a request running longer stops counting against the limit)."""
 
     def validate(self) -> RouterConfig:
         bad: list[FieldViolation] = []
@@ -67,6 +92,7 @@ class RouterConfig:
         for name in ("tokens_per_request", "max_attempts", "report_interval_ms"):
             if getattr(self, name) < 1:
                 bad.append(FieldViolation(name, "must be at least 1"))
+        bad += self._auth_problems()
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
         if bad:
@@ -75,6 +101,36 @@ class RouterConfig:
                 field_violations=bad,
             )
         return self
+
+    def _auth_problems(self) -> list[FieldViolation]:
+        bad: list[FieldViolation] = []
+        if self.auth not in AUTH_MODES:
+            bad.append(
+                FieldViolation("auth", f"{self.auth!r} is not one of {', '.join(AUTH_MODES)}")
+            )
+        elif self.auth == "api-key" and not self.tenants_file:
+            bad.append(FieldViolation("tenants_file", "is required with auth = 'api-key' "
+                                      "(or set auth = 'none' for local development)"))  # fmt: skip
+        elif self.auth == "none" and self.tenants_file:
+            bad.append(FieldViolation("tenants_file", "is ignored with auth = 'none': remove one"))
+        if self.quota_store not in STORES:
+            bad.append(
+                FieldViolation(
+                    "quota_store", f"{self.quota_store!r} is not one of {', '.join(STORES)}"
+                )
+            )
+        elif self.quota_store == "redis" and not self.redis_url:
+            bad.append(FieldViolation("redis_url", "is required with quota_store = 'redis'"))
+        if self.redis_unavailable not in STORE_FAILURE_POLICIES:
+            bad.append(
+                FieldViolation(
+                    "redis_unavailable", f"{self.redis_unavailable!r} is not 'deny' or 'allow'"
+                )
+            )
+        for name in ("redis_timeout_s", "quota_lease_s"):
+            if getattr(self, name) <= 0:
+                bad.append(FieldViolation(name, "must be positive"))
+        return bad
 
     @property
     def has_replica_source(self) -> bool:
@@ -113,3 +169,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise InvalidArgument(f"{path}: [router] {key} must be {what}, not {value!r}",
                                   field_violations=[FieldViolation(key, f"must be {what}")])  # fmt: skip
     return table
+
+
+def from_environment(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings the environment overrides (the one place the router reads MESHLLM_ variables)."""
+    if url := os.environ.get(REDIS_URL_ENV):
+        settings = {**settings, "redis_url": url}
+    return settings

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import replica_control_pb2 as rc
+from meshllm.router.quota import LimitUsage
 from meshllm.router.registry import LoadReport, Replica, ReplicaState, ServedModel
 
 REPLICA_DEFAULT_MAX_TOKENS = 256  # what a replica uses when the spec leaves it unset
@@ -16,6 +18,7 @@ _STATES = {
     rc.REPLICA_STATE_UNLOADING: ReplicaState.UNLOADING,
     rc.REPLICA_STATE_FAILED: ReplicaState.FAILED,
 }
+_STATE_NUMBERS = {state: number for number, state in _STATES.items()}
 
 
 def report_from_pb(report: rc.LoadReport) -> LoadReport:
@@ -46,3 +49,26 @@ def model_info_to_pb(model: str, replicas: list[Replica]) -> gen.ModelInfo:
         max_tokens_limit=served.max_tokens_limit if served else 0,
         ready_replicas=len(replicas),
     )
+
+
+def replica_status_to_pb(replica: Replica) -> rc.ReplicaStatus:
+    """What the router knows of a replica, for Admin.ListReplicas."""
+    report = replica.report
+    status = rc.ReplicaStatus(
+        replica_id=replica.name, state=_STATE_NUMBERS.get(replica.state, rc.REPLICA_STATE_UNSPECIFIED),
+        error=replica.last_error,
+    )  # fmt: skip
+    if replica.served is not None:
+        status.spec.id, status.spec.engine = replica.served.id, replica.served.engine
+    if report is not None:
+        status.load.CopyFrom(rc.LoadReport(
+            replica_id=report.replica_id, state=status.state, model=report.model, queued=report.queued,
+            running=report.running, tokens_in_flight=report.tokens_in_flight,
+            tokens_per_second=report.tokens_per_second,
+        ))  # fmt: skip
+    return status
+
+
+def usage_to_pb(usage: LimitUsage) -> adm.QuotaUsage:
+    return adm.QuotaUsage(tenant=usage.tenant, limit=usage.limit, used=usage.used,
+                          limit_value=usage.limit_value, resets_in_s=usage.resets_in_s)  # fmt: skip

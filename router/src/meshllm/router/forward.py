@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
@@ -27,17 +28,36 @@ from meshllm.api.errors import (
 from meshllm.api.metrics import RequestRecord
 from meshllm.api.tracing import child_of, end_with_error, ending, extract, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.router.admission import Admission, Ticket
 from meshllm.router.balancer import Policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.convert import REPLICA_DEFAULT_MAX_TOKENS
 from meshllm.router.metrics import RouterMetrics
 from meshllm.router.pool import ReplicaLink, ReplicaPool
 from meshllm.router.registry import Registry, Replica
+from meshllm.router.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
 Metadata = grpc.aio.Metadata
 TimeRemaining = Callable[[], float | None]
+Headers = tuple[tuple[str, str], ...]
+
+
+async def _no_headers(headers: Headers) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the service layer knows of one incoming call."""
+
+    tenant: Tenant
+    time_remaining: TimeRemaining
+    metadata: Metadata | None = None
+    send_headers: Callable[[Headers], Awaitable[None]] = _no_headers
+    """Sends the initial metadata (quota left) before the first reply message."""
+
 
 # Failures that say "this replica cannot take it now": another replica may. A caller's mistake
 # (INVALID_ARGUMENT), its deadline or its cancellation would fail the same way everywhere.
@@ -60,10 +80,10 @@ def _ending(span: trace.Span, record: RequestRecord) -> Iterator[None]:
 
 
 class Forwarder:
-    def __init__(self, config: RouterConfig, registry: Registry, pool: ReplicaPool,
-                 policy: Policy, metrics: RouterMetrics) -> None:  # fmt: skip
+    def __init__(self, config: RouterConfig, registry: Registry, pool: ReplicaPool, *,
+                 policy: Policy, metrics: RouterMetrics, admission: Admission) -> None:  # fmt: skip
         self._config, self._registry, self._pool, self._policy = config, registry, pool, policy
-        self._metrics = metrics
+        self._metrics, self._admission = metrics, admission
 
     # -- picking -----------------------------------------------------------------------------
 
@@ -107,6 +127,16 @@ class Forwarder:
             return request.max_tokens
         served = link.replica.served
         return served.default_max_tokens if served is not None else REPLICA_DEFAULT_MAX_TOKENS
+
+    def max_tokens(self, request: gen.GenerateRequest) -> int:
+        """What admission reserves before a replica is picked: max_tokens, else the default of
+        a replica serving the model."""
+        if request.HasField("max_tokens"):
+            return request.max_tokens
+        for replica in self._registry.ready_models().get(request.model, ()):
+            if replica.served is not None:
+                return replica.served.default_max_tokens
+        return REPLICA_DEFAULT_MAX_TOKENS
 
     # -- forwarding --------------------------------------------------------------------------
 
@@ -174,37 +204,52 @@ class Forwarder:
         return True
 
     async def stream(
-        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
+        self, request: gen.GenerateRequest, call: Call
     ) -> AsyncGenerator[gen.GenerateChunk]:
         """Relay the reply of one replica; before its first chunk, failures move to another."""
-        span = tracer.start_span("meshllm.router/GenerateStream", context=extract(metadata), kind=SpanKind.SERVER,
-                                 attributes={"meshllm.model": request.model})  # fmt: skip
+        span = tracer.start_span("meshllm.router/GenerateStream", context=extract(call.metadata), kind=SpanKind.SERVER,
+                                 attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name})  # fmt: skip
         with self._metrics.track(request.model) as record, _ending(span, record):
+            record.tenant = call.tenant.name
             self.prepare(request)
             record.request_id = request.request_id
-            async with contextlib.aclosing(self._stream(request, time_remaining, span)) as chunks:
+            async with self._admitted(request, call, span) as ticket, \
+                    contextlib.aclosing(self._stream(request, call.time_remaining, span)) as chunks:  # fmt: skip
                 async for chunk in chunks:
                     record.tokens(len(chunk.token_ids))
+                    ticket.completion_tokens = record.completion_tokens
                     if chunk.HasField("usage"):
-                        record.prompt_tokens = chunk.usage.prompt_tokens
+                        record.prompt_tokens = ticket.prompt_tokens = chunk.usage.prompt_tokens
                         record.replica = chunk.timing.replica
                     yield chunk
 
-    async def generate(
-        self, request: gen.GenerateRequest, time_remaining: TimeRemaining, metadata: Metadata | None
-    ) -> gen.GenerateResponse:
+    async def generate(self, request: gen.GenerateRequest, call: Call) -> gen.GenerateResponse:
         """One whole reply; the client has seen nothing until it ends, so any replica failure
         that another replica might not share is retried (bounded by max_attempts)."""
-        span = tracer.start_span("meshllm.router/Generate", context=extract(metadata), kind=SpanKind.SERVER,
-                                 attributes={"meshllm.model": request.model})  # fmt: skip
+        span = tracer.start_span("meshllm.router/Generate", context=extract(call.metadata), kind=SpanKind.SERVER,
+                                 attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name})  # fmt: skip
         with self._metrics.track(request.model) as record, _ending(span, record):
+            record.tenant = call.tenant.name
             self.prepare(request)
             record.request_id = request.request_id
-            response = await self._generate(request, time_remaining, span)
-            record.replica = response.timing.replica
-            record.prompt_tokens = response.usage.prompt_tokens
-            record.completion_tokens = response.usage.completion_tokens
-            return response
+            async with self._admitted(request, call, span) as ticket:
+                response = await self._generate(request, call.time_remaining, span)
+                record.replica = response.timing.replica
+                record.prompt_tokens = ticket.prompt_tokens = response.usage.prompt_tokens
+                record.completion_tokens = ticket.completion_tokens = (
+                    response.usage.completion_tokens
+                )
+                return response
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, request: gen.GenerateRequest, call: Call, span: trace.Span
+    ) -> AsyncIterator[Ticket]:
+        async with self._admission.admitted(
+            call.tenant, request, self.max_tokens(request), span
+        ) as ticket:
+            await call.send_headers(ticket.headers)
+            yield ticket
 
     async def _stream(
         self, request: gen.GenerateRequest, time_remaining: TimeRemaining, parent: trace.Span

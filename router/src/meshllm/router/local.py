@@ -24,6 +24,9 @@ from meshllm.client import Client, MeshError
 
 @dataclass(frozen=True, kw_only=True)
 class LocalMeshConfig:
+    """A mesh for one machine. The router runs with authentication disabled (``--no-auth``):
+    local development, listening on loopback by default."""
+
     replicas: int = 2
     """Replica processes to start."""
     model: str = "demo"
@@ -97,7 +100,7 @@ class LocalMesh:
         port = c.port or free_port(c.host)
         replica_flags = [flag for address, _ in self.replicas for flag in ("--replica", address)]
         self.router = self._spawn("meshllm.router", "--host", c.host, "--port", str(port),
-                                  "--policy", c.policy, *replica_flags)  # fmt: skip
+                                  "--policy", c.policy, "--no-auth", *replica_flags)  # fmt: skip
         self.address = f"{c.host}:{port}"
         self._wait_ready()
         return self.address

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -14,19 +15,25 @@ from grpc_reflection.v1alpha import reflection
 
 from meshllm.api.metrics import serve_metrics
 from meshllm.api.serving import listen, serve_until_signal, server_options
-from meshllm.api.v1 import generation_pb2
+from meshllm.api.v1 import admin_pb2, generation_pb2
+from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.router.admin import RouterAdminService
+from meshllm.router.admission import Admission, QuotaMetrics
+from meshllm.router.auth import Authenticator, TenantsFile
 from meshllm.router.balancer import make_policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.discovery import Discovery
 from meshllm.router.forward import Forwarder
 from meshllm.router.metrics import router_metrics
 from meshllm.router.pool import ReplicaPool
+from meshllm.router.quota import make_store
 from meshllm.router.registry import Registry
 from meshllm.router.service import RouterGenerationService
 
 log = logging.getLogger(__name__)
 
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 GENERATION = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING, NOT_SERVING = (
@@ -49,6 +56,10 @@ class RouterServer:
         self.pool = ReplicaPool(self.config, self.registry, self._on_change)
         self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
         self._discovery = Discovery(self.config)
+        self._tenants = TenantsFile(Path(config.tenants_file)) if config.auth == "api-key" else None
+        self._store = make_store(self.config.quota_store, redis_url=self.config.redis_url,
+                                 concurrency_retry_s=self.config.retry_after_s,
+                                 lease_s=self.config.quota_lease_s, timeout_s=self.config.redis_timeout_s)  # fmt: skip
         self._health = HealthServicer()
         self._stopped = False
         self.metrics_port: int | None = None
@@ -56,22 +67,32 @@ class RouterServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self.admission: Admission | None = None
 
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
         self.port = listen(server, self.config.host, self.config.port)
         prometheus, metrics = router_metrics(self.registry, self.config.tokens_per_request)
-        forwarder = Forwarder(self.config, self.registry, self.pool, self.policy, metrics)
+        self.auth = Authenticator(self._tenants.tenants if self._tenants else None, prometheus)
+        self.admission = Admission(self._store, self.config.redis_unavailable,
+                                   self.config.retry_after_s, QuotaMetrics(prometheus))  # fmt: skip
+        forwarder = Forwarder(self.config, self.registry, self.pool, policy=self.policy,
+                              metrics=metrics, admission=self.admission)  # fmt: skip
         gen_grpc.add_GenerationServicer_to_server(
-            RouterGenerationService(forwarder, self.registry), server
+            RouterGenerationService(forwarder, self.registry, self.auth), server
+        )
+        adm_grpc.add_AdminServicer_to_server(
+            RouterAdminService(self.auth, self.registry, self.admission), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((GENERATION, HEALTH, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (GENERATION, ADMIN, HEALTH, reflection.SERVICE_NAME), server
+        )
         await self._health.set("", SERVING)
         await self._health.set(GENERATION, NOT_SERVING)
         self.pool.sync(await self._discovery.addresses())
-        if self._discovery.dynamic:
-            self._refresher = asyncio.create_task(self._refresh(), name="discovery")
+        if self._discovery.dynamic or self._tenants is not None:
+            self._refresher = asyncio.create_task(self._refresh(), name="refresh")
         await server.start()
         self._server = server
         if self.config.metrics_port is not None:
@@ -80,12 +101,24 @@ class RouterServer:
             )
         log.info("router listening on %s (%s, %d replica addresses)", self.port, self.config.policy,
                  len(self.pool.links))  # fmt: skip
+        self._log_access()
         return self.port
+
+    def _log_access(self) -> None:
+        if self._tenants is None:
+            log.warning("AUTHENTICATION DISABLED (auth = 'none'): every caller is an admin with no "
+                        "quota; use this for local development only")  # fmt: skip
+        else:
+            log.info("%d tenants from %s; quota store: %s", len(self._tenants.tenants),
+                     self._tenants.path, getattr(self._store, "url", self.config.quota_store))  # fmt: skip
 
     async def _refresh(self) -> None:
         while True:
             await asyncio.sleep(self.config.refresh_s)
-            self.pool.sync(await self._discovery.addresses())
+            if self._discovery.dynamic:
+                self.pool.sync(await self._discovery.addresses())
+            if self._tenants is not None and (tenants := self._tenants.reload()) is not None:
+                self.auth.use(tenants)
 
     def _on_change(self) -> None:
         status = SERVING if self.registry.ready_models() else NOT_SERVING
@@ -107,6 +140,8 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.pool.close()
+        if self.admission is not None:
+            await self.admission.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
 

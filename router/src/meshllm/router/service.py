@@ -11,24 +11,34 @@ import grpc
 from meshllm.api.serving import streaming, unary
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.router.auth import Authenticator
 from meshllm.router.convert import model_info_to_pb
-from meshllm.router.forward import Forwarder
+from meshllm.router.forward import Call, Forwarder, Headers
 from meshllm.router.registry import Registry
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def incoming(auth: Authenticator, context: Context) -> Call:
+    """Authenticate a call: its tenant, deadline, metadata and a way to send headers."""
+    metadata = context.invocation_metadata()
+
+    async def send_headers(headers: Headers) -> None:
+        if headers:
+            await context.send_initial_metadata(headers)
+
+    return Call(auth.authenticate(metadata), context.time_remaining, metadata, send_headers)
+
+
 class RouterGenerationService(gen_grpc.GenerationServicer):
-    def __init__(self, forwarder: Forwarder, registry: Registry) -> None:
-        self._forwarder, self._registry = forwarder, registry
+    def __init__(self, forwarder: Forwarder, registry: Registry, auth: Authenticator) -> None:
+        self._forwarder, self._registry, self._auth = forwarder, registry, auth
 
     @streaming
     async def GenerateStream(
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncGenerator[gen.GenerateChunk]:
-        chunks = self._forwarder.stream(
-            request, context.time_remaining, context.invocation_metadata()
-        )
+        chunks = self._forwarder.stream(request, incoming(self._auth, context))
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
@@ -37,14 +47,13 @@ class RouterGenerationService(gen_grpc.GenerationServicer):
     async def Generate(
         self, request: gen.GenerateRequest, context: Context
     ) -> gen.GenerateResponse:
-        return await self._forwarder.generate(
-            request, context.time_remaining, context.invocation_metadata()
-        )
+        return await self._forwarder.generate(request, incoming(self._auth, context))
 
     @unary
     async def ListModels(
         self, request: gen.ListModelsRequest, context: Context
     ) -> gen.ListModelsResponse:
+        self._auth.authenticate(context.invocation_metadata())
         ready = self._registry.ready_models()
         return gen.ListModelsResponse(
             models=[model_info_to_pb(model, ready[model]) for model in sorted(ready)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import time
 from collections import Counter
@@ -133,3 +134,24 @@ def test_sync_twin_has_the_async_signatures(name: str) -> None:
 
     assert params(getattr(Client, name)) == params(getattr(AsyncClient, name))
     assert params(Client.__init__) == params(AsyncClient.__init__)
+
+
+async def test_refusals_for_concurrency_are_retried_after_the_servers_retry_info(
+    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
+) -> None:
+    digest = hashlib.sha256(b"k").hexdigest()
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(
+        f'[[tenants]]\nname = "t"\nkeys = ["sha256:{digest}"]\nconcurrent_requests = 2\n'
+    )
+    router = await start_router(await start_replica(demo_spec()), auth="api-key",
+                                tenants_file=str(tenants), retry_after_s=0.2)  # fmt: skip
+    async with AsyncClient(f"127.0.0.1:{router.port}", api_key="k", timeout=30) as client:
+        items = await client.generate_batch([f"p {i}" for i in range(60)], model="demo",
+                                            concurrency=6, max_tokens=16, temperature=0.0,
+                                            retry=RetryPolicy(max_attempts=50))  # fmt: skip
+    async with AsyncClient(f"127.0.0.1:{router.port}") as keyless:
+        with pytest.raises(errors.Unauthenticated):
+            await keyless.generate("x", model="demo")
+    assert all(item.ok for item in items)
+    assert sum(item.attempts > 1 for item in items) >= 5  # refused, then admitted on retry

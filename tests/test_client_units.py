@@ -17,7 +17,7 @@ from meshllm.client import AbortPolicy, Completion, FinishReason, Pacing, RetryP
 from meshllm.client._abort import FailureTracker
 from meshllm.client._batch import BatchOptions, BatchRunner, Prepared, item_fields, token_estimate
 from meshllm.client._pacing import Limit, Pacer, RateLimits, TokenBucket, parse_rate_limits
-from meshllm.client._retry import backoff, is_transient, retry_delay
+from meshllm.client._retry import backoff, is_transient, pauses_everyone, retry_delay
 from meshllm.client._types import BatchItem, Timing, Usage
 
 # -- retry policy --------------------------------------------------------------------------------
@@ -77,6 +77,18 @@ def test_server_retry_info_is_a_floor_and_a_huge_one_fails_now() -> None:
     assert delay is not None and 7.5 <= delay <= 7.5 * 1.1
     daily = errors.ResourceExhausted("tokens per day", retry_after=8 * 3600.0)
     assert retry_delay(RetryPolicy(), daily, 1, random.Random(0)) is None
+
+
+def test_only_a_shared_refusal_pauses_the_whole_batch() -> None:
+    rate = errors.ResourceExhausted(
+        "rpm", retry_after=2.0, metadata={"limits": "requests_per_minute"}
+    )
+    slots = errors.ResourceExhausted(
+        "busy", retry_after=1.0, metadata={"limits": "concurrent_requests"}
+    )
+    assert pauses_everyone(rate) and not pauses_everyone(slots)
+    assert pauses_everyone(errors.Unavailable("none", reason="NO_HEALTHY_REPLICA", retry_after=1.0))
+    assert not pauses_everyone(errors.Unavailable("gone"))
 
 
 # -- pacing ----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from meshllm.api.errors import Aborted, InvalidArgument, MeshError
 from meshllm.client._abort import NEVER, AbortPolicy, FailureTracker
 from meshllm.client._pacing import Pacer, Pacing, RateLimits
 from meshllm.client._progress import Progress
-from meshllm.client._retry import RetryPolicy, retry_delay
+from meshllm.client._retry import RetryPolicy, pauses_everyone, retry_delay
 from meshllm.client._types import BatchItem, Completion, Prompt
 
 OnResult = Callable[[int, Completion | None, MeshError | None], None]
@@ -228,7 +228,7 @@ class BatchRunner:
                 delay = retry_delay(self.options.retry, e, attempt, self.rng)
                 if delay is None:
                     return BatchItem(index=index, result=None, error=e, attempts=attempt)
-                if e.retry_after is not None:  # the server's word holds for every item
+                if e.retry_after is not None and pauses_everyone(e):
                     self.pacer.pause_until(self.clock() + e.retry_after)
                 await self.sleep(delay)
                 continue

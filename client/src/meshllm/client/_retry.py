@@ -70,6 +70,16 @@ def is_transient(error: MeshError, *, streamed: bool = False, retry_deadline: bo
     return retry_deadline or error.code != grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def pauses_everyone(error: MeshError) -> bool:
+    """Whether the server's RetryInfo holds for every request of the batch, not just this one:
+    an empty rate bucket, a full queue or no replica refuses the next request too. A refusal
+    for the tenant's concurrent requests alone does not: the others running are what fills it,
+    and stopping them all would only idle the slots."""
+    if error.retry_after is None:
+        return False
+    return error.metadata.get("limits") != "concurrent_requests"
+
+
 def backoff(policy: RetryPolicy, attempt: int, rng: random.Random) -> float:
     """Exponential backoff with jitter after failed attempt number ``attempt`` (1-based)."""
     base = min(policy.max_backoff_s, policy.initial_backoff_s * policy.multiplier ** (attempt - 1))

@@ -387,3 +387,16 @@ def test_item_fields_and_token_estimate() -> None:
     assert token_estimate({"prompt": chat}) == 3 + 4 + 256
     with pytest.raises(errors.InvalidArgument):
         item_fields(42, {})  # type: ignore[arg-type]
+
+
+async def test_an_exception_in_on_result_stops_the_batch_and_cancels_the_rest() -> None:
+    transport = FakeTransport()
+
+    def on_result(index: int, result: object, error: object) -> None:
+        if index == 5:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        await collect(runner(transport, concurrency=4), (str(i) for i in range(10_000)),
+                      on_result=on_result)  # fmt: skip
+    assert len(transport.calls) < 100

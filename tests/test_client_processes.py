@@ -182,3 +182,25 @@ def test_bench_sweeps_concurrency_and_recommends_a_level(replica_process: StartP
         assert lv["tokens_per_s"] == pytest.approx(lv["requests_per_s"] * 8, rel=0.05)
         assert 0 < lv["ttft_ms"]["p50"] <= lv["latency_ms"]["p50"] <= lv["latency_ms"]["p99"]
     assert report["recommended_concurrency"] in (1, 4)
+
+
+def test_cli_cache_answers_a_second_run_and_refresh_asks_again(
+    replica_process: StartProcess, tmp_path: Path
+) -> None:
+    _, port = replica_process("--model", "demo")
+    target, src, cache = f"127.0.0.1:{port}", tmp_path / "in.jsonl", tmp_path / "cache.sqlite"
+    src.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(20)))
+
+    def run(name: str, *extra: str) -> list[dict[str, object]]:
+        out = tmp_path / name
+        proc = run_cli(target, src, out, "--temperature", "0", "--cache", str(cache), *extra)
+        assert proc.wait(timeout=60) == 0
+        return sorted((json.loads(line) for line in out.read_text().splitlines()),
+                      key=lambda r: r["index"])  # fmt: skip
+
+    first, second, refreshed = run("1.jsonl"), run("2.jsonl"), run("3.jsonl", "--refresh-cache")
+    assert not any(r["cached"] for r in first) and all(r["cached"] for r in second)
+    assert not any(r["cached"] for r in refreshed)
+    assert (
+        [r["text"] for r in second] == [r["text"] for r in first] == [r["text"] for r in refreshed]
+    )

@@ -75,4 +75,13 @@ def test_public_client_api_is_pinned() -> None:
         "StreamChunk",
         "MeshError",
         "ResourceExhausted",
+        "Aborted",
+        "BatchItem",
+        "RetryPolicy",
+        "Pacing",
+        "AbortPolicy",
+        "ResponseCache",
     } <= set(meshllm.client.__all__)
+    for method in ("generate", "stream", "list_models", "iter_batch", "generate_batch"):
+        assert callable(getattr(meshllm.client.Client, method))
+        assert callable(getattr(meshllm.client.AsyncClient, method))

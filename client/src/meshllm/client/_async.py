@@ -53,6 +53,7 @@ class AsyncClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._owns_cache = cache is not None and not isinstance(cache, ResponseCache)
         self.cache = (
             cache if isinstance(cache, ResponseCache) or cache is None else ResponseCache(cache)
         )
@@ -72,7 +73,7 @@ class AsyncClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub_obj = None
-        if self.cache is not None:
+        if self.cache is not None and self._owns_cache:  # a ResponseCache passed in is the caller's
             self.cache.close()
 
     def _stub(self) -> gen_grpc.GenerationStub:

@@ -148,10 +148,14 @@ async def _jsonl(args: argparse.Namespace) -> int:
                           max_failure_ratio=args.abort_ratio),
         progress=not args.no_progress,
     )  # fmt: skip
-    async with AsyncClient(
-        args.target, api_key=args.api_key, timeout=args.timeout, cache=cache
-    ) as client:
-        return await run_jsonl(client, job)
+    try:
+        async with AsyncClient(
+            args.target, api_key=args.api_key, timeout=args.timeout, cache=cache
+        ) as client:
+            return await run_jsonl(client, job)
+    finally:
+        if cache is not None:  # the client closes only a cache it opened itself
+            cache.close()
 
 
 async def _bench(args: argparse.Namespace) -> int:

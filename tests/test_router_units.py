@@ -120,7 +120,9 @@ def test_lease_counts_requests_and_tokens_until_it_ends() -> None:
 
 
 def test_config_errors_name_every_bad_field() -> None:
-    bad = RouterConfig(policy="fastest", replicas=("nohost",), max_attempts=0, refresh_s=0, auth="none")
+    bad = RouterConfig(
+        policy="fastest", replicas=("nohost",), max_attempts=0, refresh_s=0, auth="none"
+    )
     with pytest.raises(InvalidArgument) as e:
         bad.validate()
     fields = {v.field for v in e.value.field_violations}

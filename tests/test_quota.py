@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -53,6 +54,12 @@ async def generate(
         return response, headers
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+    return text
+
+
 async def quota_usage(router: RouterServer, key: str = ADMIN) -> dict[str, int]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
         admin = adm_grpc.AdminStub(channel)
@@ -74,7 +81,7 @@ async def test_n_requests_per_minute_admit_exactly_n_of_3n_concurrent(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     n = 5
-    router = await start_router(await start_replica(demo_spec()), auth="api-key",
+    router = await start_router(await start_replica(demo_spec()), auth="api-key", metrics_port=0,
                                 tenants_file=tenants_file(tmp_path, requests_per_minute=n))  # fmt: skip
     with caplog.at_level(logging.INFO, logger="meshllm.requests"):
         results = await asyncio.gather(*(generate(router) for _ in range(3 * n)))
@@ -93,6 +100,12 @@ async def test_n_requests_per_minute_admit_exactly_n_of_3n_concurrent(
     lines = [r for r in caplog.records if r.name == "meshllm.requests" and hasattr(r, "tenant")]
     assert [getattr(r, "tenant", None) for r in lines] == ["batch"] * 3 * n
     assert [getattr(r, "code", "") for r in lines].count("RESOURCE_EXHAUSTED") == 2 * n
+    assert router.metrics_port is not None
+    metrics = await asyncio.to_thread(scrape, router.metrics_port)
+    assert (
+        f'meshllm_router_quota_rejections_total{{limit="requests_per_minute",tenant="batch"}} {2 * n}.0'
+        in metrics
+    )
 
 
 async def test_a_cancelled_stream_gives_its_unused_tokens_back(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import os
 from pathlib import Path
@@ -15,6 +16,8 @@ from meshllm.api.errors import InvalidArgument, PermissionDenied, ResourceExhaus
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission, QuotaMetrics, prompt_tokens_estimate
 from meshllm.router.auth import Authenticator, TenantsFile
+from meshllm.router.cli import config_from_args, keys_command, parse_args
+from meshllm.router.config import RouterConfig
 from meshllm.router.quota import Demand, QuotaExceeded, TenantLimits
 from meshllm.router.quota.memory import MemoryQuotaStore
 from meshllm.router.tenants import ANONYMOUS, Role, Tenant, hash_key, load_tenants
@@ -317,3 +320,52 @@ def test_a_changed_tenants_file_is_reloaded_and_a_broken_one_ignored(tmp_path: P
     os.utime(path, (2, 2))
     assert source.reload() is None
     assert source.tenants[0].name == "b"
+
+
+def test_new_key_prints_the_key_once_to_stderr_and_only_its_hash_to_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert keys_command(["new-key", "research", "admin"]) == 0
+    out, err = capsys.readouterr()
+    key = err.strip().rsplit(" ", 1)[-1]
+    assert key.startswith("mk-") and key not in out
+    (tenant,) = load_tenants(write(tmp_path, out))
+    assert (tenant.name, tenant.role) == ("research", Role.ADMIN)
+    assert (
+        Authenticator([tenant], CollectorRegistry()).authenticate(
+            [("authorization", f"Bearer {key}")]
+        )
+        is tenant
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
+    assert keys_command(["hash-key"]) == 0
+    assert capsys.readouterr().out.strip() == hash_key(key) == out.split('"')[-2]
+    assert keys_command(["new-key", "x", "root"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({}, "tenants_file"),
+        ({"auth": "none", "tenants_file": "t.toml"}, "tenants_file"),
+        ({"auth": "password"}, "auth"),
+        ({"auth": "none", "quota_store": "etcd"}, "quota_store"),
+        ({"auth": "none", "quota_store": "redis"}, "redis_url"),
+        ({"auth": "none", "redis_unavailable": "maybe"}, "redis_unavailable"),
+    ],
+)
+def test_auth_and_quota_settings_are_validated(settings: dict[str, str], field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        RouterConfig(replicas=("a:1",), **settings).validate()  # type: ignore[arg-type]
+    assert [v.field for v in info.value.field_violations] == [field]
+
+
+def test_the_redis_url_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHLLM_REDIS_URL", "redis://:pw@redis:6379/0")
+    args = parse_args(["--replica", "a:1", "--no-auth", "--quota-store", "redis"])
+    config = config_from_args(args)
+    assert (config.auth, config.quota_store, config.redis_url) == (
+        "none",
+        "redis",
+        "redis://:pw@redis:6379/0",
+    )

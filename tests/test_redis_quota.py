@@ -9,7 +9,6 @@ import logging
 import shutil
 import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +17,7 @@ import grpc
 import pytest
 import redis
 from conftest import StartReplica, StartRouter, demo_spec
-from test_quota import USER, generate, tenants_file
+from test_quota import USER, generate, scrape, tenants_file
 from test_quota_units import DAY, Clock
 
 from meshllm.api.errors import MeshError
@@ -165,12 +164,6 @@ async def test_two_routers_sharing_redis_admit_exactly_the_global_limit(
     alone = await start_router(replica, auth="api-key", tenants_file=shared["tenants_file"])
     assert isinstance((await generate(alone))[0], gen.GenerateResponse)
     assert isinstance((await generate(a))[0], MeshError)
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text: str = response.read().decode()
-    return text
 
 
 def failures(metrics: str, outcome: str) -> float:

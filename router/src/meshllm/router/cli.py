@@ -107,7 +107,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 def keys_command(argv: list[str]) -> int:
     """``hash-key``: the line to store for a key read from stdin (never an argument: shell
-    history). ``new-key NAME [ROLE]``: a fresh key, shown once, and its tenants-file entry."""
+    history). ``new-key NAME [ROLE]``: a fresh key, shown once on stderr, and its tenants-file
+    entry on stdout."""
     if argv[0] == "hash-key":
         key = sys.stdin.readline().strip()
         if not key:
@@ -119,8 +120,9 @@ def keys_command(argv: list[str]) -> int:
         print("usage: meshllm-router new-key TENANT [user|admin]", file=sys.stderr)
         return 2
     key, role = new_key(), (argv[2] if len(argv) == 3 else "user")
-    print(f"# API key for {argv[1]} (shown once; give it to the tenant, store only the hash):")
-    print(f"#   {key}")
+    # the key to the terminal (stderr), the entry to stdout: `new-key x >> tenants.toml` stores
+    # only the hash
+    print(f"API key for {argv[1]} (shown once; give it to the tenant): {key}", file=sys.stderr)
     print(f'[[tenants]]\nname = "{argv[1]}"\nrole = "{role}"\nkeys = ["{hash_key(key)}"]')
     return 0
 

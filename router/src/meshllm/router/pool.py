@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from meshllm.api.tls import channel
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
@@ -36,7 +37,7 @@ class ReplicaLink:
     def __init__(self, replica: Replica, config: RouterConfig, registry: Registry) -> None:
         self.replica = replica
         opts = [*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self.channel = grpc.aio.insecure_channel(replica.address, options=opts)
+        self.channel = channel(replica.address, config.replica_tls, opts)
         self.generation = gen_grpc.GenerationStub(self.channel)
         self.control = rc_grpc.ReplicaControlStub(self.channel)
         self._config, self._registry = config, registry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +169,10 @@ async def test_router_mutual_tls_refuses_clients_without_a_signed_certificate(
 
 
 async def test_replica_mutual_tls_admits_only_a_router_with_a_certificate(
-    certs: Certs, start_replica: StartReplica, start_router: StartRouter
+    certs: Certs,
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     replica = await start_replica(demo_spec(), **serving(certs, client_ca=certs.ca))
     # Routed at all (start_router waits for it) only if the handshake with the certificate works.
@@ -184,6 +188,11 @@ async def test_replica_mutual_tls_admits_only_a_router_with_a_certificate(
     [seen] = anonymous.registry.replicas.values()
     assert not seen.connected
     assert seen.last_error.startswith("UNAVAILABLE"), seen.last_error
+    # The router says why (the operator's clue to a TLS mismatch), once per cause, not per retry.
+    said = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert said
+    assert said[-1] == f"replica 127.0.0.1:{replica.port} unreachable: {seen.last_error}"
+    assert all(a != b for a, b in itertools.pairwise(said)), said
 
 
 async def test_client_cli_over_mutual_tls(

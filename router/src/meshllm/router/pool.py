@@ -51,7 +51,7 @@ class ReplicaLink:
         )
 
     async def _follow(self, on_change: Callable[[], None]) -> None:
-        backoff = 0.1
+        backoff, told = 0.1, ""
         while not self._closing:
             reports_before = self._reports
             try:
@@ -63,8 +63,11 @@ class ReplicaLink:
                 log.warning("replica %s ejected: %s", self.replica.name, self.replica.last_error)
                 self.replica.eject(self.replica.last_error)
                 on_change()
+            elif self.replica.last_error != told:  # once per cause: a wrong address, TLS settings
+                told = self.replica.last_error
+                log.warning("replica %s unreachable: %s", self.replica.address, told)
             if self._reports != reports_before:
-                backoff = 0.1
+                backoff, told = 0.1, ""
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._config.reconnect_max_s)
 

@@ -51,7 +51,7 @@ class ReplicaLink:
         )
 
     async def _follow(self, on_change: Callable[[], None]) -> None:
-        backoff, told = 0.1, ""
+        backoff, told = 0.1, set[str]()  # why the replica could not be reached, as logged
         while not self._closing:
             reports_before = self._reports
             try:
@@ -63,11 +63,14 @@ class ReplicaLink:
                 log.warning("replica %s ejected: %s", self.replica.name, self.replica.last_error)
                 self.replica.eject(self.replica.last_error)
                 on_change()
-            elif self.replica.last_error != told:  # once per cause: a wrong address, TLS settings
-                told = self.replica.last_error
-                log.warning("replica %s unreachable: %s", self.replica.address, told)
+            elif self.replica.last_error not in told:  # once per cause: an address, TLS settings
+                told.add(self.replica.last_error)
+                log.warning(
+                    "replica %s unreachable: %s", self.replica.address, self.replica.last_error
+                )
             if self._reports != reports_before:
-                backoff, told = 0.1, ""
+                backoff = 0.1
+                told.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._config.reconnect_max_s)
 

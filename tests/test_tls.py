@@ -251,6 +251,24 @@ def test_tls_settings_are_checked_with_errors_that_name_them(certs: Certs, tmp_p
         ).validate()
     assert _field_errors(caught.value) == {"tls_client_ca": f"{not_pem} holds no PEM certificate"}
     with pytest.raises(InvalidArgument) as caught:
+        ChannelTLS(cert=certs.client_key, key=certs.client_key)
+    assert _field_errors(caught.value) == {
+        "tls_cert": f"{certs.client_key} is not a PEM certificate"
+    }
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        ChannelTLS(cert=certs.client_cert, key=str(encrypted))
+    assert _field_errors(caught.value) == {
+        "tls_key": f"{encrypted} is encrypted; gRPC needs an unencrypted key"
+    }
+    with pytest.raises(InvalidArgument) as caught:
         ChannelTLS(ca=str(tmp_path / "missing.pem"))
     assert (
         caught.value.message

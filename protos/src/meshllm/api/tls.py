@@ -38,13 +38,13 @@ class ServerTLS:
 
     def __post_init__(self) -> None:
         p = self.prefix
-        bad = _pair(self.cert, self.key, p)
-        if not (self.cert or self.key):
-            bad = [FieldViolation(p + "client_ca", f"needs {p}cert and {p}key")] if self.client_ca else [
-                FieldViolation(p + "cert", "must be set for TLS"),
-                FieldViolation(p + "key", "must be set for TLS"),
-            ]  # fmt: skip
-        _raise(bad)
+        if self.cert or self.key:
+            _raise(_pair(self.cert, self.key, p))
+        elif self.client_ca:
+            _fail(p + "client_ca", f"needs {p}cert and {p}key")
+        else:
+            _raise([FieldViolation(p + "cert", "must be set for TLS"),
+                    FieldViolation(p + "key", "must be set for TLS")])  # fmt: skip
         cert, key = _load_pair(self.cert, self.key, p)
         ca = _load_ca(self.client_ca, p + "client_ca") if self.client_ca else None
         object.__setattr__(self, "_pem", (cert, key, ca))
@@ -132,7 +132,7 @@ def _load_pair(cert: str, key: str, prefix: str) -> tuple[bytes, bytes]:
         _fail(prefix + "cert", f"{cert} is not a PEM certificate")
     if b"PRIVATE KEY-----" not in key_pem:
         _fail(prefix + "key", f"{key} is not a PEM private key")
-    if b"ENCRYPTED" in key_pem:
+    if b"ENCRYPTED PRIVATE KEY-----" in key_pem or b"Proc-Type: 4,ENCRYPTED" in key_pem:
         _fail(prefix + "key", f"{key} is encrypted; gRPC needs an unencrypted key")
     # gRPC would find a key that does not match only when binding the port ("Failed to bind")
     # or at the first handshake; OpenSSL's own check here names the files instead.

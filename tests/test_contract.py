@@ -75,4 +75,5 @@ def test_public_client_api_is_pinned() -> None:
         "StreamChunk",
         "MeshError",
         "ResourceExhausted",
+        "ChannelTLS",
     } <= set(meshllm.client.__all__)

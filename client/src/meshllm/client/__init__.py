@@ -6,7 +6,8 @@
         for chunk in client.stream("Hello", model="demo"):
             print(chunk.text, end="", flush=True)
 
-``AsyncClient`` has the same methods as coroutines / async iterators.
+``AsyncClient`` has the same methods as coroutines / async iterators. Over TLS:
+``Client(target, tls=ChannelTLS(ca="ca.pem"))`` (``tls=True``: the system's root certificates).
 """
 
 from meshllm.api.errors import (
@@ -22,6 +23,7 @@ from meshllm.api.errors import (
     Unauthenticated,
     Unavailable,
 )
+from meshllm.api.tls import ChannelTLS
 from meshllm.client._async import AsyncClient
 from meshllm.client._sync import Client
 from meshllm.client._types import (
@@ -38,6 +40,7 @@ __all__ = [
     "AsyncClient",
     "BatchItem",
     "Cancelled",
+    "ChannelTLS",
     "Client",
     "Completion",
     "DeadlineExceeded",

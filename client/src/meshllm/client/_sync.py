@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from meshllm.api.errors import MeshError
+from meshllm.api.tls import ChannelTLS
 from meshllm.client._async import AsyncClient, PromptArg
 from meshllm.client._types import BatchItem, Completion, ModelInfo, Prompt, StreamChunk
 
@@ -24,14 +25,19 @@ class Client:
     """Blocking client with the same methods as :class:`AsyncClient`."""
 
     def __init__(
-        self, target: str, *, api_key: str | None = None, timeout: float | None = None
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = None,
+        tls: ChannelTLS | bool | None = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="meshllm-client", daemon=True
         )
         self._thread.start()
-        self._async = AsyncClient(target, api_key=api_key, timeout=timeout)
+        self._async = AsyncClient(target, api_key=api_key, timeout=timeout, tls=tls)
 
     def __enter__(self) -> Client:
         return self

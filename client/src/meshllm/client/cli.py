@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from meshllm.api.errors import MeshError
+from meshllm.api.tls import ChannelTLS
 from meshllm.client._sync import Client
 
 
@@ -13,6 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="meshllm", description="meshllm command line client")
     p.add_argument("--target", default="localhost:50051", help="router or replica host:port")
     p.add_argument("--api-key", default=None)
+    _add_tls_flags(p)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream one reply to the terminal")
     g.add_argument("prompt")
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("up", "demo"):
         sys.exit(_local(args))
     try:
-        with Client(args.target, api_key=args.api_key) as client:
+        with Client(args.target, api_key=args.api_key, tls=_tls(args)) as client:
             if args.command == "models":
                 for m in client.list_models():
                     print(
@@ -45,6 +47,22 @@ def main(argv: list[str] | None = None) -> None:
                 print()
     except MeshError as e:
         sys.exit(f"meshllm: {type(e).__name__}: {e.message}")
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS", "default: plaintext, for local development only")
+    g.add_argument("--tls", action="store_true", help="TLS trusting the system's root certificates")
+    g.add_argument("--tls-ca", default="", metavar="PEM", help="TLS trusting this CA")
+    g.add_argument("--tls-cert", default="", metavar="PEM",
+                   help="client certificate, for mutual TLS (with --tls-key)")  # fmt: skip
+    g.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
+
+
+def _tls(args: argparse.Namespace) -> ChannelTLS | None:
+    """Any TLS flag turns TLS on; the files are read (and checked) here."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return ChannelTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def _local(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.meshllm-installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
-.PHONY: setup demo test check lint typecheck protos bench bench-router bench-client clean
+.PHONY: setup demo test check lint typecheck protos bench bench-router bench-quota bench-client clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ bench: setup
 
 bench-router: setup
 	$(PY) benchmarks/router.py
+
+bench-quota: setup
+	$(PY) benchmarks/quota.py
 
 bench-client: setup
 	$(PY) benchmarks/client.py

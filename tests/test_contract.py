@@ -81,6 +81,7 @@ def test_public_client_api_is_pinned() -> None:
         "Pacing",
         "AbortPolicy",
         "ResponseCache",
+        "ChannelTLS",
     } <= set(meshllm.client.__all__)
     for method in ("generate", "stream", "list_models", "iter_batch", "generate_batch"):
         assert callable(getattr(meshllm.client.Client, method))

@@ -4,6 +4,7 @@ client -> router -> forward attempt -> replica -> queue and engine."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import StartRouter
@@ -11,8 +12,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_quota import USER, tenants_file
 
-from meshllm.client import AsyncClient
+from meshllm.client import AsyncClient, ResourceExhausted
 from meshllm.replica.server import ReplicaServer
 
 
@@ -55,3 +57,34 @@ async def test_one_trace_from_the_client_to_the_engine(
     assert float(engine.attributes["meshllm.time_to_first_token_ms"]) > 0  # type: ignore[arg-type]
     forward = next(s for s in finished if s.name == "meshllm.router/forward")
     assert forward.attributes is not None and forward.attributes["meshllm.replica"] == "r0"
+
+
+async def test_quota_admission_is_a_span_of_the_request(
+    spans: InMemorySpanExporter,
+    demo_replica: ReplicaServer,
+    start_router: StartRouter,
+    tmp_path: Path,
+) -> None:
+    router = await start_router(demo_replica, auth="api-key",
+                                tenants_file=tenants_file(tmp_path, requests_per_minute=1))  # fmt: skip
+    spans.clear()
+    async with AsyncClient(f"127.0.0.1:{router.port}", api_key=USER) as client:
+        await client.generate("hello", model="demo", max_tokens=2)
+        with pytest.raises(ResourceExhausted):
+            await client.generate("hello", model="demo", max_tokens=2)
+    finished = spans.get_finished_spans()
+    by_id = {s.context.span_id: s for s in finished}
+    quota = [s for s in finished if s.name == "meshllm.router/quota"]
+    assert [parent_name(s, by_id) for s in quota] == ["meshllm.router/Generate"] * 2
+    assert [(s.attributes or {}).get("meshllm.quota.outcome") for s in quota] == [
+        "admitted",
+        "exceeded",
+    ]
+    assert {(s.attributes or {}).get("meshllm.tenant") for s in quota} == {"batch"}
+    assert (quota[0].attributes or {}).get(
+        "meshllm.reserved_tokens"
+    ) == 2 + 2  # "hello": 2 + max_tokens
+    refused = next(
+        s for s in finished if s.name == "meshllm.router/Generate" and not s.status.is_ok
+    )
+    assert (refused.attributes or {}).get("meshllm.tenant") == "batch"

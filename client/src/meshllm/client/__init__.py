@@ -14,6 +14,8 @@
 
 keeps input order and a bounded window, retries transient failures (:class:`RetryPolicy`),
 paces itself (:class:`Pacing`) and can stop early (:class:`AbortPolicy`).
+Over TLS: ``Client(target, tls=ChannelTLS(ca="ca.pem"))`` (``tls=True``: the system's root
+certificates).
 """
 
 from meshllm.api.errors import (
@@ -30,6 +32,7 @@ from meshllm.api.errors import (
     Unauthenticated,
     Unavailable,
 )
+from meshllm.api.tls import ChannelTLS
 from meshllm.client._abort import AbortPolicy
 from meshllm.client._async import AsyncClient
 from meshllm.client._cache import ResponseCache
@@ -52,6 +55,7 @@ __all__ = [
     "AsyncClient",
     "BatchItem",
     "Cancelled",
+    "ChannelTLS",
     "Client",
     "Completion",
     "DeadlineExceeded",

@@ -10,6 +10,7 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import from_rpc_error
+from meshllm.api.tls import ChannelTLS, channel
 from meshllm.api.tracing import ending, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -37,8 +38,10 @@ class AsyncClient:
 
     Args:
       target: ``host:port`` of the router (or of one replica, for development).
-      api_key: sent as ``authorization: Bearer <key>``.
+      api_key: sent as ``authorization: Bearer <key>``; outside local development only over TLS.
       timeout: default deadline per call, in seconds (None: no deadline).
+      tls: ``ChannelTLS`` (CA, client certificate for mutual TLS, server name), or True for TLS
+        that trusts the system's root certificates; None or False: plaintext.
       cache: a SQLite file (or a :class:`ResponseCache`) that answers deterministic requests
         (temperature 0 or top_k 1) seen before, without calling the server. Off by default.
     """
@@ -49,10 +52,12 @@ class AsyncClient:
         *,
         api_key: str | None = None,
         timeout: float | None = None,
+        tls: ChannelTLS | bool | None = None,
         cache: CacheArg = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.tls = ChannelTLS() if tls is True else tls or None
         self._owns_cache = cache is not None and not isinstance(cache, ResponseCache)
         self.cache = (
             cache if isinstance(cache, ResponseCache) or cache is None else ResponseCache(cache)
@@ -78,7 +83,7 @@ class AsyncClient:
 
     def _stub(self) -> gen_grpc.GenerationStub:
         if self._stub_obj is None:
-            self._channel = grpc.aio.insecure_channel(self.target)
+            self._channel = channel(self.target, self.tls)
             self._stub_obj = gen_grpc.GenerationStub(self._channel)
         return self._stub_obj
 

@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
+from meshllm.api.tls import ChannelTLS
 from meshllm.client._abort import AbortPolicy
 from meshllm.client._async import AsyncClient, CacheArg, PromptArg
 from meshllm.client._batch import OnResult
@@ -33,6 +34,7 @@ class Client:
         *,
         api_key: str | None = None,
         timeout: float | None = None,
+        tls: ChannelTLS | bool | None = None,
         cache: CacheArg = None,
     ) -> None:
         self._loop = asyncio.new_event_loop()
@@ -40,7 +42,7 @@ class Client:
             target=self._loop.run_forever, name="meshllm-client", daemon=True
         )
         self._thread.start()
-        self._async = AsyncClient(target, api_key=api_key, timeout=timeout, cache=cache)
+        self._async = AsyncClient(target, api_key=api_key, timeout=timeout, tls=tls, cache=cache)
 
     @property
     def target(self) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from meshllm.api.errors import MeshError
+from meshllm.api.tls import ChannelTLS
 from meshllm.client._abort import AbortPolicy
 from meshllm.client._async import AsyncClient
 from meshllm.client._cache import ResponseCache
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="localhost:50051", help="router or replica host:port")
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+    _add_tls_flags(p)
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream one reply, or run a JSONL file through the mesh")
     g.add_argument("prompt", nargs="?", help="one prompt to stream (or use --input)")
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(asyncio.run(_jsonl(args)))
         if args.command == "bench":
             sys.exit(asyncio.run(_bench(args)))
-        with Client(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+        with Client(
+            args.target, api_key=args.api_key, timeout=args.timeout, tls=_tls(args)
+        ) as client:
             if args.command == "models":
                 for m in client.list_models():
                     print(
@@ -150,7 +154,7 @@ async def _jsonl(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         async with AsyncClient(
-            args.target, api_key=args.api_key, timeout=args.timeout, cache=cache
+            args.target, api_key=args.api_key, timeout=args.timeout, tls=_tls(args), cache=cache
         ) as client:
             return await run_jsonl(client, job)
     finally:
@@ -163,10 +167,28 @@ async def _bench(args: argparse.Namespace) -> int:
     job = BenchJob(model=args.model, levels=levels, duration_s=args.duration,
                    warmup_s=args.warmup, prompt=args.prompt, fields=_fields(args),
                    max_p99_ms=args.max_p99_ms)  # fmt: skip
-    async with AsyncClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+    async with AsyncClient(
+        args.target, api_key=args.api_key, timeout=args.timeout, tls=_tls(args)
+    ) as client:
         report = await run_bench(client, job)
     print_report(report, args.json)
     return 0
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS", "default: plaintext, for local development only")
+    g.add_argument("--tls", action="store_true", help="TLS trusting the system's root certificates")
+    g.add_argument("--tls-ca", default="", metavar="PEM", help="TLS trusting this CA")
+    g.add_argument("--tls-cert", default="", metavar="PEM",
+                   help="client certificate, for mutual TLS (with --tls-key)")  # fmt: skip
+    g.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
+
+
+def _tls(args: argparse.Namespace) -> ChannelTLS | None:
+    """Any TLS flag turns TLS on; the files are read (and checked) here."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return ChannelTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def _local(args: argparse.Namespace) -> int:

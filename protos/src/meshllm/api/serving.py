@@ -83,11 +83,19 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def listen(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind ``host:port`` (0: a free port) and return the port; a clear OSError if taken."""
+def listen(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
+    """Bind ``host:port`` (0: a free port) and return the port; a clear OSError if taken.
+    With ``credentials`` (``meshllm.api.tls.ServerTLS.server_credentials()``) the port speaks TLS."""
     address = f"{host}:{port}"
     try:
-        return server.add_insecure_port(address)
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
     except RuntimeError as e:
         raise OSError(f"cannot listen on {address}: {e}") from e
 

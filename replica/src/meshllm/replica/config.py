@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from dataclasses import dataclass, field
 
 from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.api.tls import ServerTLS
 
 BUILTIN_MODELS = ("demo", "bench")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -82,6 +84,21 @@ class ReplicaConfig:
     default_coalesce_ms: int = 10
     """For requests without stream_options: how long a chunk may hold tokens (the first token is
     never held). Sending one message per token costs more CPU than generating it on small models."""
+    tls_cert: str = ""
+    """PEM certificate (chain) the replica presents; with ``tls_key`` it speaks TLS only ("":
+    plaintext, for local development)."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert`` (unencrypted)."""
+    tls_client_ca: str = ""
+    """PEM CA file; set, mutual TLS: only clients (routers) presenting a certificate signed by
+    this CA get through the handshake."""
+
+    @functools.cached_property
+    def tls(self) -> ServerTLS | None:
+        """The TLS settings with their files read (once per config); None: plaintext."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        return ServerTLS(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca)
 
     def validate(self) -> ReplicaConfig:
         if not _DEVICE.match(self.device):
@@ -93,6 +110,7 @@ class ReplicaConfig:
             raise InvalidArgument("drain_grace_s: must not be negative")
         if self.model is not None:
             self.model.validate()
+        _ = self.tls  # reads and checks the PEM files; an error names the setting
         return self
 
     def name(self, bound_port: int) -> str:

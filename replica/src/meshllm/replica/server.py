@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from meshllm.api.metrics import serve_metrics
 from meshllm.api.serving import listen, serve_until_signal, server_options
+from meshllm.api.tls import tls_mode
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
@@ -42,7 +43,9 @@ class ReplicaServer:
 
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
-        self.port = listen(server, self.config.host, self.config.port)
+        tls = self.config.tls
+        credentials = tls.server_credentials() if tls is not None else None
+        self.port = listen(server, self.config.host, self.config.port, credentials)
         replica = Replica(self.config, self.config.name(self.port))
         replica.on_state_change.append(self._on_state)
         registry, request_metrics = replica_metrics(replica)
@@ -61,9 +64,8 @@ class ReplicaServer:
             self._metrics_http, self.metrics_port = serve_metrics(
                 registry, self.config.host, self.config.metrics_port
             )
-        log.info(
-            "replica %s listening on %s (device %s)", replica.name, self.port, self.config.device
-        )
+        log.info("replica %s listening on %s (device %s, %s)", replica.name, self.port,
+                 self.config.device, tls_mode(tls))  # fmt: skip
         if self.config.model is not None:
             await replica.load(self.config.model, wait=False)
         return self.port

@@ -6,17 +6,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from meshllm.api.errors import MeshError, PermissionDenied, Unauthenticated
 from meshllm.router.tenants import ANONYMOUS, Role, Tenant, load_tenants
 
 log = logging.getLogger(__name__)
-Metadata = grpc.aio.Metadata
+Metadata = Iterable[tuple[str, str | bytes]]
 
 
 class Authenticator:

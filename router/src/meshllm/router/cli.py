@@ -30,6 +30,10 @@ _OVERRIDES = {
     "tenants_file": "tenants_file", "quota_store": "quota_store", "redis_url": "redis_url",
     "redis_unavailable": "redis_unavailable",
 }  # fmt: skip
+_OVERRIDES |= {  # TLS (docs/tls.md): flag dest and field have the same name
+    name: name for name in ("tls_cert", "tls_key", "tls_client_ca", "replica_tls_ca",
+                            "replica_tls_cert", "replica_tls_key", "replica_tls_server_name")
+}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,10 +87,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(or MESHLLM_REDIS_URL, to keep a password out of the command line)")  # fmt: skip
     p.add_argument("--redis-unavailable", choices=STORE_FAILURE_POLICIES,
                    help="when Redis is unreachable: deny requests (default) or allow them unmetered")  # fmt: skip
+    _add_tls_flags(p)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=FORMATS,
                    help="json: one object per line, with request fields (default text)")  # fmt: skip
     return p.parse_args(argv)
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS", "default: plaintext, for local development only (docs/tls.md)")
+    g.add_argument("--tls-cert", metavar="PEM",
+                   help="serve clients over TLS with this certificate (with --tls-key)")  # fmt: skip
+    g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    g.add_argument("--tls-client-ca", metavar="PEM",
+                   help="mutual TLS: accept only clients with a certificate signed by this CA")  # fmt: skip
+    g.add_argument("--replica-tls-ca", metavar="PEM",
+                   help="reach replicas over TLS, trusting this CA")  # fmt: skip
+    g.add_argument("--replica-tls-cert", metavar="PEM",
+                   help="client certificate for replicas that run mutual TLS (with --replica-tls-key)")  # fmt: skip
+    g.add_argument("--replica-tls-key", metavar="PEM", help="private key of --replica-tls-cert")
+    g.add_argument("--replica-tls-server-name", metavar="NAME",
+                   help="check replicas' certificates against this name (default: each address's host)")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -107,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 def keys_command(argv: list[str]) -> int:
     """``hash-key``: the line to store for a key read from stdin (never an argument: shell
-    history). ``new-key NAME [ROLE]``: a fresh key, shown once, and its tenants-file entry."""
+    history). ``new-key NAME [ROLE]``: a fresh key, shown once on stderr, and its tenants-file
+    entry on stdout."""
     if argv[0] == "hash-key":
         key = sys.stdin.readline().strip()
         if not key:
@@ -119,8 +141,9 @@ def keys_command(argv: list[str]) -> int:
         print("usage: meshllm-router new-key TENANT [user|admin]", file=sys.stderr)
         return 2
     key, role = new_key(), (argv[2] if len(argv) == 3 else "user")
-    print(f"# API key for {argv[1]} (shown once; give it to the tenant, store only the hash):")
-    print(f"#   {key}")
+    # the key to the terminal (stderr), the entry to stdout: `new-key x >> tenants.toml` stores
+    # only the hash
+    print(f"API key for {argv[1]} (shown once; give it to the tenant): {key}", file=sys.stderr)
     print(f'[[tenants]]\nname = "{argv[1]}"\nrole = "{role}"\nkeys = ["{hash_key(key)}"]')
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.api.tls import ChannelTLS, ServerTLS
 from meshllm.router.quota.store import STORES
 
 POLICIES = ("least-busy", "round-robin")
@@ -73,6 +75,53 @@ class RouterConfig:
     """Redis store: a concurrent-request slot is freed after this even if its router died
     without settling (a request running longer stops counting against the limit)."""
 
+    # TLS (docs/tls.md). All "" (the default): plaintext, for local development only.
+    tls_cert: str = ""
+    """PEM certificate (chain) the router presents to clients; with ``tls_key`` it speaks TLS only."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert`` (unencrypted)."""
+    tls_client_ca: str = ""
+    """PEM CA file; set, mutual TLS: only clients presenting a certificate signed by this CA get
+    through the handshake."""
+    replica_tls_ca: str = ""
+    """PEM CA file that signed the replicas' certificates; set, the router reaches replicas over
+    TLS. (Any ``replica_tls_*`` setting turns TLS to replicas on; without this one the system's
+    root certificates are trusted.)"""
+    replica_tls_cert: str = ""
+    """PEM client certificate the router presents to replicas that run mutual TLS (with
+    ``replica_tls_key``)."""
+    replica_tls_key: str = ""
+    """PEM private key of ``replica_tls_cert`` (unencrypted)."""
+    replica_tls_server_name: str = ""
+    """Name to check every replica's certificate against, when replica addresses do not carry
+    it (IP addresses, pod names); "" checks each address's host."""
+
+    @functools.cached_property
+    def server_tls(self) -> ServerTLS | None:
+        """TLS for clients → router, with its files read (once per config); None: plaintext."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        return ServerTLS(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca)
+
+    @functools.cached_property
+    def replica_tls(self) -> ChannelTLS | None:
+        """TLS for router → replicas, with its files read (once per config); None: plaintext."""
+        if not (self.replica_tls_ca or self.replica_tls_cert or self.replica_tls_key
+                or self.replica_tls_server_name):  # fmt: skip
+            return None
+        return ChannelTLS(ca=self.replica_tls_ca, cert=self.replica_tls_cert,
+                          key=self.replica_tls_key, server_name=self.replica_tls_server_name,
+                          prefix="replica_tls_")  # fmt: skip
+
+    def _tls_violations(self) -> list[FieldViolation]:
+        bad: list[FieldViolation] = []
+        for settings in ("server_tls", "replica_tls"):
+            try:
+                getattr(self, settings)  # reads and checks the PEM files
+            except InvalidArgument as e:
+                bad.extend(e.field_violations)
+        return bad
+
     def validate(self) -> RouterConfig:
         bad: list[FieldViolation] = []
         if not 0 <= self.port <= 65535:
@@ -95,6 +144,7 @@ class RouterConfig:
         bad += self._auth_problems()
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
+        bad.extend(self._tls_violations())
         if bad:
             raise InvalidArgument(
                 "invalid router config: " + "; ".join(f"{v.field} {v.description}" for v in bad),

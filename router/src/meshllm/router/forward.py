@@ -24,6 +24,7 @@ from meshllm.api.errors import (
     Unavailable,
     from_rpc_error,
     invalid_argument,
+    status_name,
 )
 from meshllm.api.metrics import RequestRecord
 from meshllm.api.tracing import child_of, end_with_error, ending, extract, inject, tracer
@@ -70,9 +71,13 @@ RETRYABLE = frozenset({
 
 @contextlib.contextmanager
 def _ending(span: trace.Span, record: RequestRecord) -> Iterator[None]:
-    """End the request's span with the status the metrics record saw."""
+    """End the request's span with the status the request ended with (this block exits before
+    the metrics' own, so it reads the status from the exception itself)."""
     try:
         yield
+    except BaseException as e:
+        record.code = status_name(e)
+        raise
     finally:
         span.set_attribute("meshllm.request_id", record.request_id)
         span.set_attribute("meshllm.completion_tokens", record.completion_tokens)

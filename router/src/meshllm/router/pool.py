@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from meshllm.api.tls import channel
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
@@ -36,7 +37,7 @@ class ReplicaLink:
     def __init__(self, replica: Replica, config: RouterConfig, registry: Registry) -> None:
         self.replica = replica
         opts = [*CHANNEL_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
-        self.channel = grpc.aio.insecure_channel(replica.address, options=opts)
+        self.channel = channel(replica.address, config.replica_tls, opts)
         self.generation = gen_grpc.GenerationStub(self.channel)
         self.control = rc_grpc.ReplicaControlStub(self.channel)
         self._config, self._registry = config, registry
@@ -50,7 +51,7 @@ class ReplicaLink:
         )
 
     async def _follow(self, on_change: Callable[[], None]) -> None:
-        backoff = 0.1
+        backoff, told = 0.1, set[str]()  # why the replica could not be reached, as logged
         while not self._closing:
             reports_before = self._reports
             try:
@@ -62,8 +63,14 @@ class ReplicaLink:
                 log.warning("replica %s ejected: %s", self.replica.name, self.replica.last_error)
                 self.replica.eject(self.replica.last_error)
                 on_change()
+            elif self.replica.last_error not in told:  # once per cause: an address, TLS settings
+                told.add(self.replica.last_error)
+                log.warning(
+                    "replica %s unreachable: %s", self.replica.address, self.replica.last_error
+                )
             if self._reports != reports_before:
                 backoff = 0.1
+                told.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._config.reconnect_max_s)
 

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from meshllm.api.metrics import serve_metrics
 from meshllm.api.serving import listen, serve_until_signal, server_options
+from meshllm.api.tls import tls_mode
 from meshllm.api.v1 import admin_pb2, generation_pb2
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -71,7 +72,9 @@ class RouterServer:
 
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
-        self.port = listen(server, self.config.host, self.config.port)
+        tls = self.config.server_tls
+        credentials = tls.server_credentials() if tls is not None else None
+        self.port = listen(server, self.config.host, self.config.port, credentials)
         prometheus, metrics = router_metrics(self.registry, self.config.tokens_per_request)
         self.auth = Authenticator(self._tenants.tenants if self._tenants else None, prometheus)
         self.admission = Admission(self._store, self.config.redis_unavailable,
@@ -99,8 +102,9 @@ class RouterServer:
             self._metrics_http, self.metrics_port = serve_metrics(
                 prometheus, self.config.host, self.config.metrics_port
             )
-        log.info("router listening on %s (%s, %d replica addresses)", self.port, self.config.policy,
-                 len(self.pool.links))  # fmt: skip
+        log.info("router listening on %s (%s, %d replica addresses, %s; to replicas: %s)",
+                 self.port, self.config.policy, len(self.pool.links), tls_mode(tls),
+                 "TLS" if self.config.replica_tls else "plaintext")  # fmt: skip
         self._log_access()
         return self.port
 

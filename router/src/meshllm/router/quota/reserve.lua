@@ -63,7 +63,8 @@ if rpm >= 0 then rlevel = rlevel - 1; store(KEYS[1], rpm, rlevel, rupdated) end
 if tpm >= 0 then tlevel = tlevel - tokens; store(KEYS[2], tpm, tlevel, tupdated) end
 if conc >= 0 then
   redis.call('ZADD', KEYS[3], tonumber(ARGV[8]), ARGV[7])
-  redis.call('EXPIREAT', KEYS[3], math.ceil(tonumber(ARGV[8])))
+  -- relative: the caller's clock is the one that counts (an injected one in tests)
+  redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[8]) - now) + MINUTE)
 end
 if tpd >= 0 then
   redis.call('INCRBY', KEYS[4], tokens)

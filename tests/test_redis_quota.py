@@ -1,0 +1,213 @@
+"""The Redis quota store on a real ``redis-server`` (started here on a free port): the same
+results as the in-memory ledger, one global limit for several routers, and the configured
+behaviour when Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from conftest import StartReplica, StartRouter, demo_spec
+from test_quota import USER, generate, scrape, tenants_file
+from test_quota_units import DAY, Clock
+
+from meshllm.api.errors import MeshError
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.router.local import free_port
+from meshllm.router.quota import Demand, QuotaExceeded, QuotaStore, TenantLimits
+from meshllm.router.quota.memory import MemoryQuotaStore
+from meshllm.router.quota.redis_store import RedisQuotaStore, redacted
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: `make setup` installs Debian's package"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def stores(redis_server: RedisServer) -> AsyncIterator[tuple[Clock, QuotaStore, QuotaStore]]:
+    clock = Clock(1_000 * DAY + DAY - 90.0)
+    memory = MemoryQuotaStore(concurrency_retry_s=0.5, clock=clock)
+    shared = RedisQuotaStore(
+        redis_server.url, concurrency_retry_s=0.5, lease_s=300.0, timeout_s=1.0, clock=clock
+    )
+    yield clock, memory, shared
+    await shared.close()
+
+
+async def outcome(store: QuotaStore, limits: TenantLimits, tokens: int) -> object:
+    try:
+        r = await store.reserve("t", limits, Demand(tokens))
+    except QuotaExceeded as e:
+        return [
+            (v.limit, None if v.retry_after_s is None else round(v.retry_after_s, 6))
+            for v in e.violations
+        ]
+    return r
+
+
+async def test_redis_scripts_give_the_ledgers_results(
+    stores: tuple[Clock, QuotaStore, QuotaStore],
+) -> None:
+    clock, memory, shared = stores
+    limits = TenantLimits(requests_per_minute=4, tokens_per_minute=300, concurrent_requests=3,
+                          tokens_per_day=700)  # fmt: skip
+    held: dict[int, list[object]] = {0: [], 1: []}
+    # (advance the clock by, reserve tokens) or (advance, settle the oldest with this many used)
+    steps = [(0, "r", 100), (0, "r", 100), (1, "r", 150), (0, "r", 50), (0, "s", 20), (0, "r", 50),
+             (0, "r", 5), (7.5, "r", 10), (0, "s", 400), (0, "s", 0), (30, "r", 200), (0, "r", 400),
+             (61, "r", 10), (0, "s", 10), (0, "s", 10)]  # fmt: skip
+    for advance, op, amount in steps:
+        clock.now += advance
+        results = []
+        for i, store in enumerate((memory, shared)):
+            if op == "r":
+                result = await outcome(store, limits, amount)
+                if not isinstance(result, list):
+                    held[i].append(result)
+                    r = result.remaining  # type: ignore[attr-defined]
+                    # Lua keeps 14 significant digits: compare to the microsecond
+                    result = ("admitted", replace(r, reset_requests_s=round(r.reset_requests_s, 6),
+                                                  reset_tokens_s=round(r.reset_tokens_s, 6)))  # fmt: skip
+                results.append(result)
+            else:
+                await store.settle(held[i].pop(0), amount)  # type: ignore[arg-type]
+                results.append(sorted((u.limit, u.used, round(u.resets_in_s, 3))
+                                      for u in await store.usage("t", limits)))  # fmt: skip
+        assert results[0] == results[1], (advance, op, amount)
+    # the day rolled over during the run (it started 90 s before midnight): only the last
+    # reservation counts, and settling yesterday's ones left today's count alone
+    assert {u.limit: u.used for u in await shared.usage("t", limits)}["tokens_per_day"] == 10
+
+
+async def test_a_dead_routers_concurrency_slots_expire_with_their_lease(
+    redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    store = RedisQuotaStore(
+        redis_server.url, concurrency_retry_s=0.5, lease_s=30.0, timeout_s=1.0, clock=clock
+    )
+    limits = TenantLimits(concurrent_requests=1)
+    await store.reserve("t", limits, Demand(1))  # never settled: its router "died"
+    with pytest.raises(QuotaExceeded):
+        await store.reserve("t", limits, Demand(1))
+    clock.now += 30.001
+    await store.reserve("t", limits, Demand(1))
+    await store.close()
+
+
+async def test_two_routers_sharing_redis_admit_exactly_the_global_limit(
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    tmp_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    n = 6
+    replica = await start_replica(demo_spec())
+    shared = {"auth": "api-key", "tenants_file": tenants_file(tmp_path, requests_per_minute=n),
+              "quota_store": "redis", "redis_url": redis_server.url}  # fmt: skip
+    a, b = await start_router(replica, **shared), await start_router(replica, **shared)
+    results = await asyncio.gather(
+        *(generate(router) for _ in range(3 * n // 2) for router in (a, b))
+    )
+    admitted = [r for r, _ in results if isinstance(r, gen.GenerateResponse)]
+    refused = [r for r, _ in results if isinstance(r, MeshError)]
+    assert len(admitted) == n and len(refused) == 2 * n
+    assert {e.code for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    # a third router with its own memory would have admitted another n: the limit is global
+    alone = await start_router(replica, auth="api-key", tenants_file=shared["tenants_file"])
+    assert isinstance((await generate(alone))[0], gen.GenerateResponse)
+    assert isinstance((await generate(a))[0], MeshError)
+
+
+def failures(metrics: str, outcome: str) -> float:
+    prefix = (
+        f'meshllm_router_quota_store_failures_total{{operation="reserve",outcome="{outcome}"}} '
+    )
+    return next(
+        (float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)),
+        0.0,
+    )
+
+
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+async def test_redis_down_follows_the_setting_loudly(  # noqa: PLR0917 (fixtures)
+    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path,
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, policy: str,
+) -> None:  # fmt: skip
+    router = await start_router(
+        await start_replica(demo_spec()), auth="api-key", quota_store="redis", metrics_port=0,
+        tenants_file=tenants_file(tmp_path, requests_per_minute=100), redis_unavailable=policy,
+        redis_url=f"redis://:hunter2@127.0.0.1:{redis_server.port}/0".replace(":hunter2@", "@"),
+    )  # fmt: skip
+    assert isinstance((await generate(router))[0], gen.GenerateResponse)
+    redis_server.stop()
+    with caplog.at_level(logging.ERROR, logger="meshllm.router.admission"):
+        results = [(await generate(router))[0] for _ in range(3)]
+    assert router.metrics_port is not None
+    metrics = await asyncio.to_thread(scrape, router.metrics_port)
+    if policy == "deny":
+        for e in results:
+            assert isinstance(e, MeshError) and e.code == grpc.StatusCode.UNAVAILABLE
+            assert e.reason == "QUOTA_STORE_UNAVAILABLE" and e.retry_after is not None
+        assert failures(metrics, "denied") == 3
+    else:
+        assert all(isinstance(r, gen.GenerateResponse) for r in results)
+        assert failures(metrics, "allowed") == 3
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "meshllm.router.admission"]
+    assert "quota store unreachable" in line and (policy == "deny") == ("refusing" in line)
+    redis_server.start()  # back: metered again, without a restart
+    assert isinstance((await generate(router))[0], gen.GenerateResponse)
+    assert USER not in caplog.text
+
+
+def test_redis_urls_are_logged_without_their_password() -> None:
+    assert redacted("redis://:s3cret@redis.ns.svc:6379/0") == "redis://:***@redis.ns.svc:6379/0"
+    assert redacted("redis://user:s3cret@h/1") == "redis://user:***@h/1"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"

@@ -1,0 +1,331 @@
+"""TLS and mutual TLS, client → router → replica, with certificates generated for the session."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import StartReplica, StartRouter, demo_spec, wait_routed
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from meshllm.api.errors import InvalidArgument, Unavailable
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.client import AsyncClient, ChannelTLS, FinishReason
+from meshllm.client import cli as client_cli
+from meshllm.replica import cli as replica_cli
+from meshllm.replica.config import ReplicaConfig
+from meshllm.router import RouterConfig
+from meshllm.router import cli as router_cli
+from meshllm.router.config import read_config_file
+
+PrivateKey = ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True)
+class Certs:
+    """PEM files: a CA, a server and a client certificate it signed, and an unrelated CA with a
+    client certificate of its own."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+    other_ca: str
+    other_client_cert: str
+    other_client_key: str
+
+
+def _issue(
+    folder: Path,
+    stem: str,
+    issuer: tuple[x509.Certificate, PrivateKey] | None,
+    *,
+    sans: tuple[x509.GeneralName, ...] = (),
+    usage: x509.ObjectIdentifier | None = None,
+) -> tuple[x509.Certificate, PrivateKey]:
+    """Write ``stem.pem`` and ``stem.key``: a self-signed CA when ``issuer`` is None, else a leaf
+    certificate signed by ``issuer``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshllm test {stem}")])
+    issuer_name, signer = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    cert = builder.sign(signer, hashes.SHA256())
+    (folder / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{stem}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    d = tmp_path_factory.mktemp("tls")
+    ca = _issue(d, "ca", None)
+    localhost = (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    _issue(d, "server", ca, sans=localhost, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    _issue(d, "client", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    other = _issue(d, "other-ca", None)
+    _issue(d, "other-client", other, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    return Certs(ca=f"{d}/ca.pem", server_cert=f"{d}/server.pem", server_key=f"{d}/server.key",
+                 client_cert=f"{d}/client.pem", client_key=f"{d}/client.key",
+                 other_ca=f"{d}/other-ca.pem", other_client_cert=f"{d}/other-client.pem",
+                 other_client_key=f"{d}/other-client.key")  # fmt: skip
+
+
+def serving(certs: Certs, client_ca: str = "") -> dict[str, str]:
+    """Server-side TLS settings (the same names in ReplicaConfig and RouterConfig)."""
+    return {"tls_cert": certs.server_cert, "tls_key": certs.server_key, "tls_client_ca": client_ca}
+
+
+async def stream_text(target: str, tls: ChannelTLS | None) -> tuple[str, FinishReason | None]:
+    async with AsyncClient(target, tls=tls, timeout=10.0) as client:
+        chunks = [c async for c in client.stream("Hello", model="demo", max_tokens=8)]
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+
+async def refused(target: str, tls: ChannelTLS | None) -> Unavailable:
+    async with AsyncClient(target, tls=tls, timeout=5.0) as client:
+        with pytest.raises(Unavailable) as caught:
+            await client.list_models()
+    return caught.value
+
+
+async def test_tls_client_router_replica(
+    certs: Certs, start_replica: StartReplica, start_router: StartRouter
+) -> None:
+    replica = await start_replica(demo_spec(), **serving(certs))
+    # start_router waits until the replica is routed: the router reached it over TLS, checking
+    # the replica's certificate against replica_tls_server_name (it names localhost).
+    router = await start_router(replica, replica_tls_ca=certs.ca,
+                                replica_tls_server_name="localhost", **serving(certs))  # fmt: skip
+    text, finish = await stream_text(f"127.0.0.1:{router.port}", ChannelTLS(ca=certs.ca))
+    assert finish is FinishReason.LENGTH
+    assert text
+    # Both servers speak TLS only: a plaintext client gets nowhere.
+    for port in (replica.port, router.port):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gen_grpc.GenerationStub(channel).ListModels(
+                    gen.ListModelsRequest(), timeout=5.0
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_client_trusting_another_ca_is_refused(
+    certs: Certs, start_replica: StartReplica, start_router: StartRouter
+) -> None:
+    router = await start_router(await start_replica(demo_spec()), **serving(certs))
+    target = f"127.0.0.1:{router.port}"
+    await refused(target, ChannelTLS(ca=certs.other_ca))
+    await refused(target, None)  # plaintext to a TLS router
+    # The same target with the right CA works, and checks the name it is given.
+    async with AsyncClient(target, tls=ChannelTLS(ca=certs.ca)) as client:
+        assert [m.id for m in await client.list_models(timeout=5.0)] == ["demo"]
+    await refused(target, ChannelTLS(ca=certs.ca, server_name="not-the-router.example"))
+
+
+async def test_router_mutual_tls_refuses_clients_without_a_signed_certificate(
+    certs: Certs, start_replica: StartReplica, start_router: StartRouter
+) -> None:
+    replica = await start_replica(demo_spec())
+    router = await start_router(replica, **serving(certs, client_ca=certs.ca))
+    target = f"127.0.0.1:{router.port}"
+    signed = ChannelTLS(ca=certs.ca, cert=certs.client_cert, key=certs.client_key)
+    text, finish = await stream_text(target, signed)
+    assert finish is FinishReason.LENGTH
+    assert text
+    await refused(target, ChannelTLS(ca=certs.ca))  # no client certificate
+    await refused(target, ChannelTLS(ca=certs.ca, cert=certs.other_client_cert,
+                                     key=certs.other_client_key))  # fmt: skip
+
+
+async def test_replica_mutual_tls_admits_only_a_router_with_a_certificate(
+    certs: Certs,
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replica = await start_replica(demo_spec(), **serving(certs, client_ca=certs.ca))
+    # Routed at all (start_router waits for it) only if the handshake with the certificate works.
+    good = await start_router(replica, replica_tls_ca=certs.ca, replica_tls_cert=certs.client_cert,
+                              replica_tls_key=certs.client_key)  # fmt: skip
+    assert [r.address for r in good.registry.ready_models()["demo"]] == [
+        f"127.0.0.1:{replica.port}"
+    ]
+    anonymous = await start_router(replica, ready=0, replica_tls_ca=certs.ca)
+    await asyncio.sleep(1.0)  # a dozen reconnect attempts at the router's backoff
+    with pytest.raises(TimeoutError):
+        await wait_routed(anonymous, 1, timeout_s=0.5)
+    [seen] = anonymous.registry.replicas.values()
+    assert not seen.connected
+    assert seen.last_error.startswith("UNAVAILABLE"), seen.last_error
+    # The router says why (the operator's clue to a TLS mismatch), once per cause, not per retry.
+    said = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert said
+    assert said[-1] == f"replica 127.0.0.1:{replica.port} unreachable: {seen.last_error}"
+    assert len(set(said)) == len(said), said
+
+
+async def test_client_cli_over_mutual_tls(
+    certs: Certs,
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    router = await start_router(await start_replica(demo_spec()), **serving(certs, certs.ca))
+    flags = ["--target", f"127.0.0.1:{router.port}", "--tls-ca", certs.ca]
+    client_flags = ["--tls-cert", certs.client_cert, "--tls-key", certs.client_key]
+    # The sync client blocks: run it off this event loop, which serves the router.
+    await asyncio.to_thread(client_cli.main, [*flags, *client_flags, "models"])
+    assert capsys.readouterr().out.startswith("demo\tctranslate2")
+    with pytest.raises(SystemExit) as exited:
+        await asyncio.to_thread(client_cli.main, [*flags, "models"])
+    assert str(exited.value.code).startswith("meshllm: Unavailable: ")
+    with pytest.raises(SystemExit) as exited:
+        await asyncio.to_thread(
+            client_cli.main, [*flags, "--tls-cert", certs.client_cert, "models"]
+        )
+    assert (
+        exited.value.code == "meshllm: InvalidArgument: tls_key: must be set together with tls_cert"
+    )
+
+
+def _field_errors(error: InvalidArgument) -> dict[str, str]:
+    """The TLS settings' violations (a router default elsewhere may add its own)."""
+    return {v.field: v.description for v in error.field_violations if "tls_" in v.field}
+
+
+def test_tls_settings_are_checked_with_errors_that_name_them(certs: Certs, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        RouterConfig(tls_cert=certs.server_cert).validate()
+    assert _field_errors(caught.value) == {"tls_key": "must be set together with tls_cert"}
+    with pytest.raises(InvalidArgument) as caught:
+        RouterConfig(tls_cert="/nonexistent/server.pem", tls_key=certs.server_key).validate()
+    assert _field_errors(caught.value) == {
+        "tls_cert": "cannot read /nonexistent/server.pem: No such file or directory"
+    }
+    assert "tls_cert cannot read /nonexistent/server.pem" in caught.value.message
+    with pytest.raises(InvalidArgument) as caught:
+        RouterConfig(tls_client_ca=certs.ca, replica_tls_key=certs.client_key).validate()
+    assert _field_errors(caught.value) == {
+        "tls_client_ca": "needs tls_cert and tls_key",
+        "replica_tls_cert": "must be set together with replica_tls_key",
+    }
+    with pytest.raises(InvalidArgument) as caught:
+        ReplicaConfig(tls_cert=certs.server_cert, tls_key=certs.client_key).validate()
+    assert _field_errors(caught.value) == {
+        "tls_key": f"{certs.client_key} does not match the certificate in {certs.server_cert}"
+    }
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    with pytest.raises(InvalidArgument) as caught:
+        ReplicaConfig(
+            tls_cert=certs.server_cert, tls_key=certs.server_key, tls_client_ca=str(not_pem)
+        ).validate()
+    assert _field_errors(caught.value) == {"tls_client_ca": f"{not_pem} holds no PEM certificate"}
+    with pytest.raises(InvalidArgument) as caught:
+        ChannelTLS(cert=certs.client_key, key=certs.client_key)
+    assert _field_errors(caught.value) == {
+        "tls_cert": f"{certs.client_key} is not a PEM certificate"
+    }
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        ChannelTLS(cert=certs.client_cert, key=str(encrypted))
+    assert _field_errors(caught.value) == {
+        "tls_key": f"{encrypted} is encrypted; gRPC needs an unencrypted key"
+    }
+    with pytest.raises(InvalidArgument) as caught:
+        ChannelTLS(ca=str(tmp_path / "missing.pem"))
+    assert (
+        caught.value.message
+        == f"tls_ca: cannot read {tmp_path}/missing.pem: No such file or directory"
+    )
+    # Plaintext stays the default everywhere.
+    assert RouterConfig().server_tls is None
+    assert RouterConfig().replica_tls is None
+    assert ReplicaConfig().validate().tls is None
+    assert AsyncClient("localhost:1").tls is None
+    assert AsyncClient("localhost:1", tls=True).tls == ChannelTLS()
+
+
+def test_router_tls_settings_in_the_config_file(certs: Certs, tmp_path: Path) -> None:
+    path = tmp_path / "router.toml"
+    path.write_text(f'[router]\ntls_cert = "{certs.server_cert}"\ntls_key = "{certs.server_key}"\n'
+                    f'replica_tls_ca = "{certs.ca}"\n')  # fmt: skip
+    config = RouterConfig(**read_config_file(path))
+    assert config.server_tls is not None
+    assert not config.server_tls.mutual
+    assert config.replica_tls == ChannelTLS(ca=certs.ca)
+    path.write_text("[router]\ntls_client_ca = true\n")
+    with pytest.raises(InvalidArgument, match="tls_client_ca must be a string"):
+        read_config_file(path)
+
+
+def test_router_cli_tls_flags_reach_the_config(certs: Certs) -> None:
+    args = router_cli.parse_args([
+        "--replica", "10.0.0.5:50061", "--no-auth",
+        "--tls-cert", certs.server_cert, "--tls-key", certs.server_key, "--tls-client-ca", certs.ca,
+        "--replica-tls-ca", certs.other_ca, "--replica-tls-cert", certs.client_cert,
+        "--replica-tls-key", certs.client_key, "--replica-tls-server-name", "replicas.internal",
+    ])  # fmt: skip
+    config = router_cli.config_from_args(args)
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
+        certs.server_cert, certs.server_key, certs.ca
+    )  # fmt: skip
+    assert config.server_tls is not None
+    assert config.server_tls.mutual
+    assert config.replica_tls == ChannelTLS(ca=certs.other_ca, cert=certs.client_cert,
+                                            key=certs.client_key, server_name="replicas.internal")  # fmt: skip
+    plain = router_cli.config_from_args(
+        router_cli.parse_args(["--replica", "10.0.0.5:50061", "--no-auth"])
+    )
+    assert plain.server_tls is None
+    assert plain.replica_tls is None
+
+
+def test_replica_cli_tls_flags_reach_the_config(certs: Certs) -> None:
+    args = replica_cli.parse_args(["--tls-cert", certs.server_cert, "--tls-key", certs.server_key,
+                                   "--tls-client-ca", certs.ca])  # fmt: skip
+    config = replica_cli.config_from_args(args)
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
+        certs.server_cert, certs.server_key, certs.ca
+    )  # fmt: skip
+    assert config.tls is not None
+    assert config.tls.mutual
+    with pytest.raises(InvalidArgument, match="tls_key: must be set together with tls_cert"):
+        replica_cli.config_from_args(replica_cli.parse_args(["--tls-cert", certs.server_cert]))

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from meshllm.api.errors import Aborted, InvalidArgument, MeshError
 from meshllm.client._abort import NEVER, AbortPolicy, FailureTracker
-from meshllm.client._pacing import Pacer, Pacing, RateLimits
+from meshllm.client._pacing import Pacer, Pacing, RateLimits, Ticket
 from meshllm.client._progress import Progress
 from meshllm.client._retry import RetryPolicy, pauses_everyone, retry_delay
 from meshllm.client._types import BatchItem, Completion, Prompt
@@ -237,7 +237,7 @@ class BatchRunner:
             self.transport.store(prepared, completion)
             return BatchItem(index=index, result=completion, error=None, attempts=attempt)
 
-    async def _paced(self, tokens: float) -> Any:
+    async def _paced(self, tokens: float) -> Ticket:
         while (wait := self.pacer.delay(self.clock(), tokens)) > 0:
             await self.sleep(wait)
         return self.pacer.take(self.clock(), tokens)

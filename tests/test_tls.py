@@ -107,7 +107,9 @@ def serving(certs: Certs, client_ca: str = "") -> dict[str, str]:
 
 async def stream_text(target: str, tls: ChannelTLS | None) -> tuple[str, FinishReason | None]:
     async with AsyncClient(target, tls=tls, timeout=10.0) as client:
-        chunks = [c async for c in client.stream("Hello", model="demo", max_tokens=8)]
+        chunks = [
+            c async for c in client.stream("Hello", model="demo", max_tokens=8, temperature=0)
+        ]
     return "".join(c.text for c in chunks), chunks[-1].finish_reason
 
 
@@ -180,7 +182,8 @@ async def test_replica_mutual_tls_admits_only_a_router_with_a_certificate(
     assert [r.address for r in good.registry.ready_models()["demo"]] == [
         f"127.0.0.1:{replica.port}"
     ]
-    anonymous = await start_router(replica, ready=0, replica_tls_ca=certs.ca)
+    # (stale_after_s: how long a replica may be unreachable before the router warns about it)
+    anonymous = await start_router(replica, ready=0, replica_tls_ca=certs.ca, stale_after_s=0.3)
     await asyncio.sleep(1.0)  # a dozen reconnect attempts at the router's backoff
     with pytest.raises(TimeoutError):
         await wait_routed(anonymous, 1, timeout_s=0.5)

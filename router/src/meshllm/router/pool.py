@@ -52,6 +52,8 @@ class ReplicaLink:
 
     async def _follow(self, on_change: Callable[[], None]) -> None:
         backoff, told = 0.1, set[str]()  # why the replica could not be reached, as logged
+        loop = asyncio.get_running_loop()
+        reachable_at = loop.time()  # a replica still starting (as under `meshllm up`) is no news
         while not self._closing:
             reports_before = self._reports
             try:
@@ -63,13 +65,14 @@ class ReplicaLink:
                 log.warning("replica %s ejected: %s", self.replica.name, self.replica.last_error)
                 self.replica.eject(self.replica.last_error)
                 on_change()
-            elif self.replica.last_error not in told:  # once per cause: an address, TLS settings
+            elif (self.replica.last_error not in told  # once per cause: an address, TLS settings
+                  and loop.time() - reachable_at >= self._config.stale_after_s):  # fmt: skip
                 told.add(self.replica.last_error)
                 log.warning(
                     "replica %s unreachable: %s", self.replica.address, self.replica.last_error
                 )
             if self._reports != reports_before:
-                backoff = 0.1
+                backoff, reachable_at = 0.1, loop.time()
                 told.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._config.reconnect_max_s)

@@ -184,10 +184,11 @@ async def test_redis_down_follows_the_setting_loudly(  # noqa: PLR0917 (fixtures
     router = await start_router(
         await start_replica(demo_spec()), auth="api-key", quota_store="redis", metrics_port=0,
         tenants_file=tenants_file(tmp_path, requests_per_minute=100), redis_unavailable=policy,
-        redis_url=f"redis://:hunter2@127.0.0.1:{redis_server.port}/0".replace(":hunter2@", "@"),
+        redis_url=redis_server.url,
     )  # fmt: skip
     assert isinstance((await generate(router))[0], gen.GenerateResponse)
-    redis_server.stop()
+    # off the event loop: the router and replica in this process must keep reporting meanwhile
+    await asyncio.to_thread(redis_server.stop)
     with caplog.at_level(logging.ERROR, logger="meshllm.router.admission"):
         results = [(await generate(router))[0] for _ in range(3)]
     assert router.metrics_port is not None
@@ -202,7 +203,7 @@ async def test_redis_down_follows_the_setting_loudly(  # noqa: PLR0917 (fixtures
         assert failures(metrics, "allowed") == 3
     (line,) = [r.getMessage() for r in caplog.records if r.name == "meshllm.router.admission"]
     assert "quota store unreachable" in line and (policy == "deny") == ("refusing" in line)
-    redis_server.start()  # back: metered again, without a restart
+    await asyncio.to_thread(redis_server.start)  # back: metered again, without a restart
     assert isinstance((await generate(router))[0], gen.GenerateResponse)
     assert USER not in caplog.text
 

@@ -22,7 +22,9 @@ from conftest import StartProcess
 
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
-from meshllm.router.local import free_port
+from meshllm.client import Client, Unauthenticated
+from meshllm.router.local import LocalMesh, LocalMeshConfig, free_port
+from meshllm.router.tenants import hash_key
 
 GRPCURL = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))
 
@@ -219,3 +221,16 @@ def test_killing_meshllm_up_itself_stops_its_children(model_cache: Path) -> None
         if up.poll() is None:
             up.kill()
     assert alive == []
+
+
+def test_a_local_mesh_with_a_tenants_file_needs_keys(model_cache: Path, tmp_path: Path) -> None:
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[[tenants]]\nname = "dev"\nkeys = ["{hash_key("dev-key")}"]\n')
+    with pytest.raises(ValueError, match="api_key"):
+        LocalMeshConfig(tenants_file=str(tenants)).validate()
+    config = LocalMeshConfig(replicas=1, port=0, tenants_file=str(tenants), api_key="dev-key")
+    with LocalMesh(config) as mesh, Client(mesh.address, timeout=30) as anonymous, \
+            Client(mesh.address, api_key="dev-key", timeout=30) as keyed:  # fmt: skip
+        with pytest.raises(Unauthenticated):
+            anonymous.generate("hi", model="demo", max_tokens=2)
+        assert keyed.generate("hi", model="demo", max_tokens=2).usage.completion_tokens == 2

@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     u.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
     u.add_argument("--policy", default="least-busy", choices=("least-busy", "round-robin"))
+    u.add_argument("--tenants-file", default="",
+                   help="API keys and quotas for the router (with --api-key; default: no authentication)")  # fmt: skip
     sub.add_parser("demo", help="start a local mesh on the demo model, stream a reply, run a batch")
     return p  # fmt: skip
 
@@ -203,7 +205,8 @@ def _local(args: argparse.Namespace) -> int:
         demo.main()
         return 0
     config = local.LocalMeshConfig(replicas=args.replicas, model=args.model, port=args.port,
-                                   policy=args.policy)  # fmt: skip
+                                   policy=args.policy, tenants_file=args.tenants_file,
+                                   api_key=args.api_key or "")  # fmt: skip
     try:
         return local.up(config)
     except (ValueError, RuntimeError, TimeoutError) as e:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 from meshllm.client import Client, MeshError
@@ -24,8 +25,8 @@ from meshllm.client import Client, MeshError
 
 @dataclass(frozen=True, kw_only=True)
 class LocalMeshConfig:
-    """A mesh for one machine. The router runs with authentication disabled (``--no-auth``):
-    local development, listening on loopback by default."""
+    """A mesh for one machine, listening on loopback by default. Without a tenants file the
+    router runs with authentication disabled (``--no-auth``): local development."""
 
     replicas: int = 2
     """Replica processes to start."""
@@ -39,8 +40,14 @@ class LocalMeshConfig:
     """Extra ``meshllm-replica`` flags, e.g. ``("--inter-threads", "1")``."""
     log_level: str = "WARNING"
     ready_timeout_s: float = 120.0
+    tenants_file: str = ""
+    """API keys and quotas for the router (docs/quotas.md); empty: no authentication."""
+    api_key: str = ""
+    """A key from ``tenants_file``, to check that the mesh is ready."""
 
     def validate(self) -> LocalMeshConfig:
+        if self.tenants_file and not self.api_key:
+            raise ValueError("api_key: a key from the tenants file is needed to see the mesh ready")
         if self.replicas < 1:
             raise ValueError(f"replicas: need at least 1, got {self.replicas}")
         if not 0 <= self.port <= 65535:
@@ -100,10 +107,14 @@ class LocalMesh:
         port = c.port or free_port(c.host)
         replica_flags = [flag for address, _ in self.replicas for flag in ("--replica", address)]
         self.router = self._spawn("meshllm.router", "--host", c.host, "--port", str(port),
-                                  "--policy", c.policy, "--no-auth", *replica_flags)  # fmt: skip
+                                  "--policy", c.policy, *self._auth_flags(), *replica_flags)  # fmt: skip
         self.address = f"{c.host}:{port}"
         self._wait_ready()
         return self.address
+
+    def _auth_flags(self) -> tuple[str, ...]:
+        tenants = self.config.tenants_file
+        return ("--tenants-file", str(Path(tenants).resolve())) if tenants else ("--no-auth",)
 
     def _children(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
         router = [("router", self.router)] if self.router is not None else []
@@ -119,7 +130,7 @@ class LocalMesh:
     def _wait_ready(self) -> None:
         """Until the router lists the model on every replica (the model is built on first use)."""
         deadline = time.monotonic() + self.config.ready_timeout_s
-        with Client(self.address, timeout=2.0) as client:
+        with Client(self.address, api_key=self.config.api_key or None, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if (gone := self.exited()) is not None:
                     raise RuntimeError(f"the local mesh did not start: {gone}")
@@ -171,7 +182,10 @@ def up(config: LocalMeshConfig) -> int:
         with LocalMesh(config) as mesh:
             replicas = ", ".join(a for a, _ in mesh.replicas)
             print(f"meshllm is up: router at {mesh.address} (replicas: {replicas})")
-            print(f'try:  meshllm --target {mesh.address} generate "Hello" --model {config.model}')
+            key = ' --api-key "$KEY"' if config.tenants_file else ""
+            print(
+                f'try:  meshllm --target {mesh.address}{key} generate "Hello" --model {config.model}'
+            )
             print("Ctrl-C stops the mesh.", flush=True)
             while (gone := mesh.exited()) is None:
                 time.sleep(0.5)

@@ -28,6 +28,7 @@ import psutil
 from tokenizers import Tokenizer
 
 from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.client import _sweep
 from meshllm.router import local
 
 PROMPT = "Request {index:02d}: write a short story about a lighthouse keeper."
@@ -35,16 +36,7 @@ PROMPT = "Request {index:02d}: write a short story about a lighthouse keeper."
 
 # -- numbers and machine ------------------------------------------------------------------------
 
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 1]; 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+percentile = _sweep.percentile  # one definition for the benchmarks and `meshllm bench`
 
 
 def cpu_model() -> str:

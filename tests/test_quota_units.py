@@ -13,6 +13,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from meshllm.api.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from meshllm.api.metrics import RequestRecord
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission, QuotaMetrics, prompt_tokens_estimate
 from meshllm.router.auth import Authenticator, TenantsFile
@@ -168,12 +169,12 @@ async def test_admission_refusals_carry_retry_info_and_quota_failure() -> None:
     admission = Admission(store(clock), "deny", 1.0, QuotaMetrics(CollectorRegistry()))
     tenant = Tenant(name="t", role=Role.USER, limits=TenantLimits(requests_per_minute=2))
     request = gen.GenerateRequest(model="m", prompt="hi", max_tokens=4)
-    span = trace.INVALID_SPAN
+    span, record = trace.INVALID_SPAN, RequestRecord(model="m")
     for _ in range(2):
-        async with admission.admitted(tenant, request, 4, span) as ticket:
-            assert ticket.reservation is not None
+        async with admission.admitted(tenant, request, lambda: 4, record, span) as headers:
+            assert dict(headers)["x-ratelimit-limit-requests"] == "2"  # reserved
     with pytest.raises(ResourceExhausted) as info:
-        async with admission.admitted(tenant, request, 4, span):
+        async with admission.admitted(tenant, request, lambda: 4, record, span):
             pass
     e = info.value
     assert e.reason == "QUOTA_EXCEEDED"
@@ -182,7 +183,7 @@ async def test_admission_refusals_carry_retry_info_and_quota_failure() -> None:
     assert "requests_per_minute" in e.quota_violations[0].description
     big = Tenant(name="b", role=Role.USER, limits=TenantLimits(tokens_per_minute=10))
     with pytest.raises(InvalidArgument) as too_big:
-        async with admission.admitted(big, request, 100, span):
+        async with admission.admitted(big, request, lambda: 100, record, span):
             pass
     assert too_big.value.reason == "REQUEST_EXCEEDS_QUOTA"
     assert [v.field for v in too_big.value.field_violations] == ["max_tokens"]
@@ -198,8 +199,9 @@ async def test_a_cancelled_request_still_settles() -> None:
     started = asyncio.Event()
 
     async def run() -> None:
-        async with admission.admitted(tenant, request, 500, trace.INVALID_SPAN) as ticket:
-            ticket.completion_tokens = 7
+        record = RequestRecord(model="m")
+        async with admission.admitted(tenant, request, lambda: 500, record, trace.INVALID_SPAN):
+            record.completion_tokens = 7
             started.set()
             await asyncio.sleep(60)
 

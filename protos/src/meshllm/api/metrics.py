@@ -77,9 +77,15 @@ class RequestMetrics:
                                         ["model"], registry=registry)  # fmt: skip
 
     @contextlib.contextmanager
-    def track(self, model: str, request_id: str = "") -> Iterator[RequestRecord]:
+    def track(
+        self,
+        model: str,
+        request_id: str = "",
+        on_end: Callable[[RequestRecord], None] | None = None,
+    ) -> Iterator[RequestRecord]:
         """Record one request (metrics and its access log line): its status code comes from how
-        the block ends."""
+        the block ends. ``on_end`` sees the finished record too (e.g. to end the request's span
+        with the same status)."""
         record = RequestRecord(model=model, request_id=request_id)
         try:
             yield record
@@ -87,6 +93,8 @@ class RequestMetrics:
             record.code = status_name(e)
             raise
         finally:
+            if on_end is not None:
+                on_end(record)
             self._record(record)
 
     def _record(self, r: RequestRecord) -> None:

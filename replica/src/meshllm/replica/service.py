@@ -50,21 +50,21 @@ class GenerationService(gen_grpc.GenerationServicer):
         span = tracer.start_span("meshllm.replica/generate", context=extract(context.invocation_metadata()),
                                  kind=SpanKind.SERVER, attributes={"meshllm.request_id": req.request_id,
                                                                    "meshllm.replica": self._replica.name})  # fmt: skip
-        record: RequestRecord | None = None
-        try:
-            with self._metrics.track(
-                req.model or (spec.id if spec else ""), req.request_id
-            ) as record:
-                record.replica = self._replica.name
-                async for chunk in self._replica.generate(req):
-                    record.tokens(len(chunk.token_ids))
-                    if chunk.usage is not None:
-                        record.prompt_tokens = chunk.usage.prompt_tokens
-                    if chunk.timing is not None and chunk.usage is not None:
-                        engine_spans(span, chunk.timing, chunk.usage)
-                    yield convert.chunk_to_pb(chunk, req.request_id)
-        finally:
-            end_with_error(span, record.code if record is not None else "INTERNAL")
+
+        def end_span(record: RequestRecord) -> None:
+            end_with_error(span, record.code)
+
+        with self._metrics.track(
+            req.model or (spec.id if spec else ""), req.request_id, on_end=end_span
+        ) as record:
+            record.replica = self._replica.name
+            async for chunk in self._replica.generate(req):
+                record.tokens(len(chunk.token_ids))
+                if chunk.usage is not None:
+                    record.prompt_tokens = chunk.usage.prompt_tokens
+                if chunk.timing is not None and chunk.usage is not None:
+                    engine_spans(span, chunk.timing, chunk.usage)
+                yield convert.chunk_to_pb(chunk, req.request_id)
 
     @streaming
     async def GenerateStream(

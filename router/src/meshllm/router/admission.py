@@ -8,8 +8,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
@@ -21,6 +20,7 @@ from meshllm.api.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from meshllm.api.metrics import RequestRecord
 from meshllm.api.tracing import child_of, ending, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.quota import (
@@ -33,6 +33,7 @@ from meshllm.router.quota import (
 from meshllm.router.tenants import Tenant
 
 log = logging.getLogger(__name__)
+Headers = tuple[tuple[str, str], ...]
 
 BYTES_PER_TOKEN = 4
 """Prompt tokens are estimated at admission (the router has no tokenizer) from the UTF-8 size:
@@ -50,25 +51,12 @@ def prompt_tokens_estimate(request: gen.GenerateRequest) -> int:
     return math.ceil(size / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE * len(request.messages)
 
 
-@dataclass
-class Ticket:
-    """An admitted request: what it reserved (None: unmetered) and what it used so far."""
-
-    reservation: Reservation | None
-    prompt_estimate: int = 0
-    prompt_tokens: int | None = None
-    """The replica's count, from the final chunk's usage."""
-    completion_tokens: int = 0
-
-    @property
-    def headers(self) -> tuple[tuple[str, str], ...]:
-        return self.reservation.remaining.headers() if self.reservation is not None else ()
-
-    def used(self) -> int:
-        """Tokens to charge: the replica's counts; a request that produced nothing costs none."""
-        if self.prompt_tokens is not None:
-            return self.prompt_tokens + self.completion_tokens
-        return self.prompt_estimate + self.completion_tokens if self.completion_tokens else 0
+def tokens_used(record: RequestRecord, prompt_estimate: int) -> int:
+    """Tokens to charge a finished request: the replica's counts (its usage carries the prompt's);
+    a request cut off before that is charged the estimate, one that produced nothing costs none."""
+    if record.prompt_tokens:
+        return record.prompt_tokens + record.completion_tokens
+    return prompt_estimate + record.completion_tokens if record.completion_tokens else 0
 
 
 class QuotaMetrics:
@@ -93,22 +81,23 @@ class Admission:
         self._settling: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
-    async def admitted(
-        self, tenant: Tenant, request: gen.GenerateRequest, max_tokens: int, parent: trace.Span
-    ) -> AsyncIterator[Ticket]:
-        """Hold the request's quota while the block runs; settle when it ends, however it ends."""
+    async def admitted(self, tenant: Tenant, request: gen.GenerateRequest, budget: Callable[[], int],
+                       record: RequestRecord, parent: trace.Span) -> AsyncIterator[Headers]:  # fmt: skip
+        """Hold the request's quota while the block runs (``budget``: the tokens it may
+        generate); settle from ``record``'s counts when it ends, however it ends. Yields the
+        ``x-ratelimit-*`` headers to send."""
         if tenant.limits.unlimited:
-            yield Ticket(None)
+            yield ()
             return
         estimate = prompt_tokens_estimate(request)
-        ticket = Ticket(
-            await self._reserve(tenant, Demand(estimate + max_tokens), parent), estimate
-        )
+        reservation = await self._reserve(tenant, Demand(estimate + budget()), parent)
+        if reservation is None:  # the store is down and the policy admits unmetered
+            yield ()
+            return
         try:
-            yield ticket
+            yield reservation.remaining.headers()
         finally:
-            if ticket.reservation is not None:
-                await self._settle(ticket.reservation, ticket.used())
+            await self._settle(reservation, tokens_used(record, estimate))
 
     async def _reserve(
         self, tenant: Tenant, demand: Demand, parent: trace.Span

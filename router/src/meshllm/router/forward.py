@@ -8,6 +8,7 @@ plain dataclasses of ``registry`` and ``balancer``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -24,29 +25,23 @@ from meshllm.api.errors import (
     Unavailable,
     from_rpc_error,
     invalid_argument,
-    status_name,
 )
 from meshllm.api.metrics import RequestRecord
 from meshllm.api.tracing import child_of, end_with_error, ending, extract, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
-from meshllm.router.admission import Admission, Ticket
+from meshllm.router.admission import Admission, Headers
 from meshllm.router.balancer import Policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.convert import REPLICA_DEFAULT_MAX_TOKENS
 from meshllm.router.metrics import RouterMetrics
 from meshllm.router.pool import ReplicaLink, ReplicaPool
-from meshllm.router.registry import Registry, Replica
+from meshllm.router.registry import Registry, Replica, ServedModel
 from meshllm.router.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
 Metadata = grpc.aio.Metadata
 TimeRemaining = Callable[[], float | None]
-Headers = tuple[tuple[str, str], ...]
-
-
-async def _no_headers(headers: Headers) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -55,8 +50,8 @@ class Call:
 
     tenant: Tenant
     time_remaining: TimeRemaining
-    metadata: Metadata | None = None
-    send_headers: Callable[[Headers], Awaitable[None]] = _no_headers
+    metadata: Metadata | None
+    send_headers: Callable[[Headers], Awaitable[None]]
     """Sends the initial metadata (quota left) before the first reply message."""
 
 
@@ -69,19 +64,11 @@ RETRYABLE = frozenset({
 })  # fmt: skip
 
 
-@contextlib.contextmanager
-def _ending(span: trace.Span, record: RequestRecord) -> Iterator[None]:
-    """End the request's span with the status the request ended with (this block exits before
-    the metrics' own, so it reads the status from the exception itself)."""
-    try:
-        yield
-    except BaseException as e:
-        record.code = status_name(e)
-        raise
-    finally:
-        span.set_attribute("meshllm.request_id", record.request_id)
-        span.set_attribute("meshllm.completion_tokens", record.completion_tokens)
-        end_with_error(span, record.code)
+def _end_span(span: trace.Span, record: RequestRecord) -> None:
+    """End the request's span with the status its metrics recorded."""
+    span.set_attribute("meshllm.request_id", record.request_id)
+    span.set_attribute("meshllm.completion_tokens", record.completion_tokens)
+    end_with_error(span, record.code)
 
 
 class Forwarder:
@@ -126,22 +113,20 @@ class Forwarder:
         with ending(span):
             yield span
 
-    def budget(self, request: gen.GenerateRequest, link: ReplicaLink) -> int:
-        """Tokens the request may generate: its max_tokens, else the model's default."""
+    def budget(self, request: gen.GenerateRequest, served: ServedModel | None) -> int:
+        """Tokens the request may generate: its max_tokens, else the default of the model
+        ``served`` (as a replica reported it)."""
         if request.HasField("max_tokens"):
             return request.max_tokens
-        served = link.replica.served
         return served.default_max_tokens if served is not None else REPLICA_DEFAULT_MAX_TOKENS
 
-    def max_tokens(self, request: gen.GenerateRequest) -> int:
-        """What admission reserves before a replica is picked: max_tokens, else the default of
-        a replica serving the model."""
-        if request.HasField("max_tokens"):
-            return request.max_tokens
-        for replica in self._registry.ready_models().get(request.model, ()):
+    def _served(self, model: str) -> ServedModel | None:
+        """The model as some replica serving it now reports it (admission's budget, before a
+        replica is picked)."""
+        for replica in self._registry.ready_models().get(model, ()):
             if replica.served is not None:
-                return replica.served.default_max_tokens
-        return REPLICA_DEFAULT_MAX_TOKENS
+                return replica.served
+        return None
 
     # -- forwarding --------------------------------------------------------------------------
 
@@ -208,53 +193,58 @@ class Forwarder:
                  len(tried), tried[-1].name, error.code().name)  # fmt: skip
         return True
 
+    @contextlib.contextmanager
+    def _tracked(
+        self, name: str, request: gen.GenerateRequest, call: Call
+    ) -> Iterator[tuple[RequestRecord, trace.Span]]:
+        """One request's server span and metrics record, ended together with one status."""
+        span = tracer.start_span(name, context=extract(call.metadata), kind=SpanKind.SERVER,
+                                 attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name})  # fmt: skip
+        with self._metrics.track(
+            request.model, on_end=functools.partial(_end_span, span)
+        ) as record:
+            record.tenant = call.tenant.name
+            self.prepare(request)
+            record.request_id = request.request_id
+            yield record, span
+
     async def stream(
         self, request: gen.GenerateRequest, call: Call
     ) -> AsyncGenerator[gen.GenerateChunk]:
         """Relay the reply of one replica; before its first chunk, failures move to another."""
-        span = tracer.start_span("meshllm.router/GenerateStream", context=extract(call.metadata), kind=SpanKind.SERVER,
-                                 attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name})  # fmt: skip
-        with self._metrics.track(request.model) as record, _ending(span, record):
-            record.tenant = call.tenant.name
-            self.prepare(request)
-            record.request_id = request.request_id
-            async with self._admitted(request, call, span) as ticket, \
+        with self._tracked("meshllm.router/GenerateStream", request, call) as (record, span):
+            async with self._admitted(request, call, record, span), \
                     contextlib.aclosing(self._stream(request, call.time_remaining, span)) as chunks:  # fmt: skip
                 async for chunk in chunks:
                     record.tokens(len(chunk.token_ids))
-                    ticket.completion_tokens = record.completion_tokens
                     if chunk.HasField("usage"):
-                        record.prompt_tokens = ticket.prompt_tokens = chunk.usage.prompt_tokens
+                        record.prompt_tokens = chunk.usage.prompt_tokens
                         record.replica = chunk.timing.replica
                     yield chunk
 
     async def generate(self, request: gen.GenerateRequest, call: Call) -> gen.GenerateResponse:
         """One whole reply; the client has seen nothing until it ends, so any replica failure
         that another replica might not share is retried (bounded by max_attempts)."""
-        span = tracer.start_span("meshllm.router/Generate", context=extract(call.metadata), kind=SpanKind.SERVER,
-                                 attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name})  # fmt: skip
-        with self._metrics.track(request.model) as record, _ending(span, record):
-            record.tenant = call.tenant.name
-            self.prepare(request)
-            record.request_id = request.request_id
-            async with self._admitted(request, call, span) as ticket:
+        with self._tracked("meshllm.router/Generate", request, call) as (record, span):
+            async with self._admitted(request, call, record, span):
                 response = await self._generate(request, call.time_remaining, span)
                 record.replica = response.timing.replica
-                record.prompt_tokens = ticket.prompt_tokens = response.usage.prompt_tokens
-                record.completion_tokens = ticket.completion_tokens = (
-                    response.usage.completion_tokens
-                )
+                record.prompt_tokens = response.usage.prompt_tokens
+                record.completion_tokens = response.usage.completion_tokens
                 return response
 
     @contextlib.asynccontextmanager
     async def _admitted(
-        self, request: gen.GenerateRequest, call: Call, span: trace.Span
-    ) -> AsyncIterator[Ticket]:
-        async with self._admission.admitted(
-            call.tenant, request, self.max_tokens(request), span
-        ) as ticket:
-            await call.send_headers(ticket.headers)
-            yield ticket
+        self, request: gen.GenerateRequest, call: Call, record: RequestRecord, span: trace.Span
+    ) -> AsyncIterator[None]:
+        """Hold the tenant's quota while the request runs; settled from ``record``'s counts."""
+
+        def budget() -> int:  # only asked for a tenant with limits: no registry scan otherwise
+            return self.budget(request, self._served(request.model))
+
+        async with self._admission.admitted(call.tenant, request, budget, record, span) as headers:
+            await call.send_headers(headers)
+            yield
 
     async def _stream(
         self, request: gen.GenerateRequest, time_remaining: TimeRemaining, parent: trace.Span
@@ -262,7 +252,7 @@ class Forwarder:
         tried, last = list[Replica](), None
         while True:
             link = self._next(request.model, tried, last)
-            with self._registry.lease(link.replica, self.budget(request, link)) as lease, \
+            with self._registry.lease(link.replica, self.budget(request, link.replica.served)) as lease, \
                     self._attempt(parent, link) as span:  # fmt: skip
                 call = link.generation.GenerateStream(
                     request, timeout=self._timeout(time_remaining()), metadata=inject(span)
@@ -292,7 +282,7 @@ class Forwarder:
         tried, last = list[Replica](), None
         while True:
             link = self._next(request.model, tried, last)
-            with self._registry.lease(link.replica, self.budget(request, link)), \
+            with self._registry.lease(link.replica, self.budget(request, link.replica.served)), \
                     self._attempt(parent, link) as span:  # fmt: skip
                 try:
                     response: gen.GenerateResponse = await link.generation.Generate(

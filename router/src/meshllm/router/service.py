@@ -11,9 +11,10 @@ import grpc
 from meshllm.api.serving import streaming, unary
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.router.admission import Headers
 from meshllm.router.auth import Authenticator
 from meshllm.router.convert import model_info_to_pb
-from meshllm.router.forward import Call, Forwarder, Headers
+from meshllm.router.forward import Call, Forwarder
 from meshllm.router.registry import Registry
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -84,27 +84,43 @@ def check(
     if (cap := limits.requests_per_minute) is not None:
         ledger.requests = Bucket.at(ledger.requests, cap, now)
         if ledger.requests.level < demand.requests:
-            out.append(Violation(REQUESTS_PER_MINUTE, cap, ledger.requests.wait_s(demand.requests, cap),
-                                 f"{cap} requests per minute used up"))  # fmt: skip
+            retry = ledger.requests.wait_s(demand.requests, cap)
+            out.append(violation(REQUESTS_PER_MINUTE, cap, demand, retry))
     if (cap := limits.tokens_per_minute) is not None:
         ledger.tokens = Bucket.at(ledger.tokens, cap, now)
+        left = max(0, math.floor(ledger.tokens.level))
         if demand.tokens > cap:
-            out.append(Violation(TOKENS_PER_MINUTE, cap, None,
-                                 f"the request reserves {demand.tokens} tokens; the limit is {cap} per minute"))  # fmt: skip
+            out.append(violation(TOKENS_PER_MINUTE, cap, demand, None))
         elif ledger.tokens.level < demand.tokens:
-            out.append(Violation(TOKENS_PER_MINUTE, cap, ledger.tokens.wait_s(demand.tokens, cap),
-                                 f"{demand.tokens} tokens needed, {max(0, math.floor(ledger.tokens.level))} of {cap} per minute left"))  # fmt: skip
+            retry = ledger.tokens.wait_s(demand.tokens, cap)
+            out.append(violation(TOKENS_PER_MINUTE, cap, demand, retry, tokens_left=left))
     if (cap := limits.concurrent_requests) is not None and len(ledger.leases) >= cap:
-        out.append(Violation(CONCURRENT_REQUESTS, cap, concurrency_retry_s,
-                             f"{cap} concurrent requests already running"))  # fmt: skip
+        out.append(violation(CONCURRENT_REQUESTS, cap, demand, concurrency_retry_s))
     if (cap := limits.tokens_per_day) is not None:
         if demand.tokens > cap:
-            out.append(Violation(TOKENS_PER_DAY, cap, None,
-                                 f"the request reserves {demand.tokens} tokens; the limit is {cap} per day"))  # fmt: skip
+            out.append(violation(TOKENS_PER_DAY, cap, demand, None))
         elif ledger.day_tokens + demand.tokens > cap:
-            out.append(Violation(TOKENS_PER_DAY, cap, until_next_day(now),
-                                 f"{cap} tokens per day used up (resets at 00:00 UTC)"))  # fmt: skip
+            out.append(violation(TOKENS_PER_DAY, cap, demand, until_next_day(now)))
     return out
+
+
+def violation(limit: str, cap: int, demand: Demand, retry_after_s: float | None,
+              tokens_left: int | None = None) -> Violation:  # fmt: skip
+    """One refused limit, worded the same whichever store found it (None: it never fits)."""
+    unit = "day" if limit == TOKENS_PER_DAY else "minute"
+    if retry_after_s is None:
+        message = f"the request reserves {demand.tokens} tokens; the limit is {cap} per {unit}"
+    elif limit == REQUESTS_PER_MINUTE:
+        message = f"{cap} requests per minute used up"
+    elif limit == CONCURRENT_REQUESTS:
+        message = f"{cap} concurrent requests already running"
+    elif limit == TOKENS_PER_DAY:
+        message = f"{cap} tokens per day used up (resets at 00:00 UTC)"
+    elif tokens_left is not None:
+        message = f"{demand.tokens} tokens needed, {tokens_left} of {cap} per minute left"
+    else:
+        message = f"{demand.tokens} tokens needed, more than is left of {cap} per minute"
+    return Violation(limit, cap, retry_after_s, message)
 
 
 def reserve(ledger: TenantLedger, limits: TenantLimits, demand: Demand, lease: str) -> Remaining:

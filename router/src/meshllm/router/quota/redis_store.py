@@ -20,7 +20,6 @@ from redis.exceptions import RedisError
 
 from meshllm.router.quota import ledger
 from meshllm.router.quota.limits import (
-    CONCURRENT_REQUESTS,
     Demand,
     LimitUsage,
     Remaining,
@@ -131,18 +130,10 @@ def _bucket(fields: list[bytes | None]) -> ledger.Bucket | None:
 
 def _violations(limits: TenantLimits, demand: Demand, flat: list[str]) -> list[Violation]:
     """The script's (limit, retry) pairs as the violations ledger.check would give."""
-    out = []
-    for name, retry in zip(flat[::2], flat[1::2], strict=True):
-        cap = getattr(limits, name)
-        if name == CONCURRENT_REQUESTS:
-            message = f"{cap} concurrent requests already running"
-        elif retry == "":
-            unit = "minute" if name.endswith("minute") else "day"
-            message = f"the request reserves {demand.tokens} tokens; the limit is {cap} per {unit}"
-        else:
-            message = f"{name.replace('_', ' ')} limit {cap} reached"
-        out.append(Violation(name, cap, None if retry == "" else float(retry), message))
-    return out
+    return [
+        ledger.violation(name, getattr(limits, name), demand, None if retry == "" else float(retry))
+        for name, retry in zip(flat[::2], flat[1::2], strict=True)
+    ]
 
 
 def _remaining(limits: TenantLimits, requests_level: str, tokens_level: str) -> Remaining:

@@ -16,6 +16,7 @@ import grpc
 
 from meshllm.api.errors import Internal, MeshError
 from meshllm.api.logs import setup_logging
+from meshllm.api.tls import ServerTLS
 from meshllm.api.tracing import configure_from_env
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,14 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def listen(
-    server: grpc.aio.Server,
-    host: str,
-    port: int,
-    credentials: grpc.ServerCredentials | None = None,
-) -> int:
+def listen(server: grpc.aio.Server, host: str, port: int, tls: ServerTLS | None = None) -> int:
     """Bind ``host:port`` (0: a free port) and return the port; a clear OSError if taken.
-    With ``credentials`` (``meshllm.api.tls.ServerTLS.server_credentials()``) the port speaks TLS."""
+    With ``tls`` the port speaks TLS (mutual TLS when it has a client CA)."""
     address = f"{host}:{port}"
     try:
-        if credentials is None:
+        if tls is None:
             return server.add_insecure_port(address)
-        return server.add_secure_port(address, credentials)
+        return server.add_secure_port(address, tls.server_credentials())
     except RuntimeError as e:
         raise OSError(f"cannot listen on {address}: {e}") from e
 

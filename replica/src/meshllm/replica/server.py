@@ -44,8 +44,7 @@ class ReplicaServer:
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
         tls = self.config.tls
-        credentials = tls.server_credentials() if tls is not None else None
-        self.port = listen(server, self.config.host, self.config.port, credentials)
+        self.port = listen(server, self.config.host, self.config.port, tls)
         replica = Replica(self.config, self.config.name(self.port))
         replica.on_state_change.append(self._on_state)
         registry, request_metrics = replica_metrics(replica)

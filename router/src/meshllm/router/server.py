@@ -73,8 +73,7 @@ class RouterServer:
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
         tls = self.config.server_tls
-        credentials = tls.server_credentials() if tls is not None else None
-        self.port = listen(server, self.config.host, self.config.port, credentials)
+        self.port = listen(server, self.config.host, self.config.port, tls)
         prometheus, metrics = router_metrics(self.registry, self.config.tokens_per_request)
         self.auth = Authenticator(self._tenants.tenants if self._tenants else None, prometheus)
         self.admission = Admission(self._store, self.config.redis_unavailable,

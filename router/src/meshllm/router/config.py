@@ -11,6 +11,7 @@ from typing import Any
 
 from meshllm.api.errors import FieldViolation, InvalidArgument
 from meshllm.api.tls import ChannelTLS, ServerTLS
+from meshllm.router.placement.catalog import CatalogModel, catalog_violations, parse_catalog
 from meshllm.router.quota.store import STORES
 
 POLICIES = ("least-busy", "round-robin")
@@ -75,6 +76,18 @@ class RouterConfig:
     """Redis store: a concurrent-request slot is freed after this even if its router died
     without settling (a request running longer stops counting against the limit)."""
 
+    # Model placement (docs/admin.md). The catalog comes from the file's [models.<id>] tables.
+    models: tuple[CatalogModel, ...] = ()
+    """The model catalog: what the router may place on replicas, and on how many."""
+    load_timeout_s: float = 600.0
+    """Longest a replica may take to load a model before the router stops waiting for it
+    (the replica goes on; a later report shows READY or FAILED)."""
+    load_retry_s: float = 60.0
+    """After a model failed to load, how long automatic placement leaves it alone (an admin
+    ``load`` tries again at once)."""
+    unload_drain_s: float = 30.0
+    """Default time in-flight requests may finish on a replica being unloaded or scaled down."""
+
     # TLS (docs/tls.md). All "" (the default): plaintext, for local development only.
     tls_cert: str = ""
     """PEM certificate (chain) the router presents to clients; with ``tls_key`` it speaks TLS only."""
@@ -135,7 +148,8 @@ class RouterConfig:
                 bad.append(FieldViolation("replicas", f"{address!r} is not host:port"))
         if self.dns and not valid_address(self.dns):
             bad.append(FieldViolation("dns", f"{self.dns!r} is not name:port"))
-        for name in ("refresh_s", "stale_after_s", "reconnect_max_s", "retry_after_s"):
+        for name in ("refresh_s", "stale_after_s", "reconnect_max_s", "retry_after_s",
+                     "load_timeout_s", "load_retry_s", "unload_drain_s"):  # fmt: skip
             if getattr(self, name) <= 0:
                 bad.append(FieldViolation(name, "must be positive"))
         for name in ("tokens_per_request", "max_attempts", "report_interval_ms"):
@@ -145,6 +159,7 @@ class RouterConfig:
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
         bad.extend(self._tls_violations())
+        bad.extend(catalog_violations(self.models))
         if bad:
             raise InvalidArgument(
                 "invalid router config: " + "; ".join(f"{v.field} {v.description}" for v in bad),
@@ -193,15 +208,20 @@ def valid_address(address: str) -> bool:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The ``[router]`` table of a TOML file, with its names checked against RouterConfig."""
+    """RouterConfig settings from a TOML file: its ``[router]`` table, with names and types
+    checked, and its ``[models.<id>]`` tables as the catalog (``models``)."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise InvalidArgument(f"cannot read router config {path}: {e}") from e
+    if unknown_tables := sorted(set(data) - {"router", "models"}):
+        raise InvalidArgument(f"{path}: unknown tables {', '.join(unknown_tables)}; a router config "
+                              "has [router] and [models.<id>] tables",
+                              field_violations=[FieldViolation(k, "unknown table") for k in unknown_tables])  # fmt: skip
     table = data.get("router", {})
     if not isinstance(table, dict):
         raise InvalidArgument(f"{path}: [router] must be a table")
-    known = {f.name for f in fields(RouterConfig)}
+    known = {f.name for f in fields(RouterConfig)} - {"models"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise InvalidArgument(f"{path}: unknown [router] settings: {', '.join(unknown)}",
@@ -218,6 +238,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             what = _TYPE_NAMES[expected]
             raise InvalidArgument(f"{path}: [router] {key} must be {what}, not {value!r}",
                                   field_violations=[FieldViolation(key, f"must be {what}")])  # fmt: skip
+    if "models" in data:
+        table["models"] = parse_catalog(data["models"], str(path))
     return table
 
 

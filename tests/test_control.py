@@ -18,22 +18,30 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+GENERATION = health_pb2.HealthCheckRequest(service="meshllm.api.v1.Generation")
+CONTROL = health_pb2.HealthCheckRequest(service="meshllm.api.v1.ReplicaControl")
+
+
 async def test_load_serve_unload_with_health_following_state(start_replica: StartReplica) -> None:
     server = await start_replica(None)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         control = rc_grpc.ReplicaControlStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
+        # an idle worker is alive and placeable (overall, ReplicaControl) but serves no model
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
+        assert (await health.Check(CONTROL)).status == SERVING
+        assert (await health.Check(GENERATION)).status == NOT_SERVING
         assert (await control.GetStatus(rc.GetStatusRequest())).state == rc.REPLICA_STATE_EMPTY
+        with pytest.raises(grpc.aio.AioRpcError) as nothing:
+            await control.Drain(rc.DrainRequest())
+        assert nothing.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
         status = await control.LoadModel(
             rc.LoadModelRequest(spec=spec_to_pb(demo_spec()), wait=True)
         )
         assert status.state == rc.REPLICA_STATE_READY
         assert status.spec.id == "demo" and status.memory.used_bytes > 0
-        assert (
-            await health.Check(health_pb2.HealthCheckRequest(service="meshllm.api.v1.Generation"))
-        ).status == SERVING
+        assert (await health.Check(GENERATION)).status == SERVING
         again = await control.LoadModel(
             rc.LoadModelRequest(spec=spec_to_pb(demo_spec()), wait=True)
         )
@@ -52,7 +60,32 @@ async def test_load_serve_unload_with_health_following_state(start_replica: Star
         unloaded = await control.UnloadModel(rc.UnloadModelRequest(drain_timeout_s=10))
         assert unloaded.state == rc.REPLICA_STATE_EMPTY
         assert (await in_flight).usage.completion_tokens == 400  # drained, not dropped
-        assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
+        assert (await health.Check(GENERATION)).status == NOT_SERVING
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
+
+
+async def test_drain_keeps_the_model_and_undrain_admits_again(start_replica: StartReplica) -> None:
+    server = await start_replica(demo_spec())
+    channel, client = stub(server.port)
+    async with channel:
+        control = rc_grpc.ReplicaControlStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        request = gen.GenerateRequest(model="demo", prompt="x", max_tokens=300, temperature=0.0)
+        in_flight = asyncio.ensure_future(client.Generate(request))
+        await asyncio.sleep(0.05)
+        drained = await control.Drain(rc.DrainRequest())
+        assert drained.state == rc.REPLICA_STATE_DRAINING and drained.spec.id == "demo"
+        assert (await control.Drain(rc.DrainRequest())).state == rc.REPLICA_STATE_DRAINING
+        assert (await health.Check(GENERATION)).status == NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.Generate(request)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (await in_flight).usage.completion_tokens == 300  # in-flight work goes on
+
+        assert (await control.Undrain(rc.UndrainRequest())).state == rc.REPLICA_STATE_READY
+        assert (await control.Undrain(rc.UndrainRequest())).state == rc.REPLICA_STATE_READY
+        assert (await client.Generate(request)).usage.completion_tokens == 300
+        assert (await health.Check(GENERATION)).status == SERVING
 
 
 @pytest.mark.parametrize(

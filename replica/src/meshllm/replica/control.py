@@ -48,6 +48,16 @@ class ReplicaControlService(rc_grpc.ReplicaControlServicer):
     async def GetStatus(self, request: rc.GetStatusRequest, context: Context) -> rc.ReplicaStatus:
         return self._status()
 
+    @unary
+    async def Drain(self, request: rc.DrainRequest, context: Context) -> rc.ReplicaStatus:
+        await self._replica.drain()
+        return self._status()
+
+    @unary
+    async def Undrain(self, request: rc.UndrainRequest, context: Context) -> rc.ReplicaStatus:
+        await self._replica.undrain()
+        return self._status()
+
     @streaming
     async def WatchLoad(
         self, request: rc.WatchLoadRequest, context: Context

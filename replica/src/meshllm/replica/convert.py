@@ -112,7 +112,7 @@ def load_report_to_pb(r: LoadReport) -> rc.LoadReport:
         replica_id=r.replica_id, state=_STATE[r.state], model=r.model, queued=r.queued,
         running=r.running, tokens_in_flight=r.tokens_in_flight, tokens_per_second=r.tokens_per_second,
         cache_utilization=r.cache_utilization, requests_total=r.requests_total,
-        tokens_total=r.tokens_total, timestamp_ms=r.timestamp_ms,
+        tokens_total=r.tokens_total, timestamp_ms=r.timestamp_ms, device=r.device,
     )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ class LoadReport:
     requests_total: int
     tokens_total: int
     timestamp_ms: int
+    device: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +97,8 @@ class Replica:
         self._lifecycle = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._load_task: asyncio.Task[None] | None = None
+        self._unloading = False
+        self._shutting_down = False
         self.on_state_change: list[Callable[[ReplicaState], Awaitable[None]]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -152,18 +155,40 @@ class Replica:
                 self.spec, self.error = None, ""
                 await self._set_state(ReplicaState.EMPTY)
                 return
-            await self._set_state(ReplicaState.DRAINING)
-            await self.wait_idle(drain_timeout_s or self.config.drain_grace_s)
-            await self._set_state(ReplicaState.UNLOADING)
-            if self.model is not None:
-                await self.model.close()
-            self.model, self.spec = None, None
-            await self._set_state(ReplicaState.EMPTY)
+            self._unloading = True
+            try:
+                await self._set_state(ReplicaState.DRAINING)
+                await self.wait_idle(drain_timeout_s or self.config.drain_grace_s)
+                await self._set_state(ReplicaState.UNLOADING)
+                if self.model is not None:
+                    await self.model.close()
+                self.model, self.spec = None, None
+                await self._set_state(ReplicaState.EMPTY)
+            finally:
+                self._unloading = False
 
-    async def drain(self) -> None:
-        """Stop admitting new work (SIGTERM); in-flight requests go on."""
-        if self.state in (ReplicaState.READY, ReplicaState.LOADING):
+    async def drain(self, *, shutdown: bool = False) -> None:
+        """Stop admitting new work, keeping the model; in-flight requests go on. Idempotent.
+
+        ``shutdown`` (SIGTERM) also drains a replica still loading, and forbids ``undrain``.
+        """
+        self._shutting_down = self._shutting_down or shutdown
+        if self.state == ReplicaState.READY or (shutdown and self.state == ReplicaState.LOADING):
             await self._set_state(ReplicaState.DRAINING)
+        elif not shutdown and self.state not in (ReplicaState.DRAINING, ReplicaState.UNLOADING):
+            raise FailedPrecondition(
+                f"nothing to drain: the replica is {self.state.value}", reason="REPLICA_NOT_READY"
+            )
+
+    async def undrain(self) -> None:
+        """Admit new work again after ``drain``. Idempotent."""
+        if self.state == ReplicaState.READY:
+            return
+        if self.state != ReplicaState.DRAINING or self._unloading or self._shutting_down:
+            why = ("an unload is under way" if self._unloading else "the replica is shutting down"
+                   if self._shutting_down else f"the replica is {self.state.value}")  # fmt: skip
+            raise FailedPrecondition(f"cannot undrain: {why}", reason="REPLICA_NOT_DRAINED")
+        await self._set_state(ReplicaState.READY)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False if the timeout passed first."""
@@ -254,6 +279,7 @@ class Replica:
             requests_total=self.requests_total,
             tokens_total=self.tokens_total,
             timestamp_ms=int(time.time() * 1000),
+            device=self.config.device,
         )
 
     def status(self) -> ReplicaStatusInfo:

@@ -26,10 +26,20 @@ log = logging.getLogger(__name__)
 
 GENERATION = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 CONTROL = replica_control_pb2.DESCRIPTOR.services_by_name["ReplicaControl"].full_name
+SERVING, NOT_SERVING = (
+    health_pb2.HealthCheckResponse.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING,
+)
 
 
 class ReplicaServer:
-    """A running replica: ``await start()``, then ``await stop()`` (drains first)."""
+    """A running replica: ``await start()``, then ``await stop()`` (drains first).
+
+    Health: the overall status ("") and ReplicaControl are SERVING while the process runs, with
+    or without a model: an idle replica is a worker waiting for the router to place a model (a
+    Kubernetes readiness probe must keep it discoverable). Generation is SERVING only while a
+    model is READY.
+    """
 
     def __init__(self, config: ReplicaConfig) -> None:
         self.config = config.validate()
@@ -53,6 +63,8 @@ class ReplicaServer:
         )
         rc_grpc.add_ReplicaControlServicer_to_server(ReplicaControlService(replica), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for name, status in (("", SERVING), (CONTROL, SERVING), (GENERATION, NOT_SERVING)):
+            await self._health.set(name, status)
         names = (GENERATION, CONTROL, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)  # fmt: skip
         reflection.enable_server_reflection(names, server)
@@ -70,10 +82,8 @@ class ReplicaServer:
         return self.port
 
     async def _on_state(self, state: ReplicaState) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if state == ReplicaState.READY
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
-        for name in ("", GENERATION):
-            await self._health.set(name, status)
+        serving = SERVING if state == ReplicaState.READY else NOT_SERVING
+        await self._health.set(GENERATION, serving)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new work, let in-flight requests finish within the grace, then exit."""
@@ -82,7 +92,7 @@ class ReplicaServer:
         self._stopped = True
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         if self.replica is not None:
-            await self.replica.drain()
+            await self.replica.drain(shutdown=True)
             await self.replica.wait_idle(grace)
         await self._health.enter_graceful_shutdown()
         if self._server is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import replica_control_pb2 as rc
+from meshllm.router.placement.catalog import CatalogModel
 from meshllm.router.quota import LimitUsage
 from meshllm.router.registry import LoadReport, Replica, ReplicaState, ServedModel
 
@@ -26,6 +27,7 @@ def report_from_pb(report: rc.LoadReport) -> LoadReport:
         replica_id=report.replica_id, state=_STATES.get(report.state, ReplicaState.UNKNOWN),
         model=report.model, queued=report.queued, running=report.running,
         tokens_in_flight=report.tokens_in_flight, tokens_per_second=report.tokens_per_second,
+        device=report.device,
     )  # fmt: skip
 
 
@@ -72,3 +74,36 @@ def replica_status_to_pb(replica: Replica) -> rc.ReplicaStatus:
 def usage_to_pb(usage: LimitUsage) -> adm.QuotaUsage:
     return adm.QuotaUsage(tenant=usage.tenant, limit=usage.limit, used=usage.used,
                           limit_value=usage.limit_value, resets_in_s=usage.resets_in_s)  # fmt: skip
+
+
+def spec_to_pb(entry: CatalogModel) -> rc.ModelSpec:
+    """What a replica loads for a catalog model."""
+    return rc.ModelSpec(
+        id=entry.id, engine=entry.engine, path=entry.path, compute_type=entry.compute_type,
+        context_length=entry.context_length, default_max_tokens=entry.default_max_tokens,
+        max_tokens_limit=entry.max_tokens_limit, max_batch_size=entry.max_batch_size,
+        inter_threads=entry.inter_threads, intra_threads=entry.intra_threads,
+        chat_template=entry.chat_template, max_queued=entry.max_queued, options=dict(entry.options),
+    )  # fmt: skip
+
+
+def overrides_from_pb(spec: rc.ModelSpec) -> dict[str, object]:
+    """A load's one-off overrides: the set fields of ``spec`` (the id only names the model)."""
+    names = ("engine", "path", "compute_type", "context_length", "default_max_tokens",
+             "max_tokens_limit", "max_batch_size", "inter_threads", "intra_threads",
+             "chat_template", "max_queued")  # fmt: skip
+    out: dict[str, object] = {name: getattr(spec, name) for name in names if getattr(spec, name)}
+    if spec.options:
+        out["options"] = dict(spec.options)
+    return out
+
+
+def placement_to_pb(model: str, statuses: list[rc.ReplicaStatus], entry: CatalogModel | None,
+                    desired: int, pending: str) -> adm.ModelPlacement:  # fmt: skip
+    """One model's placement: catalog settings and the replicas holding (or failing) it."""
+    replicas = [s for s in statuses if s.spec.id == model and s.state != rc.REPLICA_STATE_EMPTY]
+    return adm.ModelPlacement(
+        model=model, configured=entry is not None, desired_replicas=desired,
+        max_replicas=entry.max_replicas if entry else 0, replicas=replicas,
+        ready_replicas=sum(s.state == rc.REPLICA_STATE_READY for s in replicas), pending=pending,
+    )  # fmt: skip

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     MeshError,
     NotFound,
     Unavailable,
@@ -35,7 +36,7 @@ from meshllm.router.config import RouterConfig
 from meshllm.router.convert import REPLICA_DEFAULT_MAX_TOKENS
 from meshllm.router.metrics import RouterMetrics
 from meshllm.router.pool import ReplicaLink, ReplicaPool
-from meshllm.router.registry import Registry, Replica, ServedModel
+from meshllm.router.registry import Registry, Replica, ReplicaState, ServedModel
 from meshllm.router.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Forwarder:
                  policy: Policy, metrics: RouterMetrics, admission: Admission) -> None:  # fmt: skip
         self._config, self._registry, self._pool, self._policy = config, registry, pool, policy
         self._metrics, self._admission = metrics, admission
+        self._catalog = frozenset(m.id for m in config.models)
 
     # -- picking -----------------------------------------------------------------------------
 
@@ -99,9 +101,20 @@ class Forwarder:
                 f"({', '.join(r.name for r in tried)})", reason="NO_HEALTHY_REPLICA",
                 retry_after=retry, metadata={"model": model},
             )  # fmt: skip
+        held = [r for r in self._registry.replicas.values() if r.model == model]
+        states = {ReplicaState.LOADING if r.claim else r.state for r in held}
+        if ReplicaState.LOADING in states:
+            return Unavailable(f"model {model!r} is still loading", reason="MODEL_LOADING",
+                               retry_after=retry, metadata={"model": model})  # fmt: skip
+        if not states and model in self._catalog:
+            return FailedPrecondition(
+                f"model {model!r} is in the catalog but loaded on no replica; an admin can load "
+                f"it (meshllm admin load {model})", reason="MODEL_NOT_LOADED", metadata={"model": model},
+            )  # fmt: skip
         ready = self._registry.ready_models()
-        if ready and not self._registry.knows(model):
-            return NotFound(f"unknown model {model!r}; available: {', '.join(sorted(ready))}")
+        if not states and (ready or self._catalog) and not self._registry.knows(model):
+            available = sorted({*ready, *self._catalog})
+            return NotFound(f"unknown model {model!r}; available: {', '.join(available)}")
         return Unavailable(f"no healthy replica serves {model!r} now", reason="NO_HEALTHY_REPLICA",
                            retry_after=retry, metadata={"model": model})  # fmt: skip
 

@@ -41,6 +41,11 @@ class LoadReport:
     running: int
     tokens_in_flight: int
     tokens_per_second: float
+    device: str = ""
+
+
+HOSTING = frozenset({ReplicaState.LOADING, ReplicaState.READY, ReplicaState.DRAINING})
+"""States in which a replica holds (or is about to hold) its reported model."""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -66,6 +71,10 @@ class Replica:
     """Likewise for tokens in flight: what other routers' requests may still generate."""
     served_total: int = 0
     last_error: str = ""
+    claim: str = ""
+    """A model this router asked the replica to load and the replica has not reported yet."""
+    leaving: bool = False
+    """This router is unloading its model: no new work, whatever the last report says."""
 
     @property
     def name(self) -> str:
@@ -75,6 +84,17 @@ class Replica:
     def state(self) -> ReplicaState:
         return self.report.state if self.report is not None else ReplicaState.UNKNOWN
 
+    @property
+    def model(self) -> str:
+        """The model it holds or will hold: a claim, else the last report's."""
+        if self.claim:
+            return self.claim
+        return self.report.model if self.report is not None and self.state in HOSTING else ""
+
+    @property
+    def device(self) -> str:
+        return self.report.device if self.report is not None else ""
+
     def fresh(self, now: float, stale_after_s: float) -> bool:
         return self.connected and now - self.reported_at <= stale_after_s
 
@@ -82,6 +102,7 @@ class Replica:
         """Takes new work for ``model``: connected, reporting, READY with that model, listed."""
         return (
             not self.removed
+            and not self.leaving
             and self.fresh(now, stale_after_s)
             and self.report is not None
             and self.report.state == ReplicaState.READY
@@ -132,6 +153,8 @@ class Registry:
         replica.others_requests = max(report.queued + report.running - replica.inflight, 0)
         replica.others_tokens = max(report.tokens_in_flight - replica.inflight_tokens, 0)
         replica.replica_id, replica.connected, replica.last_error = report.replica_id, True, ""
+        if replica.claim and (report.model == replica.claim or report.state != ReplicaState.EMPTY):
+            replica.claim = ""  # the replica took the load (or something else): reports rule
 
     def candidates(self, model: str, exclude: Iterable[Replica] = ()) -> list[Replica]:
         now, skip = self.clock(), set(map(id, exclude))
@@ -139,6 +162,10 @@ class Registry:
             r for r in self.replicas.values()
             if id(r) not in skip and r.serves(model, now, self.stale_after_s)
         ]  # fmt: skip
+
+    def find(self, name: str) -> Replica | None:
+        """A replica by id (as reported) or address."""
+        return next((r for r in self.replicas.values() if name in (r.replica_id, r.address)), None)
 
     def knows(self, model: str) -> bool:
         """Some replica hosts (or last reported hosting) ``model``, healthy or not."""

@@ -27,6 +27,7 @@ from meshllm.router.config import RouterConfig
 from meshllm.router.discovery import Discovery
 from meshllm.router.forward import Forwarder
 from meshllm.router.metrics import router_metrics
+from meshllm.router.placement.control import Placement
 from meshllm.router.pool import ReplicaPool
 from meshllm.router.quota import make_store
 from meshllm.router.registry import Registry
@@ -55,6 +56,7 @@ class RouterServer:
         self.port = 0
         self.registry = Registry(stale_after_s=self.config.stale_after_s)
         self.pool = ReplicaPool(self.config, self.registry, self._on_change)
+        self.placement = Placement(self.config, self.registry, self.pool)
         self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
         self._discovery = Discovery(self.config)
         self._tenants = TenantsFile(Path(config.tenants_file)) if config.auth == "api-key" else None
@@ -84,7 +86,7 @@ class RouterServer:
             RouterGenerationService(forwarder, self.registry, self.auth), server
         )
         adm_grpc.add_AdminServicer_to_server(
-            RouterAdminService(self.auth, self.registry, self.admission), server
+            RouterAdminService(self.auth, self.placement, self.admission), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -93,6 +95,7 @@ class RouterServer:
         await self._health.set("", SERVING)
         await self._health.set(GENERATION, NOT_SERVING)
         self.pool.sync(await self._discovery.addresses())
+        self.placement.start()
         if self._discovery.dynamic or self._tenants is not None:
             self._refresher = asyncio.create_task(self._refresh(), name="refresh")
         await server.start()
@@ -124,6 +127,7 @@ class RouterServer:
                 self.auth.use(tenants)
 
     def _on_change(self) -> None:
+        self.placement.changed()
         status = SERVING if self.registry.ready_models() else NOT_SERVING
         task = asyncio.get_running_loop().create_task(self._health.set(GENERATION, status))
         self._tasks.add(task)
@@ -142,6 +146,7 @@ class RouterServer:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self.placement.close()
         await self.pool.close()
         if self.admission is not None:
             await self.admission.close()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshllm.api.v1 import replica_control_pb2 as meshllm_dot_api_dot_v1_dot_replica__control__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshllm/api/v1/admin.proto\x12\x0emeshllm.api.v1\x1a$meshllm/api/v1/replica_control.proto\"\x18\n\x16\x41\x64minListModelsRequest\"\x94\x01\n\x0eModelPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nconfigured\x18\x02 \x01(\x08\x12\x18\n\x10\x64\x65sired_replicas\x18\x03 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\r\x12/\n\x08replicas\x18\x05 \x03(\x0b\x32\x1d.meshllm.api.v1.ReplicaStatus\"I\n\x17\x41\x64minListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.meshllm.api.v1.ModelPlacement\"\x15\n\x13ListReplicasRequest\"G\n\x14ListReplicasResponse\x12/\n\x08replicas\x18\x01 \x03(\x0b\x32\x1d.meshllm.api.v1.ReplicaStatus\"t\n\x15\x41\x64minLoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12,\n\toverrides\x18\x03 \x01(\x0b\x32\x19.meshllm.api.v1.ModelSpec\x12\x0c\n\x04wait\x18\x04 \x01(\x08\"A\n\x17\x41\x64minUnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x01\"M\n\x11ScaleModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\")\n\x13\x44rainReplicaRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"+\n\x15UndrainReplicaRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"&\n\x14GetQuotaUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"c\n\nQuotaUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\t\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x13\n\x0blimit_value\x18\x04 \x01(\x04\x12\x13\n\x0bresets_in_s\x18\x05 \x01(\x01\"B\n\x15GetQuotaUsageResponse\x12)\n\x05usage\x18\x01 \x03(\x0b\x32\x1a.meshllm.api.v1.QuotaUsage2\xc8\x05\n\x05\x41\x64min\x12]\n\nListModels\x12&.meshllm.api.v1.AdminListModelsRequest\x1a\'.meshllm.api.v1.AdminListModelsResponse\x12Y\n\x0cListReplicas\x12#.meshllm.api.v1.ListReplicasRequest\x1a$.meshllm.api.v1.ListReplicasResponse\x12R\n\tLoadModel\x12%.meshllm.api.v1.AdminLoadModelRequest\x1a\x1e.meshllm.api.v1.ModelPlacement\x12V\n\x0bUnloadModel\x12\'.meshllm.api.v1.AdminUnloadModelRequest\x1a\x1e.meshllm.api.v1.ModelPlacement\x12O\n\nScaleModel\x12!.meshllm.api.v1.ScaleModelRequest\x1a\x1e.meshllm.api.v1.ModelPlacement\x12R\n\x0c\x44rainReplica\x12#.meshllm.api.v1.DrainReplicaRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12V\n\x0eUndrainReplica\x12%.meshllm.api.v1.UndrainReplicaRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12\\\n\rGetQuotaUsage\x12$.meshllm.api.v1.GetQuotaUsageRequest\x1a%.meshllm.api.v1.GetQuotaUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ameshllm/api/v1/admin.proto\x12\x0emeshllm.api.v1\x1a$meshllm/api/v1/replica_control.proto\"\x18\n\x16\x41\x64minListModelsRequest\"\xbd\x01\n\x0eModelPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nconfigured\x18\x02 \x01(\x08\x12\x18\n\x10\x64\x65sired_replicas\x18\x03 \x01(\r\x12\x14\n\x0cmax_replicas\x18\x04 \x01(\r\x12/\n\x08replicas\x18\x05 \x03(\x0b\x32\x1d.meshllm.api.v1.ReplicaStatus\x12\x16\n\x0eready_replicas\x18\x06 \x01(\r\x12\x0f\n\x07pending\x18\x07 \x01(\t\"I\n\x17\x41\x64minListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.meshllm.api.v1.ModelPlacement\"\x15\n\x13ListReplicasRequest\"G\n\x14ListReplicasResponse\x12/\n\x08replicas\x18\x01 \x03(\x0b\x32\x1d.meshllm.api.v1.ReplicaStatus\"t\n\x15\x41\x64minLoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12,\n\toverrides\x18\x03 \x01(\x0b\x32\x19.meshllm.api.v1.ModelSpec\x12\x0c\n\x04wait\x18\x04 \x01(\x08\"A\n\x17\x41\x64minUnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x02 \x01(\x01\"[\n\x11ScaleModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\x12\x0c\n\x04wait\x18\x04 \x01(\x08\")\n\x13\x44rainReplicaRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"+\n\x15UndrainReplicaRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\"&\n\x14GetQuotaUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"c\n\nQuotaUsage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\t\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x13\n\x0blimit_value\x18\x04 \x01(\x04\x12\x13\n\x0bresets_in_s\x18\x05 \x01(\x01\"B\n\x15GetQuotaUsageResponse\x12)\n\x05usage\x18\x01 \x03(\x0b\x32\x1a.meshllm.api.v1.QuotaUsage2\xc8\x05\n\x05\x41\x64min\x12]\n\nListModels\x12&.meshllm.api.v1.AdminListModelsRequest\x1a\'.meshllm.api.v1.AdminListModelsResponse\x12Y\n\x0cListReplicas\x12#.meshllm.api.v1.ListReplicasRequest\x1a$.meshllm.api.v1.ListReplicasResponse\x12R\n\tLoadModel\x12%.meshllm.api.v1.AdminLoadModelRequest\x1a\x1e.meshllm.api.v1.ModelPlacement\x12V\n\x0bUnloadModel\x12\'.meshllm.api.v1.AdminUnloadModelRequest\x1a\x1e.meshllm.api.v1.ModelPlacement\x12O\n\nScaleModel\x12!.meshllm.api.v1.ScaleModelRequest\x1a\x1e.meshllm.api.v1.ModelPlacement\x12R\n\x0c\x44rainReplica\x12#.meshllm.api.v1.DrainReplicaRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12V\n\x0eUndrainReplica\x12%.meshllm.api.v1.UndrainReplicaRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12\\\n\rGetQuotaUsage\x12$.meshllm.api.v1.GetQuotaUsageRequest\x1a%.meshllm.api.v1.GetQuotaUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINLISTMODELSREQUEST']._serialized_start=84
   _globals['_ADMINLISTMODELSREQUEST']._serialized_end=108
   _globals['_MODELPLACEMENT']._serialized_start=111
-  _globals['_MODELPLACEMENT']._serialized_end=259
-  _globals['_ADMINLISTMODELSRESPONSE']._serialized_start=261
-  _globals['_ADMINLISTMODELSRESPONSE']._serialized_end=334
-  _globals['_LISTREPLICASREQUEST']._serialized_start=336
-  _globals['_LISTREPLICASREQUEST']._serialized_end=357
-  _globals['_LISTREPLICASRESPONSE']._serialized_start=359
-  _globals['_LISTREPLICASRESPONSE']._serialized_end=430
-  _globals['_ADMINLOADMODELREQUEST']._serialized_start=432
-  _globals['_ADMINLOADMODELREQUEST']._serialized_end=548
-  _globals['_ADMINUNLOADMODELREQUEST']._serialized_start=550
-  _globals['_ADMINUNLOADMODELREQUEST']._serialized_end=615
-  _globals['_SCALEMODELREQUEST']._serialized_start=617
-  _globals['_SCALEMODELREQUEST']._serialized_end=694
-  _globals['_DRAINREPLICAREQUEST']._serialized_start=696
-  _globals['_DRAINREPLICAREQUEST']._serialized_end=737
-  _globals['_UNDRAINREPLICAREQUEST']._serialized_start=739
-  _globals['_UNDRAINREPLICAREQUEST']._serialized_end=782
-  _globals['_GETQUOTAUSAGEREQUEST']._serialized_start=784
-  _globals['_GETQUOTAUSAGEREQUEST']._serialized_end=822
-  _globals['_QUOTAUSAGE']._serialized_start=824
-  _globals['_QUOTAUSAGE']._serialized_end=923
-  _globals['_GETQUOTAUSAGERESPONSE']._serialized_start=925
-  _globals['_GETQUOTAUSAGERESPONSE']._serialized_end=991
-  _globals['_ADMIN']._serialized_start=994
-  _globals['_ADMIN']._serialized_end=1706
+  _globals['_MODELPLACEMENT']._serialized_end=300
+  _globals['_ADMINLISTMODELSRESPONSE']._serialized_start=302
+  _globals['_ADMINLISTMODELSRESPONSE']._serialized_end=375
+  _globals['_LISTREPLICASREQUEST']._serialized_start=377
+  _globals['_LISTREPLICASREQUEST']._serialized_end=398
+  _globals['_LISTREPLICASRESPONSE']._serialized_start=400
+  _globals['_LISTREPLICASRESPONSE']._serialized_end=471
+  _globals['_ADMINLOADMODELREQUEST']._serialized_start=473
+  _globals['_ADMINLOADMODELREQUEST']._serialized_end=589
+  _globals['_ADMINUNLOADMODELREQUEST']._serialized_start=591
+  _globals['_ADMINUNLOADMODELREQUEST']._serialized_end=656
+  _globals['_SCALEMODELREQUEST']._serialized_start=658
+  _globals['_SCALEMODELREQUEST']._serialized_end=749
+  _globals['_DRAINREPLICAREQUEST']._serialized_start=751
+  _globals['_DRAINREPLICAREQUEST']._serialized_end=792
+  _globals['_UNDRAINREPLICAREQUEST']._serialized_start=794
+  _globals['_UNDRAINREPLICAREQUEST']._serialized_end=837
+  _globals['_GETQUOTAUSAGEREQUEST']._serialized_start=839
+  _globals['_GETQUOTAUSAGEREQUEST']._serialized_end=877
+  _globals['_QUOTAUSAGE']._serialized_start=879
+  _globals['_QUOTAUSAGE']._serialized_end=978
+  _globals['_GETQUOTAUSAGERESPONSE']._serialized_start=980
+  _globals['_GETQUOTAUSAGERESPONSE']._serialized_end=1046
+  _globals['_ADMIN']._serialized_start=1049
+  _globals['_ADMIN']._serialized_end=1761
 # @@protoc_insertion_point(module_scope)

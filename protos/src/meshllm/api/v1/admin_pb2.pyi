@@ -12,18 +12,22 @@ class AdminListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelPlacement(_message.Message):
-    __slots__ = ("model", "configured", "desired_replicas", "max_replicas", "replicas")
+    __slots__ = ("model", "configured", "desired_replicas", "max_replicas", "replicas", "ready_replicas", "pending")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
     DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    READY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     model: str
     configured: bool
     desired_replicas: int
     max_replicas: int
     replicas: _containers.RepeatedCompositeFieldContainer[_replica_control_pb2.ReplicaStatus]
-    def __init__(self, model: _Optional[str] = ..., configured: _Optional[bool] = ..., desired_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[_replica_control_pb2.ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    ready_replicas: int
+    pending: str
+    def __init__(self, model: _Optional[str] = ..., configured: _Optional[bool] = ..., desired_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[_replica_control_pb2.ReplicaStatus, _Mapping]]] = ..., ready_replicas: _Optional[int] = ..., pending: _Optional[str] = ...) -> None: ...
 
 class AdminListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -62,14 +66,16 @@ class AdminUnloadModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
 
 class ScaleModelRequest(_message.Message):
-    __slots__ = ("model", "replicas", "drain_timeout_s")
+    __slots__ = ("model", "replicas", "drain_timeout_s", "wait")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     model: str
     replicas: int
     drain_timeout_s: float
-    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., drain_timeout_s: _Optional[float] = ...) -> None: ...
+    wait: bool
+    def __init__(self, model: _Optional[str] = ..., replicas: _Optional[int] = ..., drain_timeout_s: _Optional[float] = ..., wait: _Optional[bool] = ...) -> None: ...
 
 class DrainReplicaRequest(_message.Message):
     __slots__ = ("replica_id",)

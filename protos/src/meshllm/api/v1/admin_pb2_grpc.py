@@ -81,40 +81,45 @@ class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Catalog models and models loaded on replicas, each with its replicas' states.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListReplicas(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every replica: state, model, load, device memory (asked of each replica).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """Load a catalog model onto `replicas` idle replicas (idempotent: counts those already loaded).
+        """Put a catalog model on at least `replicas` replicas, loading it on idle ones (idempotent:
+        replicas already hosting or loading it count; concurrent calls never double-load).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadModel(self, request, context):
-        """Drain and unload a model from every replica.
+        """Drain and unload a model from every replica; it stays unplaced until loaded again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ScaleModel(self, request, context):
-        """Set the number of replicas serving a model, within the catalog's limits.
+        """Set the number of replicas hosting a model, within the catalog's max_replicas; scaling
+        down drains the replicas it frees first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DrainReplica(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stop routing new requests to one replica (it keeps its model; in-flight requests finish).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

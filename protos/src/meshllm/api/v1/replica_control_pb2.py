@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$meshllm/api/v1/replica_control.proto\x12\x0emeshllm.api.v1\"\xf3\x02\n\tModelSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x14\n\x0c\x63ompute_type\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rinter_threads\x18\t \x01(\r\x12\x15\n\rintra_threads\x18\n \x01(\r\x12\x15\n\rchat_template\x18\x0b \x01(\t\x12\x12\n\nmax_queued\x18\x0c \x01(\r\x12\x37\n\x07options\x18\r \x03(\x0b\x32&.meshllm.api.v1.ModelSpec.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x10LoadModelRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.meshllm.api.v1.ModelSpec\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"<\n\x12UnloadModelRequest\x12\x17\n\x0f\x64rain_timeout_s\x18\x01 \x01(\x01\x12\r\n\x05model\x18\x02 \x01(\t\"\x12\n\x10GetStatusRequest\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"W\n\x0c\x44\x65viceMemory\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x91\x02\n\nLoadReport\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.meshllm.api.v1.ReplicaState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x18\n\x10tokens_in_flight\x18\x06 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x19\n\x11\x63\x61\x63he_utilization\x18\x08 \x01(\x01\x12\x16\n\x0erequests_total\x18\t \x01(\x04\x12\x14\n\x0ctokens_total\x18\n \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x0b \x01(\x04\"\x81\x02\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.meshllm.api.v1.ReplicaState\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.meshllm.api.v1.ModelSpec\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12(\n\x04load\x18\x06 \x01(\x0b\x32\x1a.meshllm.api.v1.LoadReport\x12,\n\x06memory\x18\x07 \x01(\x0b\x32\x1c.meshllm.api.v1.DeviceMemory\x12\x0f\n\x07version\x18\x08 \x01(\t*\xcd\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLICA_STATE_EMPTY\x10\x01\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x04\x12\x1b\n\x17REPLICA_STATE_UNLOADING\x10\x05\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x06\x32\xcb\x02\n\x0eReplicaControl\x12L\n\tLoadModel\x12 .meshllm.api.v1.LoadModelRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12P\n\x0bUnloadModel\x12\".meshllm.api.v1.UnloadModelRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12L\n\tGetStatus\x12 .meshllm.api.v1.GetStatusRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12K\n\tWatchLoad\x12 .meshllm.api.v1.WatchLoadRequest\x1a\x1a.meshllm.api.v1.LoadReport0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$meshllm/api/v1/replica_control.proto\x12\x0emeshllm.api.v1\"\xf3\x02\n\tModelSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x14\n\x0c\x63ompute_type\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x15\n\rinter_threads\x18\t \x01(\r\x12\x15\n\rintra_threads\x18\n \x01(\r\x12\x15\n\rchat_template\x18\x0b \x01(\t\x12\x12\n\nmax_queued\x18\x0c \x01(\r\x12\x37\n\x07options\x18\r \x03(\x0b\x32&.meshllm.api.v1.ModelSpec.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x10LoadModelRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.meshllm.api.v1.ModelSpec\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"<\n\x12UnloadModelRequest\x12\x17\n\x0f\x64rain_timeout_s\x18\x01 \x01(\x01\x12\r\n\x05model\x18\x02 \x01(\t\"\x12\n\x10GetStatusRequest\"\x0e\n\x0c\x44rainRequest\"\x10\n\x0eUndrainRequest\"\'\n\x10WatchLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"W\n\x0c\x44\x65viceMemory\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xa1\x02\n\nLoadReport\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.meshllm.api.v1.ReplicaState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06queued\x18\x04 \x01(\r\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x18\n\x10tokens_in_flight\x18\x06 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x19\n\x11\x63\x61\x63he_utilization\x18\x08 \x01(\x01\x12\x16\n\x0erequests_total\x18\t \x01(\x04\x12\x14\n\x0ctokens_total\x18\n \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x0b \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\"\x81\x02\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.meshllm.api.v1.ReplicaState\x12\'\n\x04spec\x18\x03 \x01(\x0b\x32\x19.meshllm.api.v1.ModelSpec\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12(\n\x04load\x18\x06 \x01(\x0b\x32\x1a.meshllm.api.v1.LoadReport\x12,\n\x06memory\x18\x07 \x01(\x0b\x32\x1c.meshllm.api.v1.DeviceMemory\x12\x0f\n\x07version\x18\x08 \x01(\t*\xcd\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLICA_STATE_EMPTY\x10\x01\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x02\x12\x17\n\x13REPLICA_STATE_READY\x10\x03\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x04\x12\x1b\n\x17REPLICA_STATE_UNLOADING\x10\x05\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x06\x32\xdb\x03\n\x0eReplicaControl\x12L\n\tLoadModel\x12 .meshllm.api.v1.LoadModelRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12P\n\x0bUnloadModel\x12\".meshllm.api.v1.UnloadModelRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12L\n\tGetStatus\x12 .meshllm.api.v1.GetStatusRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12\x44\n\x05\x44rain\x12\x1c.meshllm.api.v1.DrainRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12H\n\x07Undrain\x12\x1e.meshllm.api.v1.UndrainRequest\x1a\x1d.meshllm.api.v1.ReplicaStatus\x12K\n\tWatchLoad\x12 .meshllm.api.v1.WatchLoadRequest\x1a\x1a.meshllm.api.v1.LoadReport0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELSPEC_OPTIONSENTRY']._loaded_options = None
   _globals['_MODELSPEC_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_REPLICASTATE']._serialized_start=1254
-  _globals['_REPLICASTATE']._serialized_end=1459
+  _globals['_REPLICASTATE']._serialized_start=1304
+  _globals['_REPLICASTATE']._serialized_end=1509
   _globals['_MODELSPEC']._serialized_start=57
   _globals['_MODELSPEC']._serialized_end=428
   _globals['_MODELSPEC_OPTIONSENTRY']._serialized_start=382
@@ -45,14 +45,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADMODELREQUEST']._serialized_end=565
   _globals['_GETSTATUSREQUEST']._serialized_start=567
   _globals['_GETSTATUSREQUEST']._serialized_end=585
-  _globals['_WATCHLOADREQUEST']._serialized_start=587
-  _globals['_WATCHLOADREQUEST']._serialized_end=626
-  _globals['_DEVICEMEMORY']._serialized_start=628
-  _globals['_DEVICEMEMORY']._serialized_end=715
-  _globals['_LOADREPORT']._serialized_start=718
-  _globals['_LOADREPORT']._serialized_end=991
-  _globals['_REPLICASTATUS']._serialized_start=994
-  _globals['_REPLICASTATUS']._serialized_end=1251
-  _globals['_REPLICACONTROL']._serialized_start=1462
-  _globals['_REPLICACONTROL']._serialized_end=1793
+  _globals['_DRAINREQUEST']._serialized_start=587
+  _globals['_DRAINREQUEST']._serialized_end=601
+  _globals['_UNDRAINREQUEST']._serialized_start=603
+  _globals['_UNDRAINREQUEST']._serialized_end=619
+  _globals['_WATCHLOADREQUEST']._serialized_start=621
+  _globals['_WATCHLOADREQUEST']._serialized_end=660
+  _globals['_DEVICEMEMORY']._serialized_start=662
+  _globals['_DEVICEMEMORY']._serialized_end=749
+  _globals['_LOADREPORT']._serialized_start=752
+  _globals['_LOADREPORT']._serialized_end=1041
+  _globals['_REPLICASTATUS']._serialized_start=1044
+  _globals['_REPLICASTATUS']._serialized_end=1301
+  _globals['_REPLICACONTROL']._serialized_start=1512
+  _globals['_REPLICACONTROL']._serialized_end=1987
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,16 @@ class ReplicaControlStub:
                 request_serializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/meshllm.api.v1.ReplicaControl/Drain',
+                request_serializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.DrainRequest.SerializeToString,
+                response_deserializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.FromString,
+                _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/meshllm.api.v1.ReplicaControl/Undrain',
+                request_serializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.FromString,
+                _registered_method=True)
         self.WatchLoad = channel.unary_stream(
                 '/meshllm.api.v1.ReplicaControl/WatchLoad',
                 request_serializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.WatchLoadRequest.SerializeToString,
@@ -80,6 +90,22 @@ class ReplicaControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stop admitting new requests (state DRAINING) while keeping the model; in-flight ones go on.
+        Idempotent (also during an unload). FAILED_PRECONDITION when no model is READY.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undrain(self, request, context):
+        """Admit requests again after Drain (state READY). Idempotent. FAILED_PRECONDITION while an
+        unload or a shutdown drains the replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchLoad(self, request, context):
         """A load report now and then every interval, until the caller cancels.
         """
@@ -103,6 +129,16 @@ def add_ReplicaControlServicer_to_server(servicer, server):
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.GetStatusRequest.FromString,
+                    response_serializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.DrainRequest.FromString,
+                    response_serializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.UndrainRequest.FromString,
                     response_serializer=meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.SerializeToString,
             ),
             'WatchLoad': grpc.unary_stream_rpc_method_handler(
@@ -191,6 +227,60 @@ class ReplicaControl:
             target,
             '/meshllm.api.v1.ReplicaControl/GetStatus',
             meshllm_dot_api_dot_v1_dot_replica__control__pb2.GetStatusRequest.SerializeToString,
+            meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshllm.api.v1.ReplicaControl/Drain',
+            meshllm_dot_api_dot_v1_dot_replica__control__pb2.DrainRequest.SerializeToString,
+            meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshllm.api.v1.ReplicaControl/Undrain',
+            meshllm_dot_api_dot_v1_dot_replica__control__pb2.UndrainRequest.SerializeToString,
             meshllm_dot_api_dot_v1_dot_replica__control__pb2.ReplicaStatus.FromString,
             options,
             channel_credentials,

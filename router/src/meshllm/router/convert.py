@@ -22,6 +22,10 @@ _STATES = {
 _STATE_NUMBERS = {state: number for number, state in _STATES.items()}
 
 
+def state_from_pb(state: rc.ReplicaState) -> ReplicaState:
+    return _STATES.get(state, ReplicaState.UNKNOWN)
+
+
 def report_from_pb(report: rc.LoadReport) -> LoadReport:
     return LoadReport(
         replica_id=report.replica_id, state=_STATES.get(report.state, ReplicaState.UNKNOWN),

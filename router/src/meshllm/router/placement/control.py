@@ -29,7 +29,7 @@ from meshllm.api.errors import (
 )
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.router.config import RouterConfig
-from meshllm.router.convert import replica_status_to_pb, report_from_pb, spec_to_pb
+from meshllm.router.convert import replica_status_to_pb, spec_to_pb, state_from_pb
 from meshllm.router.placement import plan
 from meshllm.router.placement.catalog import CatalogModel
 from meshllm.router.pool import ReplicaPool
@@ -136,6 +136,7 @@ class Placement:
             if link is not None:
                 request = rc.LoadModelRequest(spec=spec_to_pb(entry), wait=True)
                 status = await link.control.LoadModel(request, timeout=self._config.load_timeout_s)
+                await self._reported(replica, status)
                 error = status.error if status.state == rc.REPLICA_STATE_FAILED else ""
         except grpc.aio.AioRpcError as e:
             replica.claim = ""
@@ -172,14 +173,17 @@ class Placement:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return ""  # the model was gone already
             return f"{replica.name}: {e.code().name}: {e.details()}"
-        self._apply(replica, status)
+        await self._reported(replica, status)
         log.info("unloaded %s from replica %s", model, replica.name)
         return ""
 
-    def _apply(self, replica: Replica, status: rc.ReplicaStatus) -> None:
-        """A replica's answer is newer than its last report: act on it now."""
-        if replica.connected:
-            self._registry.update(replica, report_from_pb(status.load))
+    async def _reported(self, replica: Replica, status: rc.ReplicaStatus) -> None:
+        """Wait (up to ``stale_after_s``) until the replica's reports show the state it just
+        answered with: its reports come in order, but not in order with its answers, so acting
+        on an answer directly could be undone by an older report still on its way."""
+        state, deadline = state_from_pb(status.state), self._clock() + self._config.stale_after_s
+        while replica.connected and replica.state != state and self._clock() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
     # -- admin operations ----------------------------------------------------------------------
 
@@ -206,8 +210,11 @@ class Placement:
             before = self.desired[model]
             self.desired[model] = max(before, want)
             self.failures.pop(model, None)
-            if not await self._grow(entry, want, wait=wait):
+            try:
+                await self._grow(entry, want, wait=wait)
+            except FailedPrecondition:
                 self.desired[model] = before  # nothing changed: no retrying in the background
+                raise
 
     async def scale(self, model: str, replicas: int, drain_s: float, *, wait: bool) -> None:
         """Make ``replicas`` replicas host ``model``: load on idle ones, or drain and free some."""
@@ -235,14 +242,14 @@ class Placement:
                 plan.hosting(self._registry.replicas.values(), model), model, drain_s
             )
 
-    async def _grow(self, entry: CatalogModel, want: int, *, wait: bool) -> bool:
-        """Start loads up to ``want``; with ``wait``, wait for those of this model under way.
-        False when every load this call started failed (raised then, with the reasons)."""
+    async def _grow(self, entry: CatalogModel, want: int, *, wait: bool) -> None:
+        """Start loads up to ``want``; with ``wait``, wait for those of this model under way
+        (FailedPrecondition when every load this call started failed, with the reasons)."""
         replicas = self._registry.replicas.values()
         chosen = plan.to_load(replicas, entry, want, self._clock(), self._config.stale_after_s)
         started = [self._start_load(r, entry) for r in chosen]
         if not wait:
-            return True
+            return
         others = [load.task for load in self._loads.values() if load.model == entry.id]
         errors = await asyncio.gather(*started)
         await asyncio.gather(*(t for t in others if t not in started))
@@ -251,7 +258,6 @@ class Placement:
                 f"loading {entry.id!r} failed on {len(errors)} replicas: " + "; ".join(errors),
                 reason="MODEL_LOAD_FAILED", metadata={"model": entry.id},
             )  # fmt: skip
-        return True
 
     async def _shrink(self, victims: list[Replica], model: str, drain_s: float) -> None:
         drain_s = drain_s or self._config.unload_drain_s
@@ -281,7 +287,7 @@ class Placement:
             )  # fmt: skip
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
-        self._apply(replica, status)
+        await self._reported(replica, status)
         return status
 
     # -- reading ---------------------------------------------------------------------------------

@@ -448,6 +448,39 @@ async def test_cancelled_request_is_cancelled_in_the_generator_and_others_go_on(
     assert len(other_out) == 60 and other.finish_reason is FinishReason.LENGTH
 
 
+async def test_cache_use_drops_to_zero_when_the_last_job_is_cancelled() -> None:
+    double = ScriptedGenerator(step_s=0.002)
+    engine = make_loop(double)
+    await engine.start()
+    try:
+        stream = engine.submit((10, 11), greedy(5000), 0)
+        await stream.read(2, 5.0)
+        assert engine.stats().cache_utilization == 20 / 64  # 5002 tokens: 20 pages of 256
+        stream.cancel()
+        await until(lambda: engine.stats().running == 0 and engine.stats().cache_utilization == 0)
+    finally:
+        await engine.close()
+    assert double.cancelled == [0]
+
+
+async def test_unreadable_cache_use_is_reported_as_none_and_serving_goes_on() -> None:
+    double = ScriptedGenerator()
+    settings = EngineSettings(model_dir=Path("."), eos_ids=frozenset({EOS}))
+
+    def broken() -> tuple[int, int]:
+        raise AttributeError("'Generator' object has no attribute 'pagetable'")
+
+    engine = GeneratorLoop(settings, double, lambda spec: spec, max_jobs=4, cache_pages=broken)
+    await engine.start()
+    try:
+        out = await drain(engine.submit((10, 11), greedy(4), 0))
+        stats = engine.stats()
+    finally:
+        await engine.close()
+    assert out == [10, 11, 10, 11]
+    assert stats.cache_utilization == 0.0 and stats.extra["cache_pages_total"] == 0.0
+
+
 async def test_waiting_requests_enter_the_generator_by_priority() -> None:
     double = ScriptedGenerator(permits=threading.Semaphore(0))
     engine = make_loop(double, max_jobs=1)
@@ -548,11 +581,6 @@ async def test_close_cancels_running_and_waiting_work_and_frees_the_model() -> N
 
 
 # -- the whole replica on the loop --------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(model_cache: Path) -> Path:
-    return ensure_tiny_llama()
 
 
 @pytest.fixture

@@ -162,6 +162,7 @@ class GeneratorLoop:
             while not self._stopping:
                 self._admit()
                 self._drop_cancelled()
+                self._read_pages()
                 if not self._active:
                     self._wake.wait(IDLE_WAIT_S)
                     self._wake.clear()
@@ -179,11 +180,19 @@ class GeneratorLoop:
         try:
             for result in self.generator.iterate():
                 self._dispatch(result)
-            if self._cache_pages is not None:
-                self._pages = self._cache_pages()
         except Exception as e:
             log.exception("%s step failed with %d jobs", self.name, len(self._active))
             self._finish_all(FinishReason.ERROR, e)
+
+    def _read_pages(self) -> None:
+        """Snapshot the cache's page use for stats() (after steps and cancellations)."""
+        if self._cache_pages is None:
+            return
+        try:
+            self._pages = self._cache_pages()
+        except Exception:  # a library internal that moved must not stop serving
+            log.warning("%s cannot read cache use; reporting none", self.name, exc_info=True)
+            self._cache_pages, self._pages = None, (0, 0)
 
     def _admit(self) -> None:
         """Hand waiting requests to the generator while it has fewer than ``max_jobs``."""

@@ -48,6 +48,7 @@ from meshllm.replica.models.byte_tokenizer import EOS_TOKEN, byte_token_id, spec
 from meshllm.replica.models.tiny_llama import (
     TINY_LLAMA,
     TinyLlamaRecipe,
+    ensure_ct2_twin,
     ensure_tiny_llama,
     llama_weights,
     token_bias,
@@ -712,3 +713,27 @@ def test_ensure_tiny_llama_builds_once(tmp_path: Path) -> None:
     again = ensure_tiny_llama(TinyLlamaRecipe(num_layers=1), cache_dir=tmp_path)
     assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging folder left
+
+
+def test_ctranslate2_twin_runs_the_same_llama_and_never_emits_specials(tmp_path: Path) -> None:
+    """CTranslate2 as an independent Llama implementation: the weights load as a Llama, and
+    the output head keeps generation on byte tokens (end-of-sequence included never wins)."""
+    import ctranslate2
+
+    folder = ensure_ct2_twin(TINY_LLAMA, cache_dir=tmp_path)
+    tokenizer = ModelTokenizer(folder)
+    generator = ctranslate2.Generator(str(folder), compute_type="float32")
+    try:
+        for prompt in ("hello world", "gpu request 3: ", "x"):
+            tokens = tokenizer.tokens(tokenizer.encode(prompt))
+            for topk in (1, 20):
+                (result,) = generator.generate_batch([tokens], max_length=200, sampling_topk=topk,
+                                                     include_prompt_in_result=False)  # fmt: skip
+                ids = result.sequences_ids[0]
+                assert len(ids) == 200 and all(5 <= t < 261 for t in ids), (prompt, topk, ids)
+    finally:
+        generator.unload_model()
+    weights = load_file(
+        str(ensure_tiny_llama(TINY_LLAMA, cache_dir=tmp_path) / "model.safetensors")
+    )
+    assert weights["lm_head.weight"].shape == (TINY_LLAMA.vocab_size, TINY_LLAMA.hidden_size)

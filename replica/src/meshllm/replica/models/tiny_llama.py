@@ -25,6 +25,8 @@ from meshllm.replica.models.byte_tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     SPECIALS,
+    UNK_TOKEN,
+    reserved_token,
     special_token_id,
     vocabulary,
     write_tokenizer_files,
@@ -73,6 +75,17 @@ def ensure_tiny_llama(recipe: TinyLlamaRecipe = TINY_LLAMA, cache_dir: Path | No
     """Return the folder of ``recipe``, building it once (cached like the demo model)."""
     root = cache_dir or default_cache_dir()
     return build_once(root / recipe.cache_key, WEIGHTS_FILE, lambda f: write_tiny_llama(recipe, f))
+
+
+def ensure_ct2_twin(
+    recipe: TinyLlamaRecipe = TINY_LLAMA,
+    quantization: str = "float32",
+    cache_dir: Path | None = None,
+) -> Path:
+    """Return the CTranslate2 twin of ``recipe`` (same weights), building it once."""
+    root = cache_dir or default_cache_dir()
+    target = root / f"{recipe.cache_key}-ct2-{quantization}"
+    return build_once(target, "model.bin", lambda f: write_ct2_twin(recipe, f, quantization))
 
 
 def write_tiny_llama(recipe: TinyLlamaRecipe, folder: Path) -> None:
@@ -157,3 +170,46 @@ def token_bias(vocab_size: int) -> np.ndarray:
     bias[: len(bytes_bias)] = bytes_bias
     bias[: len(SPECIALS)] = _SPECIAL_BIAS
     return bias
+
+
+def write_ct2_twin(recipe: TinyLlamaRecipe, folder: Path, quantization: str = "float32") -> None:
+    """The same Llama as a CTranslate2 model, so both engines can run the very same weights
+    (a like-for-like engine benchmark, and an independent implementation to check against)."""
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    w = {name: t.astype(np.float32) for name, t in llama_weights(recipe).items()}
+    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
+        recipe.num_layers, recipe.num_heads, activation=common_spec.Activation.SWISH,
+        pre_norm=True, ffn_glu=True, rms_norm=True, rotary_dim=0, rotary_interleave=False,
+        rotary_base=recipe.rope_theta, num_heads_kv=recipe.num_kv_heads, head_dim=recipe.head_dim,
+    )  # fmt: skip
+    dec = spec.decoder
+    dec.scale_embeddings = False
+    dec.embeddings.weight = w["model.embed_tokens.weight"]
+    dec.layer_norm.gamma = w["model.norm.weight"]
+    dec.projection.weight = w["lm_head.weight"]
+    for i, layer in enumerate(dec.layer):
+        p = f"model.layers.{i}"
+        attn, ffn = layer.self_attention, layer.ffn
+        attn.layer_norm.gamma = w[f"{p}.input_layernorm.weight"]
+        attn.linear[0].weight = np.concatenate(
+            [w[f"{p}.self_attn.{x}_proj.weight"] for x in ("q", "k", "v")]
+        )
+        attn.linear[1].weight = w[f"{p}.self_attn.o_proj.weight"]
+        ffn.layer_norm.gamma = w[f"{p}.post_attention_layernorm.weight"]
+        ffn.linear_0.weight = w[f"{p}.mlp.gate_proj.weight"]
+        ffn.linear_0_noact.weight = w[f"{p}.mlp.up_proj.weight"]
+        ffn.linear_1.weight = w[f"{p}.mlp.down_proj.weight"]
+    reserved = recipe.vocab_size - len(vocabulary())
+    spec.register_vocabulary([*vocabulary(), *(reserved_token(i) for i in range(reserved))])
+    spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = (
+        BOS_TOKEN,
+        EOS_TOKEN,
+        UNK_TOKEN,
+    )
+    spec.config.layer_norm_epsilon = 1e-5
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec.save(str(folder))
+    write_tokenizer_files(folder, recipe.context_length, reserved=reserved)

@@ -69,6 +69,11 @@ class TinyLlamaRecipe:
 
 
 TINY_LLAMA = TinyLlamaRecipe()
+# For benchmarks on a GPU: 4 layers, head size 128, grouped-query attention, 13 M parameters.
+BENCH_LLAMA = TinyLlamaRecipe(
+    name="bench-llama", hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=4,
+    num_kv_heads=2,
+)  # fmt: skip
 
 
 def ensure_tiny_llama(recipe: TinyLlamaRecipe = TINY_LLAMA, cache_dir: Path | None = None) -> Path:

@@ -30,7 +30,6 @@ DEFAULT_MAX_CHUNK = 2048
 DEFAULT_MAX_JOBS = 32
 CACHE_BITS = range(2, 9)
 OPTIONS = ("cache_size", "cache_quant", "max_chunk_size")
-INSTALL_HINT = "pip install 'meshllm-replica[exllamav3]'"
 _CUDA = re.compile(r"^cuda(:\d+)?$")
 
 

@@ -136,8 +136,7 @@ class GeneratorLoop:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        else:
-            self._finish_all(FinishReason.CANCELLED)
+        self._finish_all(FinishReason.CANCELLED)  # also what a racing submit() put in
         self._generator = None  # the thread is gone: drop this reference to the model too
         self.release()
 

@@ -70,6 +70,12 @@ def prompt_tokens(model_dir: Path, texts: Sequence[str]) -> list[list[str]]:
     return [list(tokenizer.encode(t, add_special_tokens=True).tokens) for t in texts]
 
 
+def prompt_ids(model_dir: Path, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids as the replica makes them (engines that take ids: ExLlamaV3)."""
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return [list(tokenizer.encode(t, add_special_tokens=True).ids) for t in texts]
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
@@ -115,8 +121,11 @@ class RawCell:
     ttft_p99_ms: float
 
 
-def raw_configs(cores: int) -> list[RawConfig]:
-    """The replica's own layout (same formula as CTranslate2Engine on CPU) and two others."""
+def raw_configs(cores: int, device: str = "cpu") -> list[RawConfig]:
+    """The replica's own layout (same formula as CTranslate2Engine) and others: on the CPU,
+    all cores in one batch and one core; on CUDA, one stream instead of the replica's two."""
+    if device != "cpu":
+        return [RawConfig("replica", 2, 1), RawConfig("one-stream", 1, 1)]
     workers = min(2, cores)
     configs = [
         RawConfig("replica", workers, max(1, cores // workers)),
@@ -213,14 +222,17 @@ def measure_raw(
     seconds: float,
     *,
     callback: bool = True,
+    device: str = "cpu",
+    compute_type: str = "",
 ) -> list[RawCell]:
     """Every layout of :func:`raw_configs` at every batch size; ``seconds`` per cell and series."""
     cells: list[RawCell] = []
-    for config in raw_configs(os.cpu_count() or 1):
+    kind, _, index = device.partition(":")
+    for config in raw_configs(os.cpu_count() or 1, device):
         generator = ctranslate2.Generator(
-            str(model_dir), device="cpu", compute_type="default",
-            inter_threads=config.inter_threads, intra_threads=config.intra_threads,
-            max_queued_batches=-1,
+            str(model_dir), device=kind, device_index=int(index or 0),
+            compute_type=compute_type or "default", inter_threads=config.inter_threads,
+            intra_threads=config.intra_threads, max_queued_batches=-1,
         )  # fmt: skip
         try:
             for size in sizes:

@@ -1,4 +1,4 @@
-"""Replica benchmark: raw CTranslate2 against the same model served over gRPC.
+"""Replica benchmark: the raw engine (CTranslate2 by default) against the same model over gRPC.
 
 What is measured, in one run, on the built-in ``bench`` model (int8, d_model 256, 4 layers,
 byte-level vocabulary; random weights, so the text is noise but the work is real):
@@ -30,7 +30,14 @@ Run it from the repository root (``make bench`` does the same)::
     python benchmarks/replica.py                # full run, about two minutes
     python benchmarks/replica.py --quick        # smoke run, about 30 seconds
 
-Figures are printed and written as JSON to ``benchmarks/results/replica.json`` (``--out``).
+On a GPU, for both engines on the same weights (``bench-llama``: a 4-layer random Llama, the
+FP16 Hugging Face folder for ExLlamaV3 and its CTranslate2 twin; raw = the engine's own loop)::
+
+    python benchmarks/replica.py --engine ctranslate2 --device cuda:0   # compute type float16
+    python benchmarks/replica.py --engine exllamav3 --device cuda:0     # needs [exllamav3]
+
+Figures are printed and written as JSON to ``benchmarks/results/replica.json`` (``--out``;
+``replica-<engine>-<device>.json`` off the CPU default).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from benchmarks._common import (
     measure_raw,
     percentile,
     print_targets,
+    prompt_ids,
     prompt_texts,
     prompt_tokens,
     replica_args,
@@ -68,6 +76,7 @@ from benchmarks._common import (
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.models.tiny import BENCH, ensure_model
+from meshllm.replica.models.tiny_llama import BENCH_LLAMA, ensure_ct2_twin, ensure_tiny_llama
 from meshllm.router.local import free_port
 
 LEVELS = (1, 8, 32)
@@ -85,6 +94,10 @@ class Options:
     raw_seconds: float
     out: Path
     quick: bool
+    engine: str
+    device: str
+    compute_type: str
+    cache_tokens: int
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -95,7 +108,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--raw-seconds", type=float, default=None, help="seconds per raw cell (2)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file ({DEFAULT_OUT})")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s levels, 64 tokens")
+    p.add_argument("--engine", default="ctranslate2", choices=["ctranslate2", "exllamav3"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N (exllamav3: cuda:N only)")
+    p.add_argument("--compute-type", default=None,
+                   help="CTranslate2 compute type (default: the model's on cpu, float16 on cuda)")  # fmt: skip
+    p.add_argument("--cache-tokens", type=int, default=65536,
+                   help="exllamav3: KV cache size in tokens, raw and replica alike (65536)")  # fmt: skip
     a = p.parse_args(argv)
+    if a.engine == "exllamav3" and not a.device.startswith("cuda"):
+        p.error("--engine exllamav3 needs --device cuda:N")
+    if a.out == DEFAULT_OUT and (a.engine, a.device) != ("ctranslate2", "cpu"):
+        a.out = DEFAULT_OUT.with_name(f"replica-{a.engine}-{a.device.replace(':', '')}.json")
+    compute_type = a.compute_type
+    if compute_type is None:
+        compute_type = "float16" if a.engine == "ctranslate2" and a.device != "cpu" else ""
 
     def pick(value: float | None, full: float, quick: float) -> float:
         return value if value is not None else (quick if a.quick else full)
@@ -103,7 +129,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     return Options(
         max_tokens=int(pick(a.max_tokens, 128, 64)), duration_s=pick(a.duration, 10.0, 2.0),
         warmup_s=pick(a.warmup, 2.0, 0.5), raw_seconds=pick(a.raw_seconds, 2.0, 0.3),
-        out=a.out, quick=a.quick,
+        out=a.out, quick=a.quick, engine=a.engine, device=a.device, compute_type=compute_type,
+        cache_tokens=a.cache_tokens,
     )  # fmt: skip
 
 
@@ -168,9 +195,40 @@ async def measure_levels(stub: Any, texts: Sequence[str], opts: Options) -> list
     return levels
 
 
-async def measure_grpc(texts: Sequence[str], opts: Options) -> list[GrpcLevel]:
+def model_dir_for(opts: Options) -> Path:
+    """The CPU default keeps the int8 ``bench`` model; on a GPU both engines run bench-llama."""
+    if opts.engine == "exllamav3":
+        return ensure_tiny_llama(BENCH_LLAMA)
+    if opts.device == "cpu":
+        return ensure_model(BENCH)
+    return ensure_ct2_twin(BENCH_LLAMA)
+
+
+def model_label(opts: Options) -> str:
+    return BENCH.name if (opts.engine, opts.device) == ("ctranslate2", "cpu") else BENCH_LLAMA.name
+
+
+def engine_args(opts: Options, model_dir: Path) -> list[str]:
+    """The replica's flags for this run (none extra for the CPU default)."""
+    if (opts.engine, opts.device) == ("ctranslate2", "cpu"):
+        return []
+    args = ["--engine", opts.engine, "--device", opts.device, "--model-id", MODEL_ID]
+    if opts.compute_type:
+        args += ["--compute-type", opts.compute_type]
+    if opts.engine == "exllamav3":
+        args += [
+            "--option",
+            f"cache_size={opts.cache_tokens}",
+            "--max-batch-size",
+            str(max(LEVELS)),
+        ]
+    return args
+
+
+async def measure_grpc(texts: Sequence[str], opts: Options, model_dir: Path) -> list[GrpcLevel]:
     port = free_port()
-    proc = start_process(replica_args(port, MODEL_ID))
+    model = MODEL_ID if (opts.engine, opts.device) == ("ctranslate2", "cpu") else str(model_dir)
+    proc = start_process(replica_args(port, model, *engine_args(opts, model_dir)))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = gen_grpc.GenerationStub(channel)
@@ -178,6 +236,35 @@ async def measure_grpc(texts: Sequence[str], opts: Options) -> list[GrpcLevel]:
             return await measure_levels(stub, texts, opts)
     finally:
         stop_processes([proc])
+
+
+def measure_engine_raw(model_dir: Path, texts: Sequence[str], opts: Options) -> list[RawCell]:
+    if opts.engine == "exllamav3":
+        from benchmarks._exllamav3 import measure_raw_exllamav3
+
+        index = int(opts.device.partition(":")[2] or 0)
+        return measure_raw_exllamav3(
+            model_dir, prompt_ids(model_dir, texts), LEVELS, opts.max_tokens, opts.raw_seconds,
+            device_index=index, cache_tokens=opts.cache_tokens,
+        )  # fmt: skip
+    return measure_raw(
+        model_dir, prompt_tokens(model_dir, texts), LEVELS, opts.max_tokens, opts.raw_seconds,
+        device=opts.device, compute_type=opts.compute_type,
+    )  # fmt: skip
+
+
+def gpu_name(device: str) -> str:
+    """The GPU model for the report (NVML, when installed), "" on the CPU."""
+    if not device.startswith("cuda"):
+        return ""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = int(device.partition(":")[2] or 0)
+        return str(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(index)))
+    except Exception as e:  # no NVML: say so rather than guess
+        return f"unknown ({type(e).__name__})"
 
 
 # -- comparison and report ----------------------------------------------------------------------
@@ -207,8 +294,10 @@ def targets(ratios: dict[str, dict[str, float]], levels: Sequence[GrpcLevel]) ->
     }  # fmt: skip
 
 
-def print_raw(cells: Sequence[RawCell], opts: Options) -> None:
-    print(f"\nRaw CTranslate2, bench model, greedy, {opts.max_tokens} tokens per item")
+def print_raw(cells: Sequence[RawCell], opts: Options, model: str) -> None:
+    print(
+        f"\nRaw {opts.engine} on {opts.device}, {model} model, greedy, {opts.max_tokens} tokens per item"
+    )
     print(f"{'config':<10} {'threads':>8} {'batch':>5} {'tok/s':>8} {'tok/s cb':>9} "
           f"{'TTFT p50':>9} {'p99':>7}")  # fmt: skip
     for c in cells:
@@ -234,24 +323,23 @@ def print_grpc(
 def main(argv: Sequence[str] | None = None) -> None:
     opts = parse_args(argv)
     exit_on_sigterm()
-    model_dir = ensure_model(BENCH)
+    model_dir = model_dir_for(opts)
     texts = prompt_texts(max(LEVELS))
-    print(f"raw CTranslate2 ({opts.raw_seconds:g} s per cell) ...")
-    cells = measure_raw(
-        model_dir, prompt_tokens(model_dir, texts), LEVELS, opts.max_tokens, opts.raw_seconds
-    )
+    print(f"raw {opts.engine} on {opts.device} ({opts.raw_seconds:g} s per cell) ...")
+    cells = measure_engine_raw(model_dir, texts, opts)
     print(f"gRPC replica ({opts.duration_s:g} s per level after {opts.warmup_s:g} s warm-up) ...")
-    levels = asyncio.run(measure_grpc(texts, opts))
+    levels = asyncio.run(measure_grpc(texts, opts, model_dir))
     raw = best_raw(cells)
     replica_raw = best_raw([c for c in cells if c.config == "replica"])
     ratios = comparison(raw, replica_raw, levels)
     met = targets(ratios, levels)
-    print_raw(cells, opts)
+    print_raw(cells, opts, model_label(opts))
     print_grpc(levels, raw, ratios)
     print_targets(met)
     write_json(opts.out, {
         "machine": machine_info(), "settings": {**asdict(opts), "out": str(opts.out)},
-        "model": {"name": BENCH.name, "cache_key": BENCH.cache_key, "dir": str(model_dir)},
+        "model": {"name": model_label(opts), "cache_key": model_dir.name, "dir": str(model_dir)},
+        "gpu": gpu_name(opts.device),
         "raw": [asdict(c) for c in cells],
         "raw_best": {str(k): asdict(v) for k, v in raw.items()},
         "grpc": [asdict(lv) for lv in levels], "ratios": ratios, "targets": met,

@@ -18,6 +18,7 @@ from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica.config import ModelSpec, ReplicaConfig
 from meshllm.replica.models.tiny import DEMO, ensure_model
+from meshllm.replica.models.tiny_llama import ensure_tiny_llama
 from meshllm.replica.server import ReplicaServer
 from meshllm.router import RouterConfig, RouterServer
 from meshllm.router.local import free_port
@@ -37,6 +38,12 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(model_cache: Path) -> Path:
     return ensure_model(DEMO)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(model_cache: Path) -> Path:
+    """The tiny FP16 Llama folder (Hugging Face layout) the exllamav3 engine loads."""
+    return ensure_tiny_llama()
 
 
 def demo_spec(**overrides: object) -> ModelSpec:

@@ -13,3 +13,8 @@ def cache_dir() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "meshllm"
+
+
+def cuda_visible_devices() -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` as CUDA reads it (None: unset, every device visible)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

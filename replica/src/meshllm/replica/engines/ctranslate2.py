@@ -13,6 +13,7 @@ from typing import Any
 
 import ctranslate2
 
+from meshllm.api.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from meshllm.replica.engines.base import EngineSettings
 from meshllm.replica.engines.batching import BatchingEngine, Work
 
@@ -23,10 +24,31 @@ def parse_device(device: str) -> tuple[str, int]:
     return kind, int(index or 0)
 
 
+def check_device(device: str, compute_type: str) -> None:
+    """Clear errors before CTranslate2's own (a CUDA driver message, or a ValueError)."""
+    kind, index = parse_device(device)
+    if kind == "cuda" and index >= (count := ctranslate2.get_cuda_device_count()):
+        raise FailedPrecondition(
+            f"device {device!r} is not visible to CTranslate2 ({count} CUDA devices)",
+            reason="DEVICE_UNAVAILABLE",
+        )
+    if compute_type in ("", "default", "auto"):
+        return
+    supported = sorted(ctranslate2.get_supported_compute_types(kind, index))
+    if compute_type not in supported:
+        message = (
+            f"{compute_type!r} is not supported on {device}; supported: {', '.join(supported)}"
+        )
+        raise InvalidArgument(
+            f"compute_type: {message}", field_violations=[FieldViolation("compute_type", message)]
+        )
+
+
 class CTranslate2Engine(BatchingEngine):
     name = "ctranslate2"
 
     def __init__(self, settings: EngineSettings) -> None:
+        check_device(settings.device, settings.compute_type)
         kind, index = parse_device(settings.device)
         cores = os.cpu_count() or 1
         workers = settings.inter_threads or (min(2, cores) if kind == "cpu" else 2)

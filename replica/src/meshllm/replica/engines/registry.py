@@ -20,11 +20,14 @@ def _ctranslate2(settings: EngineSettings) -> Engine:
 
 
 def _exllamav3(settings: EngineSettings) -> Engine:
+    from meshllm.replica.engines.exllamav3_jobs import parse_options
+
+    options = parse_options(settings)  # device and options are checked before the heavy import
     try:
         module = importlib.import_module("meshllm.replica.engines.exllamav3")
     except ImportError as e:
         raise _missing("exllamav3", "meshllm-replica[exllamav3]", e) from e
-    engine: Engine = module.ExLlamaV3Engine(settings)
+    engine: Engine = module.ExLlamaV3Engine(settings, options)
     return engine
 
 

@@ -6,7 +6,9 @@ tokenizers, so the CTranslate2 vocabulary and ``tokenizer.json`` agree token for
 
 from __future__ import annotations
 
+import json
 from functools import cache
+from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -52,10 +54,19 @@ def byte_token_id(byte: int) -> int:
     return len(SPECIALS) + byte
 
 
-def build_tokenizer() -> Tokenizer:
+def reserved_token(index: int) -> str:
+    return f"<|reserved_{index}|>"
+
+
+def build_tokenizer(reserved: int = 0) -> Tokenizer:
+    """The byte-level tokenizer; ``reserved`` extra special tokens follow the bytes, to pad the
+    vocabulary to a size a model architecture wants (e.g. a multiple of 128)."""
     vocab = {tok: i for i, tok in enumerate(vocabulary())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    extra = [reserved_token(i) for i in range(reserved)]
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (*SPECIALS, *extra)]
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(
@@ -64,3 +75,23 @@ def build_tokenizer() -> Tokenizer:
         special_tokens=[(BOS_TOKEN, special_token_id(BOS_TOKEN))],
     )
     return tok
+
+
+def tokenizer_config(context_length: int) -> dict[str, object]:
+    """``tokenizer_config.json``: special tokens, context length and the chat template."""
+    return {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": UNK_TOKEN,
+        "add_bos_token": True,
+        "model_max_length": context_length,
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+def write_tokenizer_files(folder: Path, context_length: int, reserved: int = 0) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` into a model folder."""
+    build_tokenizer(reserved).save(str(folder / "tokenizer.json"))
+    config = tokenizer_config(context_length)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

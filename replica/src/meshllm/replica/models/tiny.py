@@ -8,10 +8,10 @@ emit byte sequences that split multi-byte characters, which is what the detokeni
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,12 @@ import numpy as np
 
 from meshllm.replica.models.byte_tokenizer import (
     BOS_TOKEN,
-    CHAT_TEMPLATE,
     EOS_TOKEN,
     UNK_TOKEN,
-    build_tokenizer,
     byte_token_id,
     special_token_id,
     vocabulary,
+    write_tokenizer_files,
 )
 from meshllm.replica.settings import cache_dir
 
@@ -75,17 +74,25 @@ def default_cache_dir() -> Path:
 def ensure_model(recipe: TinyModelRecipe, cache_dir: Path | None = None) -> Path:
     """Return the folder of ``recipe``, building it once; concurrent callers are safe."""
     root = cache_dir or default_cache_dir()
-    target = root / recipe.cache_key
-    if (target / "model.bin").exists():
+    return build_once(root / recipe.cache_key, "model.bin", lambda f: write_model(recipe, f))
+
+
+def build_once(target: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """Return ``target``, first writing it with ``write`` unless ``target/marker`` exists.
+
+    The folder is written under a temporary name and renamed, so readers never see a
+    half-written one and concurrent builders (test workers, replica processes) are safe.
+    """
+    if (target / marker).exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{recipe.cache_key}-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        write_model(recipe, staging)
+        write(staging)
         try:
             os.rename(staging, target)  # atomic: readers never see a half-written folder
         except OSError:
-            if not (target / "model.bin").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -118,17 +125,7 @@ def write_model(recipe: TinyModelRecipe, folder: Path) -> None:
     spec.optimize(quantization=recipe.quantization)
     folder.mkdir(parents=True, exist_ok=True)
     spec.save(str(folder))
-    build_tokenizer().save(str(folder / "tokenizer.json"))
-    config = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "unk_token": UNK_TOKEN,
-        "add_bos_token": True,
-        "model_max_length": recipe.context_length,
-        "chat_template": CHAT_TEMPLATE,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer_files(folder, recipe.context_length)
 
 
 def _fill_weights(dec: Any, recipe: TinyModelRecipe, vocab_size: int) -> None:
@@ -146,7 +143,7 @@ def _fill_weights(dec: Any, recipe: TinyModelRecipe, vocab_size: int) -> None:
     dec.embeddings.weight = rng.standard_normal((vocab_size, d)).astype(np.float32)
     dec.layer_norm.gamma = ones
     dec.projection.weight = mat(vocab_size, d) * 1.5
-    dec.projection.bias = _readable_bias(vocab_size)
+    dec.projection.bias = readable_bias(vocab_size)
     for layer in dec.layer:
         layer.self_attention.layer_norm.gamma = ones
         layer.self_attention.linear[0].weight = mat(qkv_rows, d)
@@ -157,7 +154,7 @@ def _fill_weights(dec: Any, recipe: TinyModelRecipe, vocab_size: int) -> None:
         layer.ffn.linear_1.weight = mat(d, ffn)
 
 
-def _readable_bias(vocab_size: int) -> np.ndarray:
+def readable_bias(vocab_size: int) -> np.ndarray:
     """Favour lowercase letters and spaces so demo output looks like words, keep EOS rare."""
     bias = np.full(vocab_size, -3.0, dtype=np.float32)
     for ch in "abcdefghijklmnopqrstuvwxyz":

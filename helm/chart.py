@@ -7,6 +7,10 @@ them (later files win; maps merge, lists are replaced), and are checked against 
 
     .venv/bin/python helm/chart.py lint helm/meshllm -f helm/meshllm/ci/cpu-values.yaml
     .venv/bin/python helm/chart.py template meshllm helm/meshllm -f helm/meshllm/ci/cpu-values.yaml
+    .venv/bin/python helm/chart.py install meshllm helm/meshllm -n meshllm --dry-run
+
+``install --dry-run`` is ``helm install --dry-run=client``: Helm's install action, its kubeVersion
+check and NOTES included, without a cluster. A real install needs a cluster: use ``helm install``.
 """
 
 from __future__ import annotations
@@ -77,6 +81,20 @@ def lint(chart_dir: Path, values: dict[str, Any], *, kube_version: str = KUBE_VE
     return found + [f"[ERROR] {e}" for e in report.get("errors") or []]
 
 
+def install_dry_run(
+    chart_dir: Path, values: dict[str, Any], *, release: str, namespace: str
+) -> dict[str, Any]:
+    """What ``helm install --dry-run=client`` reports (release status, manifest, notes)."""
+    with helm.Chart.load(chart_dir) as chart:
+        chart.validate_schema(values)
+    with helm.Config(namespace=namespace, storage_driver="memory") as config:
+        return config.install(chart_dir, release, values, namespace=namespace, dry_run="client")
+
+
+def _objects(manifest: str) -> int:
+    return sum(line.startswith("kind: ") for line in manifest.splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="chart.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     template_p.add_argument("chart", type=Path)
     template_p.add_argument("--namespace", "-n", default="default")
     template_p.add_argument("--notes", action="store_true", help="also print NOTES.txt")
-    for sp in (lint_p, template_p):
+    install_p = sub.add_parser("install", help="helm install --dry-run=client: status and notes")
+    install_p.add_argument("release")
+    install_p.add_argument("chart", type=Path)
+    install_p.add_argument("--namespace", "-n", default="default")
+    install_p.add_argument("--dry-run", action="store_true", required=True,
+                           help="required: no cluster is contacted (use helm install for real)")  # fmt: skip
+    for sp in (lint_p, template_p, install_p):
         sp.add_argument("--values", "-f", type=Path, action="append", default=[])
     args = p.parse_args(argv)
     values = load_values(args.values)
@@ -96,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             found = lint(args.chart, values)
             print("\n".join(found) if found else f"{args.chart}: linted, no findings")
             return 1 if found else 0
+        if args.command == "install":
+            release = install_dry_run(args.chart, values, release=args.release,
+                                      namespace=args.namespace)  # fmt: skip
+            print(f"release {release['name']} in {release['namespace']}: {release['status']} "
+                  f"(dry run: {_objects(release['manifest'])} objects)\n\n{release['notes']}")  # fmt: skip
+            return 0
         rendered = render(args.chart, values, release=args.release, namespace=args.namespace)
         sys.stdout.write(manifests_text(rendered, notes=args.notes))
     except helm.HelmError as e:

@@ -734,10 +734,11 @@ def test_auth_none_mounts_no_tenants() -> None:
 # --- the commands the README shows ---------------------------------------------------------------
 
 
-def test_readme_commands_run(capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_and_docs_chart_commands_run(capsys: pytest.CaptureFixture[str]) -> None:
     readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"^\.venv/bin/python (helm/chart\.py .*)$", readme, re.M)
-    assert len(commands) >= 3
+    docs = readme + (ROOT / "docs" / "kubernetes.md").read_text()
+    commands = re.findall(r"^(?:\$ )?\.venv/bin/python (helm/chart\.py .*)$", docs, re.M)
+    assert len(commands) >= 5
     for command in commands:
         argv = command.split(">")[0].split()[1:]
         assert chart_main([a.replace("helm/", f"{ROOT}/helm/", 1) for a in argv]) == 0, command

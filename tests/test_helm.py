@@ -673,6 +673,26 @@ def test_disruption_budgets_autoscaler_and_service_monitors(rendered: dict[str, 
     assert rendered["default"].all("ServiceMonitor") == []
 
 
+def test_names_follow_the_release() -> None:
+    """Another release name: the router's dns, the StatefulSet's serviceName and the replicas'
+    NetworkPolicy all follow the headless Service's name."""
+    files = render(CHART, {}, release="prod", namespace="llm")
+    docs = [d for d in yaml.safe_load_all(manifests_text(files)) if d]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert ("Service", "prod-meshllm-replicas") in by_kind
+    sts = by_kind[("StatefulSet", "prod-meshllm-replica")]
+    assert sts["spec"]["serviceName"] == "prod-meshllm-replicas"
+    toml = by_kind[("ConfigMap", "prod-meshllm-router")]["data"]["router.toml"]
+    assert (
+        tomllib.loads(toml)["router"]["dns"] == "prod-meshllm-replicas.llm.svc.cluster.local:50061"
+    )
+    router_pods = by_kind[("Deployment", "prod-meshllm-router")]["spec"]["template"]["metadata"]
+    policy = by_kind[("NetworkPolicy", "prod-meshllm-replica")]
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= router_pods["labels"].items()
+    assert allowed["app.kubernetes.io/instance"] == "prod"
+
+
 def test_router_config_change_rolls_the_routers() -> None:
     a = render_set("default").router["spec"]["template"]["metadata"]["annotations"]
     b = render_set("default", {"router": {"config": {"max_attempts": 5}}})

@@ -1,15 +1,12 @@
-"""The Helm chart (helm/meshllm), rendered by Helm's own engine (helm-python-sdk, offline).
-
-For the default values and each value set in helm/meshllm/ci: lint is clean, every manifest
-validates against the Kubernetes schemas, checkov finds nothing (skips carry a reason that
-docs/kubernetes.md explains), and the router config and replica flags the chart renders are
-loaded by the router's and the replica's own code, with the files the pods would see mounted.
-"""
+"""The Helm chart (helm/meshllm) through Helm's own engine (helm-python-sdk, offline), for the
+default values and each value set in helm/meshllm/ci: lint is clean, every manifest validates
+against the Kubernetes schemas, checkov finds nothing (each skip carries a reason that
+docs/kubernetes.md explains), the router config and replica flags the chart renders are loaded by
+the router's and the replica's own code with the files the pods would see, and bad values are
+refused with a message naming the fix. What the manifests hold: test_helm_manifests.py."""
 
 from __future__ import annotations
 
-import base64
-import datetime
 import json
 import os
 import re
@@ -17,7 +14,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +23,23 @@ import kubernetes_validate
 import pytest
 import yaml
 from chart import lint as lint_chart
-from chart import load_values, manifests_text, render
+from chart import load_values, manifests_text
 from chart import main as chart_main
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from chart_render import (
+    CHART,
+    HASH,
+    NAMESPACE,
+    POD_NAME,
+    ROOT,
+    VALUE_SETS,
+    Rendered,
+    mount_files,
+    pod_args,
+    pod_env,
+    render_all,
+    render_set,
+    user_secrets,
+)
 
 from meshllm.replica import cli as replica_cli
 from meshllm.router import cli as router_cli
@@ -40,204 +48,20 @@ from meshllm.router.placement.catalog import CatalogModel
 from meshllm.router.quota.limits import LIMITS
 from meshllm.router.tenants import load_tenants
 
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "meshllm"
 CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"
-NAMESPACE = "meshllm"
-VALUE_SETS = {
-    "default": (),
-    "cpu": ("cpu-values.yaml",),
-    "redis": ("redis-values.yaml",),
-    "tls": ("tls-values.yaml",),
-}
 KUBE_VERSIONS = ("1.27.0", "1.37.0")  # the chart's kubeVersion floor and the newest schemas
 CRDS = {"ServiceMonitor"}  # Prometheus Operator kinds: no schema in kubernetes-validate
-POD_NAME = "meshllm-replica-0"
-HASH = "sha256:" + "ab" * 32
-TMP = "/tmp"  # noqa: S108  (the pods' emptyDir mount point, not a file of this test)
-InPod = Callable[["Rendered", dict[str, Any]], list[str]]
-
-
-@dataclass
-class Rendered:
-    """One value set rendered: the values Helm used (defaults merged) and the manifests."""
-
-    name: str
-    values: dict[str, Any]
-    files: dict[str, str]
-    manifests: list[dict[str, Any]] = field(default_factory=list)
-
-    def all(self, kind: str) -> list[dict[str, Any]]:
-        return [m for m in self.manifests if m["kind"] == kind]
-
-    def one(self, kind: str, name: str) -> dict[str, Any]:
-        found = [m for m in self.all(kind) if m["metadata"]["name"] == name]
-        assert len(found) == 1, f"{self.name}: {kind} {name}: {len(found)} found"
-        return found[0]
-
-    def find(self, kind: str, name: str) -> dict[str, Any] | None:
-        return next((m for m in self.all(kind) if m["metadata"]["name"] == name), None)
-
-    @property
-    def router(self) -> dict[str, Any]:
-        return self.one("Deployment", "meshllm-router")
-
-    @property
-    def replicas(self) -> dict[str, Any]:
-        return self.one("StatefulSet", "meshllm-replica")
-
-    @property
-    def router_toml(self) -> str:
-        data: str = self.one("ConfigMap", "meshllm-router")["data"]["router.toml"]
-        return data
-
-    def secret_data(self, name: str) -> dict[str, str] | None:
-        secret = self.find("Secret", name)
-        if secret is None:
-            return None
-        data = dict(secret.get("stringData") or {})
-        for key, value in (secret.get("data") or {}).items():
-            data[key] = base64.b64decode(value).decode()
-        return data
-
-
-def render_set(name: str, extra: dict[str, Any] | None = None) -> Rendered:
-    values = load_values([CHART / "ci" / f for f in VALUE_SETS.get(name, ())])
-    values = _merge(values, extra or {})
-    files = render(CHART, values, release="meshllm", namespace=NAMESPACE)
-    with helm.Chart.load(CHART) as chart:
-        merged = chart.merge_values(values)
-    docs = yaml.safe_load_all(manifests_text(files))
-    return Rendered(name, merged, files, [d for d in docs if d])
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if both else value
-    return out
+InPod = Callable[[Rendered, dict[str, Any]], list[str]]
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, Rendered]:
-    return {name: render_set(name) for name in VALUE_SETS}
+    return render_all()
 
 
-def container(workload: dict[str, Any]) -> dict[str, Any]:
-    (c,) = workload["spec"]["template"]["spec"]["containers"]
-    return dict(c)
-
-
-# --- files the pods would see ----------------------------------------------------------------
-
-
-def _pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> str:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM).decode()
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()  # fmt: skip
-
-
-def _cert(
-    cn: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    issuer_name, signer = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-        .sign(signer, hashes.SHA256())
-    )  # fmt: skip
-    return cert, key
-
-
-def tls_secret(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], cn: str) -> dict[str, str]:
-    """A kubernetes.io/tls Secret's data as cert-manager writes it."""
-    cert, key = _cert(cn, ca)
-    return {"tls.crt": _pem(cert), "tls.key": _pem(key), "ca.crt": _pem(ca[0])}
-
-
-@pytest.fixture(scope="module")
-def user_secrets() -> dict[str, dict[str, str]]:
-    """Secrets the value sets name but the chart does not make (the operator's own)."""
-    ca = _cert("meshllm test CA", None)
-    return {
-        "meshllm-router-tls": tls_secret(ca, "meshllm-router"),
-        "meshllm-client-ca": {"ca.crt": _pem(ca[0])},
-        "meshllm-replica-tls": tls_secret(ca, "meshllm-replicas"),
-        "meshllm-router-client-tls": tls_secret(ca, "meshllm-router-client"),
-        "meshllm-tenants": {"tenants.toml": f'[[tenants]]\nname = "t"\nkeys = ["{HASH}"]\n'},
-        "meshllm-redis": {"url": "redis://:secret@redis.example:6379/0"},
-    }
-
-
-def secret_data(
-    r: Rendered, users: dict[str, dict[str, str]], name: str
-) -> dict[str, str]:  # fmt: skip
-    data = r.secret_data(name)
-    if data is None:
-        assert name in users, f"{r.name}: Secret {name} is neither rendered nor a value set's own"
-        data = users[name]
-    return data
-
-
-def mount_files(
-    r: Rendered, workload: dict[str, Any], root: Path, users: dict[str, dict[str, str]]
-) -> None:
-    """Write under ``root`` each ConfigMap and Secret file the container mounts, as the kubelet
-    would (items and key names included), so paths in the config must point at real files."""
-    spec = workload["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    for mount in container(workload).get("volumeMounts", []):
-        volume = volumes[mount["name"]]
-        if "configMap" in volume:
-            source = volume["configMap"]
-            data = r.one("ConfigMap", source["name"])["data"]
-        elif "secret" in volume:
-            source = volume["secret"]
-            data = secret_data(r, users, source["secretName"])
-        else:
-            continue
-        items = source.get("items") or [{"key": k, "path": k} for k in data]
-        for item in items:
-            assert item["key"] in data, f"{r.name}: {mount['name']} wants key {item['key']}"
-            target = root / mount["mountPath"].lstrip("/") / item["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(data[item["key"]])
-
-
-def pod_env(
-    r: Rendered, workload: dict[str, Any], users: dict[str, dict[str, str]]
-) -> dict[str, str]:  # fmt: skip
-    """The container's environment as the kubelet resolves it."""
-    env: dict[str, str] = {}
-    for var in container(workload).get("env", []):
-        source = var.get("valueFrom", {})
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        elif "secretKeyRef" in source:
-            ref = source["secretKeyRef"]
-            env[var["name"]] = secret_data(r, users, ref["name"])[ref["key"]]
-        elif source.get("fieldRef", {}).get("fieldPath") == "metadata.name":
-            env[var["name"]] = POD_NAME
-        else:
-            raise AssertionError(f"unexpected env {var}")
-    return env
-
-
-def pod_args(workload: dict[str, Any], env: dict[str, str], root: Path) -> list[str]:
-    """Arguments after the kubelet's $(VAR) expansion, with mounted paths moved under root."""
-    out = []
-    for raw in container(workload)["args"]:
-        arg = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], str(raw))
-        out.append(f"{root}{arg}" if arg.startswith("/etc/meshllm/") else arg)
-    return out
+@pytest.fixture(scope="module", name="user_secrets")
+def user_secrets_fixture() -> dict[str, dict[str, str]]:
+    return user_secrets()
 
 
 @pytest.fixture
@@ -473,233 +297,6 @@ def test_replica_parses_the_rendered_flags(
     assert bool(config.tls) == r.values["tls"]["replicas"]["enabled"]
     if r.values["tls"]["replicas"]["routerClientSecret"]:
         assert config.tls_client_ca.endswith("/etc/meshllm/tls/server/ca.crt")
-
-
-# --- what the manifests must hold ------------------------------------------------------------
-
-
-def test_probes_use_native_grpc_health_unless_the_server_speaks_tls(
-    rendered: dict[str, Rendered],
-) -> None:
-    for r in rendered.values():
-        for workload, port, tls in (
-            (r.router, r.values["router"]["port"], r.values["tls"]["router"]["enabled"]),
-            (r.replicas, r.values["replica"]["port"], r.values["tls"]["replicas"]["enabled"]),
-        ):
-            c = container(workload)
-            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                if tls:  # kubelet gRPC probes cannot do TLS
-                    assert c[probe]["tcpSocket"] == {"port": "grpc"}, (r.name, probe)
-                else:
-                    assert c[probe]["grpc"] == {"port": port, "service": ""}, (r.name, probe)
-    assert "grpc" in container(rendered["default"].router)["livenessProbe"]
-
-
-def test_pods_run_locked_down(rendered: dict[str, Rendered]) -> None:
-    for r in rendered.values():
-        for workload in r.all("Deployment") + r.all("StatefulSet"):
-            spec = workload["spec"]["template"]["spec"]
-            assert spec["securityContext"]["runAsNonRoot"] is True
-            assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-            assert spec["automountServiceAccountToken"] is False
-            sc = container(workload)["securityContext"]
-            assert sc["readOnlyRootFilesystem"] is True
-            assert sc["allowPrivilegeEscalation"] is False
-            assert sc["capabilities"] == {"drop": ["ALL"]}
-            assert container(workload)["resources"]["limits"]["memory"]
-
-
-def test_writable_tmp_and_cache_on_a_read_only_root(rendered: dict[str, Rendered]) -> None:
-    r = rendered["default"]
-    c = container(r.replicas)
-    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    volumes = {v["name"]: v for v in r.replicas["spec"]["template"]["spec"]["volumes"]}
-    assert "emptyDir" in volumes[mounts[TMP]]
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert "emptyDir" in volumes[mounts[env["MESHLLM_CACHE_DIR"]]]
-    router_mounts = {m["mountPath"] for m in container(r.router)["volumeMounts"]}
-    assert TMP in router_mounts
-
-
-def test_gpu_by_default_and_none_in_cpu_mode(rendered: dict[str, Rendered]) -> None:
-    default = rendered["default"].replicas
-    assert container(default)["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in default[
-        "spec"]["template"]["spec"]["tolerations"]  # fmt: skip
-    cpu = rendered["cpu"].replicas
-    assert not any("gpu" in k for k in container(cpu)["resources"]["limits"])
-    assert not any("gpu" in k for k in container(cpu)["resources"].get("requests", {}))
-    assert "tolerations" not in cpu["spec"]["template"]["spec"]
-    assert "nodeSelector" not in cpu["spec"]["template"]["spec"]
-    h100 = rendered["redis"].replicas["spec"]["template"]["spec"]
-    assert h100["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-
-
-def test_replicas_are_discovered_through_a_headless_service(rendered: dict[str, Rendered]) -> None:
-    r = rendered["default"]
-    svc = r.one("Service", "meshllm-replicas")
-    assert svc["spec"]["clusterIP"] == "None"
-    assert svc["spec"]["publishNotReadyAddresses"] is True  # loading replicas stay discoverable
-    sts = r.replicas["spec"]
-    assert sts["serviceName"] == "meshllm-replicas"
-    assert sts["replicas"] == r.values["replica"]["count"]
-    pod_labels = sts["template"]["metadata"]["labels"]
-    assert svc["spec"]["selector"].items() <= pod_labels.items()
-    assert tomllib.loads(r.router_toml)["router"]["dns"].startswith("meshllm-replicas.")
-
-
-def test_termination_grace_outlasts_the_drain(rendered: dict[str, Rendered]) -> None:
-    for r in rendered.values():
-        for workload, part in ((r.router, "router"), (r.replicas, "replica")):
-            spec = workload["spec"]["template"]["spec"]
-            values = r.values[part]
-            pre_stop = container(workload)["lifecycle"]["preStop"]["exec"]["command"]
-            assert pre_stop == ["sleep", str(values["preStopSleepSeconds"])]
-            assert spec["terminationGracePeriodSeconds"] > (
-                values["preStopSleepSeconds"] + values["drainGraceSeconds"]
-            )
-        args = container(r.replicas)["args"]
-        assert args[args.index("--drain-grace") + 1] == str(
-            r.values["replica"]["drainGraceSeconds"]
-        )
-
-
-def test_replicas_accept_traffic_only_from_router_pods(rendered: dict[str, Rendered]) -> None:
-    for r in rendered.values():
-        policy = r.one("NetworkPolicy", "meshllm-replica")
-        replica_labels = r.replicas["spec"]["template"]["metadata"]["labels"]
-        router_labels = r.router["spec"]["template"]["metadata"]["labels"]
-        assert policy["spec"]["podSelector"]["matchLabels"].items() <= replica_labels.items()
-        grpc_rule, *metrics_rules = policy["spec"]["ingress"]
-        (peer,) = grpc_rule["from"]
-        assert set(peer) == {"podSelector"}  # not a namespace-wide or open rule
-        selector = peer["podSelector"]["matchLabels"]
-        assert selector["app.kubernetes.io/component"] == "router"
-        assert selector.items() <= router_labels.items()
-        assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-        for rule in metrics_rules:  # only where the values open metrics to a scraper
-            assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-            assert rule["from"] == r.values["networkPolicy"]["metricsFrom"]
-    assert len(rendered["default"].one("NetworkPolicy", "meshllm-replica")["spec"]["ingress"]) == 1
-    assert len(rendered["redis"].one("NetworkPolicy", "meshllm-replica")["spec"]["ingress"]) == 2
-
-
-def test_redis_url_reaches_routers_from_a_secret_only(rendered: dict[str, Rendered]) -> None:
-    for name, secret in (("redis", "meshllm-redis"), ("tls", "meshllm-redis")):
-        r = rendered[name]
-        env = {e["name"]: e for e in container(r.router)["env"]}
-        ref = env["MESHLLM_REDIS_URL"]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret
-        assert "redis://" not in r.router_toml
-    assert "env" not in container(rendered["default"].router)
-    bundled = rendered["redis"]
-    url = bundled.secret_data("meshllm-redis")
-    assert url is not None
-    password = url["password"]
-    assert (
-        url["redis-url"]
-        == f"redis://:{password}@meshllm-redis.{NAMESPACE}.svc.cluster.local:6379/0"
-    )
-    assert f"requirepass {password}" in url["redis.conf"]
-    redis = bundled.one("Deployment", "meshllm-redis")
-    assert "env" not in container(redis)  # the password comes as a mounted file
-    assert container(redis)["command"] == ["redis-server", "/etc/redis/redis.conf"]
-    assert bundled.one("NetworkPolicy", "meshllm-redis")["spec"]["ingress"][0]["from"][0][
-        "podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"  # fmt: skip
-
-
-def test_tenants_come_from_a_secret_mounted_as_a_directory(rendered: dict[str, Rendered]) -> None:
-    for r in rendered.values():
-        mounts = {m["name"]: m for m in container(r.router)["volumeMounts"]}
-        assert "subPath" not in mounts["tenants"]  # Secret updates reach the file: live re-read
-        volume = next(v for v in r.router["spec"]["template"]["spec"]["volumes"]
-                      if v["name"] == "tenants")  # fmt: skip
-        wanted = r.values["auth"]["existingSecret"] or "meshllm-tenants"
-        assert volume["secret"]["secretName"] == wanted
-    empty = rendered["default"].secret_data("meshllm-tenants")
-    assert empty is not None and "[[tenants]]" not in empty["tenants.toml"]
-    assert rendered["redis"].find("Secret", "meshllm-tenants") is None  # the operator's own
-
-
-def test_tls_secrets_are_mounted_where_the_flags_point(rendered: dict[str, Rendered]) -> None:
-    r = rendered["tls"]
-    volumes = {v["name"]: v["secret"] for v in r.router["spec"]["template"]["spec"]["volumes"]
-               if "secret" in v}  # fmt: skip
-    # the router gets the replicas' CA only, never their private key
-    assert volumes["tls-replica-ca"] == {"secretName": "meshllm-replica-tls", "defaultMode": 0o440,
-                                         "items": [{"key": "ca.crt", "path": "ca.crt"}]}  # fmt: skip
-    assert volumes["tls-server"]["secretName"] == "meshllm-router-tls"
-    assert volumes["tls-client-ca"]["secretName"] == "meshllm-client-ca"
-    assert volumes["tls-replica-client"]["secretName"] == "meshllm-router-client-tls"
-    args = container(r.replicas)["args"]
-    assert args[args.index("--tls-cert") + 1] == "/etc/meshllm/tls/server/tls.crt"
-    assert args[args.index("--tls-client-ca") + 1] == "/etc/meshllm/tls/server/ca.crt"
-    assert "--tls-cert" not in container(rendered["default"].replicas)["args"]
-
-
-def test_model_storage_is_mounted_read_only(rendered: dict[str, Rendered]) -> None:
-    for name, source in (("cpu", "hostPath"), ("redis", "persistentVolumeClaim"),
-                         ("tls", "persistentVolumeClaim")):  # fmt: skip
-        r = rendered[name]
-        mount = next(m for m in container(r.replicas)["volumeMounts"] if m["name"] == "models")
-        assert mount["readOnly"] is True and mount["mountPath"] == "/models"
-        volume = next(v for v in r.replicas["spec"]["template"]["spec"]["volumes"]
-                      if v["name"] == "models")  # fmt: skip
-        assert source in volume
-        if source == "persistentVolumeClaim":
-            assert volume[source]["readOnly"] is True
-    assert rendered["tls"].find("PersistentVolumeClaim", "meshllm-models") is None  # existing
-    made = rendered["redis"].one("PersistentVolumeClaim", "meshllm-models")
-    assert made["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    assert not any(
-        m["name"] == "models" for m in container(rendered["default"].replicas)["volumeMounts"]
-    )
-
-
-def test_disruption_budgets_autoscaler_and_service_monitors(rendered: dict[str, Rendered]) -> None:
-    for r in rendered.values():
-        for part in ("router", "replica"):
-            pdb = r.one("PodDisruptionBudget", f"meshllm-{part}")
-            assert pdb["spec"]["maxUnavailable"] == 1
-    redis = rendered["redis"]
-    hpa = redis.one("HorizontalPodAutoscaler", "meshllm-router")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "meshllm-router"
-    assert "replicas" not in redis.router["spec"]  # the HPA owns it
-    monitors = {m["metadata"]["name"]: m for m in redis.all("ServiceMonitor")}
-    assert set(monitors) == {"meshllm-router", "meshllm-replica"}
-    assert monitors["meshllm-replica"]["spec"]["selector"]["matchLabels"].items() <= redis.one(
-        "Service", "meshllm-replicas")["metadata"]["labels"].items()  # fmt: skip
-    assert rendered["default"].all("HorizontalPodAutoscaler") == []
-    assert rendered["default"].all("ServiceMonitor") == []
-
-
-def test_names_follow_the_release() -> None:
-    """Another release name: the router's dns, the StatefulSet's serviceName and the replicas'
-    NetworkPolicy all follow the headless Service's name."""
-    files = render(CHART, {}, release="prod", namespace="llm")
-    docs = [d for d in yaml.safe_load_all(manifests_text(files)) if d]
-    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    assert ("Service", "prod-meshllm-replicas") in by_kind
-    sts = by_kind[("StatefulSet", "prod-meshllm-replica")]
-    assert sts["spec"]["serviceName"] == "prod-meshllm-replicas"
-    toml = by_kind[("ConfigMap", "prod-meshllm-router")]["data"]["router.toml"]
-    assert (
-        tomllib.loads(toml)["router"]["dns"] == "prod-meshllm-replicas.llm.svc.cluster.local:50061"
-    )
-    router_pods = by_kind[("Deployment", "prod-meshllm-router")]["spec"]["template"]["metadata"]
-    policy = by_kind[("NetworkPolicy", "prod-meshllm-replica")]
-    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
-    assert allowed.items() <= router_pods["labels"].items()
-    assert allowed["app.kubernetes.io/instance"] == "prod"
-
-
-def test_router_config_change_rolls_the_routers() -> None:
-    a = render_set("default").router["spec"]["template"]["metadata"]["annotations"]
-    b = render_set("default", {"router": {"config": {"max_attempts": 5}}})
-    assert (
-        a["checksum/config"]
-        != b.router["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-    )
 
 
 # --- values the chart refuses, with a message that names the fix ---------------------------------

@@ -1,17 +1,22 @@
 # meshllm developer entry points. Everything installs into .venv from this repository's own files.
 #   make demo   start a local mesh (router + 2 replicas) on the built-in demo model, stream a reply, run a small batch
 #   make test   install everything, then run proto freshness, lint, format, type checks and all tests
+#   make chart  lint the Helm chart and render it for every value set in helm/meshllm/ci
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meshllm-installed
+# checkov (the chart's security scan in tests/test_helm.py) pins packages of its own, so it gets a
+# venv of its own; the tests find it at .venv-tools/bin/checkov
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
 # redis-server (Debian's package) runs the shared-quota tests; installing it needs root
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
-.PHONY: setup demo test check lint typecheck protos bench bench-router bench-quota bench-client clean
+.PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(TOOLS_STAMP)
 
 $(STAMP): $(PYPROJECTS) Makefile
 	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
@@ -19,6 +24,12 @@ $(STAMP): $(PYPROJECTS) Makefile
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
 	$(PY) -m pip install --quiet -e ./protos -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
 	touch $(STAMP)
+
+$(TOOLS_STAMP): pyproject.toml Makefile
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --group helm-tools
+	touch $(TOOLS_STAMP)
 
 demo: setup
 	$(PY) -m meshllm.router.demo
@@ -31,6 +42,14 @@ check: setup
 
 test: check
 	$(VENV)/bin/pytest -q
+
+chart: setup
+	$(PY) helm/chart.py lint helm/meshllm
+	$(PY) helm/chart.py template meshllm helm/meshllm >/dev/null
+	for values in helm/meshllm/ci/*-values.yaml; do \
+		$(PY) helm/chart.py lint helm/meshllm -f $$values && \
+		$(PY) helm/chart.py template meshllm helm/meshllm -f $$values >/dev/null || exit 1; \
+	done
 
 protos: setup
 	$(PY) protos/generate.py
@@ -48,4 +67,4 @@ bench-client: setup
 	$(PY) benchmarks/client.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,7 @@
 meshllm generate "Hello" --model demo                       stream one reply to the terminal
 meshllm generate --input in.jsonl --output out.jsonl --model demo [--resume]
 meshllm bench --model demo --max-concurrency 32 [--json]
+meshllm admin models | replicas | load M | unload M | scale M N | drain R | undrain R | quota
 meshllm models | up | demo
 """
 
@@ -19,6 +20,7 @@ from meshllm.api.tls import ChannelTLS
 from meshllm.client._abort import AbortPolicy
 from meshllm.client._async import AsyncClient
 from meshllm.client._cache import ResponseCache
+from meshllm.client._cli_admin import add_admin_parser, run_admin
 from meshllm.client._cli_batch import JsonlJob, run_jsonl
 from meshllm.client._cli_bench import BenchJob, levels_up_to, parse_levels, print_report, run_bench
 from meshllm.client._pacing import Pacing
@@ -98,11 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_parser("models", help="list the models that can serve requests")
+    add_admin_parser(sub)
     u = sub.add_parser("up", help="start a local mesh (a router and replicas) until Ctrl-C")
     u.add_argument("--replicas", type=int, default=2, help="replica processes (default 2)")
     u.add_argument(
         "--model", default="demo", help="'demo', 'bench' or a model folder (default demo)"
     )
+    u.add_argument("--config", default="",
+                   help="router config whose [models.<id>] catalog says what goes where (instead of --model)")  # fmt: skip
     u.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
     u.add_argument("--policy", default="least-busy", choices=("least-busy", "round-robin"))
     u.add_argument("--tenants-file", default="",
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(asyncio.run(_jsonl(args)))
         if args.command == "bench":
             sys.exit(asyncio.run(_bench(args)))
+        if args.command == "admin":
+            sys.exit(asyncio.run(run_admin(args, _tls(args))))
         with Client(
             args.target, api_key=args.api_key, timeout=args.timeout, tls=_tls(args)
         ) as client:
@@ -204,7 +211,7 @@ def _local(args: argparse.Namespace) -> int:
     if args.command == "demo":
         demo.main()
         return 0
-    config = local.LocalMeshConfig(replicas=args.replicas, model=args.model, port=args.port,
+    config = local.LocalMeshConfig(replicas=args.replicas, model=args.model, config=args.config, port=args.port,
                                    policy=args.policy, tenants_file=args.tenants_file,
                                    api_key=args.api_key or "")  # fmt: skip
     try:

@@ -9,11 +9,13 @@ the supervisor itself is killed.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 
 from meshllm.client import Client, MeshError
+from meshllm.router.config import read_config_file
+from meshllm.router.placement import CatalogModel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,9 +33,13 @@ class LocalMeshConfig:
     router runs with authentication disabled (``--no-auth``): local development."""
 
     replicas: int = 2
-    """Replica processes to start."""
+    """Replica processes to start; they start idle and the router places models on them."""
     model: str = "demo"
-    """What each replica loads: ``demo``, ``bench`` or a model folder."""
+    """Without ``config``: the one catalog model, put on every replica: ``demo``, ``bench`` or a
+    model folder."""
+    config: str = ""
+    """A router config file whose ``[models.<id>]`` catalog (and ``[router]`` settings) the
+    router uses; the mesh's own address, replicas and auth flags override it."""
     host: str = "127.0.0.1"
     port: int = 50051
     """The router's port (0 picks a free one)."""
@@ -78,6 +86,8 @@ class LocalMesh:
         self.replicas: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.router: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.catalog: tuple[CatalogModel, ...] = ()
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> LocalMesh:
         try:
@@ -99,18 +109,35 @@ class LocalMesh:
 
     def start(self) -> str:
         c = self.config
+        config_file = self._router_config()
         for i in range(c.replicas):
             address = f"{c.host}:{free_port(c.host)}"
             proc = self._spawn("meshllm.replica", "--host", c.host, "--port", address.rsplit(":", 1)[1],
-                               "--model", c.model, "--replica-id", f"replica-{i}", *c.replica_args)  # fmt: skip
+                               "--replica-id", f"replica-{i}", *c.replica_args)  # fmt: skip
             self.replicas.append((address, proc))
         port = c.port or free_port(c.host)
         replica_flags = [flag for address, _ in self.replicas for flag in ("--replica", address)]
-        self.router = self._spawn("meshllm.router", "--host", c.host, "--port", str(port),
-                                  "--policy", c.policy, *self._auth_flags(), *replica_flags)  # fmt: skip
+        self.router = self._spawn("meshllm.router", "--config", str(config_file), "--host", c.host,
+                                  "--port", str(port), "--policy", c.policy, *self._auth_flags(),
+                                  *replica_flags)  # fmt: skip
         self.address = f"{c.host}:{port}"
         self._wait_ready()
         return self.address
+
+    def _router_config(self) -> Path:
+        """The router's config file: the given one, or a catalog of the one model on every replica."""
+        if self.config.config:
+            path = Path(self.config.config).resolve()
+            self.catalog = read_config_file(path).get("models", ())
+            return path
+        model = self.config.model
+        model_id = model if model in ("demo", "bench") else Path(model).name
+        self._dir = tempfile.TemporaryDirectory(prefix="meshllm-up-")
+        path = Path(self._dir.name) / "router.toml"
+        path.write_text(f"[models.{json.dumps(model_id)}]\npath = {json.dumps(model)}\n"
+                        f"desired_replicas = {self.config.replicas}\n")  # fmt: skip
+        self.catalog = read_config_file(path)["models"]
+        return path
 
     def _auth_flags(self) -> tuple[str, ...]:
         tenants = self.config.tenants_file
@@ -128,14 +155,16 @@ class LocalMesh:
         return None
 
     def _wait_ready(self) -> None:
-        """Until the router lists the model on every replica (the model is built on first use)."""
+        """Until the router serves the catalog's models on as many replicas as it places them
+        on at start (a built-in model is generated on first use)."""
         deadline = time.monotonic() + self.config.ready_timeout_s
+        placed = min(sum(m.desired_replicas for m in self.catalog), self.config.replicas)
         with Client(self.address, api_key=self.config.api_key or None, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if (gone := self.exited()) is not None:
                     raise RuntimeError(f"the local mesh did not start: {gone}")
                 try:
-                    if sum(m.ready_replicas for m in client.list_models()) == self.config.replicas:
+                    if sum(m.ready_replicas for m in client.list_models()) >= placed:
                         return
                 except MeshError:
                     pass
@@ -147,6 +176,8 @@ class LocalMesh:
         if self.router is not None:
             stop_processes([self.router], timeout_s)
         stop_processes([p for _, p in self.replicas], timeout_s)
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
@@ -176,16 +207,17 @@ def up(config: LocalMeshConfig) -> int:
         signal.SIGINT,
     ):  # SIGINT too: a background job starts with it ignored
         signal.signal(sig, _interrupt)
-    print(f"starting {config.replicas} replicas of {config.model!r} and a router ...", flush=True)
+    what = config.config or f"{config.model!r} on each"
+    print(f"starting {config.replicas} replicas and a router ({what}) ...", flush=True)
     gone = None
     try:
         with LocalMesh(config) as mesh:
             replicas = ", ".join(a for a, _ in mesh.replicas)
             print(f"meshllm is up: router at {mesh.address} (replicas: {replicas})")
             key = ' --api-key "$KEY"' if config.tenants_file else ""
-            print(
-                f'try:  meshllm --target {mesh.address}{key} generate "Hello" --model {config.model}'
-            )
+            model = mesh.catalog[0].id if mesh.catalog else config.model
+            print(f'try:  meshllm --target {mesh.address}{key} generate "Hello" --model {model}')
+            print(f"      meshllm --target {mesh.address}{key} admin models")
             print("Ctrl-C stops the mesh.", flush=True)
             while (gone := mesh.exited()) is None:
                 time.sleep(0.5)

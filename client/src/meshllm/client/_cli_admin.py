@@ -23,11 +23,17 @@ _GiB = 1024**3
 
 def add_admin_parser(sub: Any) -> None:
     a = sub.add_parser("admin", help="operate the mesh: models, replicas, load/unload/scale/drain")
-    a.add_argument("--json", action="store_true", help="print replies as JSON")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the reply as JSON")
     cmds = a.add_subparsers(dest="admin_command", required=True)
-    cmds.add_parser("models", help="catalog and loaded models, with each replica's state")
-    cmds.add_parser("replicas", help="every replica: state, model, load, device memory")
-    load = cmds.add_parser("load", help="put a catalog model on (at least) N replicas")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = cmds.add_parser(name, help=help, parents=[common])
+        return parser
+
+    command("models", "catalog and loaded models, with each replica's state")
+    command("replicas", "every replica: state, model, load, device memory")
+    load = command("load", "put a catalog model on (at least) N replicas")
     load.add_argument("model")
     load.add_argument("--replicas", type=int, default=0,
                       help="at least this many (default: the catalog's desired_replicas, at least 1)")  # fmt: skip
@@ -35,22 +41,18 @@ def add_admin_parser(sub: Any) -> None:
                       help="one-off change to the catalog's spec, e.g. max_batch_size=8 or "
                       "options.cache_size=8192 (repeatable)")  # fmt: skip
     load.add_argument("--no-wait", action="store_true", help="return once the loads started")
-    unload = cmds.add_parser("unload", help="drain and unload a model from every replica")
+    unload = command("unload", "drain and unload a model from every replica")
     unload.add_argument("model")
     unload.add_argument("--drain-timeout", type=float, default=0.0,
                         help="seconds in-flight requests may finish (default: the router's)")  # fmt: skip
-    scale = cmds.add_parser(
-        "scale", help="set how many replicas host a model (within the catalog's max)"
-    )
+    scale = command("scale", "set how many replicas host a model (within the catalog's max)")
     scale.add_argument("model")
     scale.add_argument("replicas", type=int)
     scale.add_argument("--drain-timeout", type=float, default=0.0)
     scale.add_argument("--no-wait", action="store_true")
     for name, what in (("drain", "stop new requests to"), ("undrain", "send requests again to")):
-        cmds.add_parser(name, help=f"{what} one replica (it keeps its model)").add_argument(
-            "replica"
-        )
-    quota = cmds.add_parser("quota", help="quota use per tenant")
+        command(name, f"{what} one replica (it keeps its model)").add_argument("replica")
+    quota = command("quota", "quota use per tenant")
     quota.add_argument("tenant", nargs="?", default="")
 
 
@@ -119,12 +121,13 @@ def render(reply: Message) -> list[str]:
     if isinstance(reply, adm.ModelPlacement):
         return _placement(reply)
     if isinstance(reply, adm.ListReplicasResponse):
-        return [_replica(r) for r in reply.replicas] or ["(no replicas)"]
+        return _replicas(reply.replicas) or ["(no replicas)"]
     if isinstance(reply, rc.ReplicaStatus):
-        return [_replica(reply)]
+        return _replicas([reply])
     if isinstance(reply, adm.GetQuotaUsageResponse):
-        return [f"{u.tenant}\t{u.limit}\t{u.used}/{u.limit_value}\tresets in {u.resets_in_s:.0f}s"
-                for u in reply.usage] or ["(no limits)"]  # fmt: skip
+        rows = [(u.tenant, u.limit, f"{u.used}/{u.limit_value}", f"resets in {u.resets_in_s:.0f}s")
+                for u in reply.usage]  # fmt: skip
+        return _table(rows) or ["(no limits)"]
     return [str(reply)]
 
 
@@ -132,19 +135,28 @@ def _placement(m: adm.ModelPlacement) -> list[str]:
     cap = f", max {m.max_replicas}" if m.max_replicas else ""
     origin = f"desired {m.desired_replicas}{cap}" if m.configured else "not in the catalog"
     head = f"{m.model}: {m.ready_replicas} ready ({origin})"
+    rows = _replicas(m.replicas)
+    return [head + (f" - {m.pending}" if m.pending else ""), *(f"  {row}" for row in rows)]
+
+
+def _replicas(replicas: Sequence[rc.ReplicaStatus]) -> list[str]:
+    rows = []
+    for r in replicas:
+        mem = r.memory
+        memory = (
+            f"{mem.used_bytes / _GiB:.2f}/{mem.total_bytes / _GiB:.1f} GiB ({mem.source})"
+            if mem.total_bytes
+            else "memory ?"
+        )
+        rows.append((r.replica_id, _STATE.get(r.state, "?"), r.spec.id or "-", r.device or "?",
+                     f"{r.load.running} running", f"{r.load.queued} queued",
+                     f"{r.load.tokens_per_second:.0f} tok/s", memory, f"error: {r.error}" if r.error else ""))  # fmt: skip
+    return _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows with each column padded to its widest cell."""
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
     return [
-        head + (f" - {m.pending}" if m.pending else ""),
-        *(f"  {_replica(r)}" for r in m.replicas),
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
-
-
-def _replica(r: rc.ReplicaStatus) -> str:
-    load = f"running {r.load.running} queued {r.load.queued} {r.load.tokens_per_second:.0f} tok/s"
-    mem = r.memory
-    memory = (f"{mem.source} {mem.used_bytes / _GiB:.2f}/{mem.total_bytes / _GiB:.1f} GiB"
-              if mem.total_bytes else "memory ?")  # fmt: skip
-    model = r.spec.id or "-"
-    line = (
-        f"{r.replica_id}\t{_STATE.get(r.state, '?')}\t{model}\t{r.device or '?'}\t{load}\t{memory}"
-    )
-    return line + (f"\terror: {r.error}" if r.error else "")

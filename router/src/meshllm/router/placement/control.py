@@ -148,11 +148,11 @@ class Placement:
             if from_rpc_error(e).reason == "REPLICA_BUSY":  # another router placed something there
                 log.info("replica %s was taken meanwhile: %s", replica.name, e.details())
                 self.changed()
-                return error
+                return f"{replica.name}: {error}"
         if error:
-            replica.claim = ""
-            self.failures[entry.id] = Failure(self._clock(), f"{replica.name}: {error}")
-            log.error("loading %s on %s failed: %s", entry.id, replica.name, error)
+            replica.claim, error = "", f"{replica.name}: {error}"
+            self.failures[entry.id] = Failure(self._clock(), error)
+            log.error("loading %s failed: %s", entry.id, error)
         else:
             self.failures.pop(entry.id, None)
         self.changed()
@@ -255,7 +255,7 @@ class Placement:
         await asyncio.gather(*(t for t in others if t not in started))
         if started and all(errors):
             raise FailedPrecondition(
-                f"loading {entry.id!r} failed on {len(errors)} replicas: " + "; ".join(errors),
+                f"loading {entry.id!r} failed: " + "; ".join(errors),
                 reason="MODEL_LOAD_FAILED", metadata={"model": entry.id},
             )  # fmt: skip
 
@@ -269,7 +269,7 @@ class Placement:
             for replica in victims:
                 replica.leaving = False
         if failed := [e for e in errors if e]:
-            raise Unavailable(f"unloading {model!r} failed on {len(failed)} replicas: " + "; ".join(failed),
+            raise Unavailable(f"unloading {model!r} failed: " + "; ".join(failed),
                               reason="UNLOAD_FAILED", metadata={"model": model})  # fmt: skip
 
     async def drain(self, name: str, *, undrain: bool = False) -> rc.ReplicaStatus:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import StartReplica, StartRouter, wait_routed
+from conftest import RedisServer, StartReplica, StartRouter, wait_routed
 from test_quota import ADMIN, USER, bearer, tenants_file
 
 from meshllm.api.errors import MeshError, from_rpc_error
@@ -306,3 +307,32 @@ async def test_admin_calls_need_the_admin_role(
     assert hosted(idle) == {"r0": "demo", "r1": "", "r2": ""}  # nothing happened
     listing = await admin_call(router, "ListModels", adm.AdminListModelsRequest(), key=ADMIN)
     assert isinstance(listing, adm.AdminListModelsResponse) and len(listing.models) == 3
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["redis", "memory"])
+async def test_a_scale_down_through_one_router_holds_for_routers_sharing_redis(
+    idle: Replicas, start_router: StartRouter, redis_server: RedisServer, shared: bool
+) -> None:
+    catalog = (CatalogModel(id="demo", path="demo", desired_replicas=2),)
+    settings: dict[str, object] = {"models": catalog, "refresh_s": 0.2}
+    if shared:
+        settings |= {"quota_store": "redis", "redis_url": redis_server.url}
+    first = await start_router(*idle, ready=2, **settings)
+    second = await start_router(*idle, ready=2, **settings)
+    await admin_call(first, "ScaleModel", adm.ScaleModelRequest(model="demo", replicas=1))
+    await asyncio.sleep(1.0)  # five placement rounds of the other router
+    # without a shared count, the other router still wants the catalog's 2 and places it back
+    assert list(hosted(idle).values()).count("demo") == (1 if shared else 2)
+    assert (await placement(second, "demo")).desired_replicas == (1 if shared else 2)
+    if not shared:
+        return
+    await first.stop(grace_s=0.5)
+    await second.stop(grace_s=0.5)
+    restarted = await start_router(*idle, ready=1, **settings)
+    await asyncio.sleep(0.5)
+    assert list(hosted(idle).values()).count("demo") == 1  # the admin's count outlives routers
+    assert (await placement(restarted, "demo")).desired_replicas == 1
+    # a new catalog value is a newer decision than the old admin call
+    settings["models"] = (replace(catalog[0], desired_replicas=3),)
+    await start_router(*idle, ready=3, **settings)
+    assert list(hosted(idle).values()).count("demo") == 3

@@ -6,68 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
-import redis
-from conftest import StartReplica, StartRouter, demo_spec
+from conftest import RedisServer, StartReplica, StartRouter, demo_spec
 from test_quota import USER, generate, scrape, tenants_file
 from test_quota_units import DAY, Clock
 
 from meshllm.api.errors import MeshError
 from meshllm.api.v1 import generation_pb2 as gen
-from meshllm.router.local import free_port
 from meshllm.router.quota import Demand, QuotaExceeded, QuotaStore, TenantLimits
 from meshllm.router.quota.memory import MemoryQuotaStore
 from meshllm.router.quota.redis_store import RedisQuotaStore, redacted
-
-
-@dataclass
-class RedisServer:
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed: `make setup` installs Debian's package"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.02)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from meshllm.router.discovery import Discovery
 from meshllm.router.forward import Forwarder
 from meshllm.router.metrics import router_metrics
 from meshllm.router.placement.control import Placement
+from meshllm.router.placement.desired import RedisCounts
 from meshllm.router.pool import ReplicaPool
 from meshllm.router.quota import make_store
 from meshllm.router.registry import Registry
@@ -56,7 +57,9 @@ class RouterServer:
         self.port = 0
         self.registry = Registry(stale_after_s=self.config.stale_after_s)
         self.pool = ReplicaPool(self.config, self.registry, self._on_change)
-        self.placement = Placement(self.config, self.registry, self.pool)
+        counts = (RedisCounts(self.config.redis_url, self.config.redis_timeout_s)
+                  if self.config.quota_store == "redis" else None)  # fmt: skip
+        self.placement = Placement(self.config, self.registry, self.pool, counts)
         self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
         self._discovery = Discovery(self.config)
         self._tenants = TenantsFile(Path(config.tenants_file)) if config.auth == "api-key" else None

@@ -32,6 +32,7 @@ from meshllm.router.config import RouterConfig
 from meshllm.router.convert import replica_status_to_pb, spec_to_pb, state_from_pb
 from meshllm.router.placement import plan
 from meshllm.router.placement.catalog import CatalogModel
+from meshllm.router.placement.desired import DesiredCounts, LocalCounts, current
 from meshllm.router.pool import ReplicaPool
 from meshllm.router.registry import Registry, Replica
 
@@ -55,11 +56,13 @@ class Placement:
     """The reconcile loop (start/close) and the admin operations on models and replicas."""
 
     def __init__(self, config: RouterConfig, registry: Registry, pool: ReplicaPool,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 counts: DesiredCounts | None = None, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self._config, self._registry, self._pool, self._clock = config, registry, pool, clock
-        self.catalog: Mapping[str, CatalogModel] = {m.id: m for m in config.models}
+        self.catalog: dict[str, CatalogModel] = {m.id: m for m in config.models}
         self.desired = {m.id: m.desired_replicas for m in config.models}
-        """Replicas wanted per catalog model: the catalog's, as load/unload/scale changed it."""
+        """Replicas wanted per catalog model: the catalog's, as load/unload/scale changed it
+        (through any router sharing ``counts``)."""
+        self._counts = counts or LocalCounts()
         self.failures: dict[str, Failure] = {}
         """The last failed load of a model, until one succeeds (automatic placement waits
         ``load_retry_s`` after it)."""
@@ -82,6 +85,7 @@ class Placement:
         await self._settle()
         while True:
             self._wake.clear()
+            self.desired.update(current(self.catalog, await self._counts.read()))
             self.reconcile()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._config.refresh_s)
@@ -116,6 +120,12 @@ class Placement:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._counts.close()
+
+    async def _want(self, model: str, count: int) -> None:
+        """Set a catalog model's desired count, here and for every router sharing the counts."""
+        self.desired[model] = count
+        await self._counts.write(model, count, self.catalog[model].desired_replicas)
 
     # -- loading and unloading one replica -------------------------------------------------------
 
@@ -208,12 +218,12 @@ class Placement:
         self._check_limit(entry, want)
         async with self._locks[model]:
             before = self.desired[model]
-            self.desired[model] = max(before, want)
+            await self._want(model, max(before, want))
             self.failures.pop(model, None)
             try:
                 await self._grow(entry, want, wait=wait)
             except FailedPrecondition:
-                self.desired[model] = before  # nothing changed: no retrying in the background
+                await self._want(model, before)  # nothing changed: no retrying in the background
                 raise
 
     async def scale(self, model: str, replicas: int, drain_s: float, *, wait: bool) -> None:
@@ -221,7 +231,7 @@ class Placement:
         entry = self.entry(model)
         self._check_limit(entry, replicas)
         async with self._locks[model]:
-            self.desired[model] = replicas
+            await self._want(model, replicas)
             held = plan.hosting(self._registry.replicas.values(), model)
             if replicas > len(held):
                 self.failures.pop(model, None)
@@ -236,8 +246,8 @@ class Placement:
         if model not in self.catalog and not held:
             raise NotFound(f"model {model!r} is neither in the catalog nor loaded on a replica")
         async with self._locks[model]:
-            if model in self.desired:
-                self.desired[model] = 0
+            if model in self.catalog:
+                await self._want(model, 0)
             await self._shrink(
                 plan.hosting(self._registry.replicas.values(), model), model, drain_s
             )

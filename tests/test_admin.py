@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -336,3 +338,34 @@ async def test_a_scale_down_through_one_router_holds_for_routers_sharing_redis(
     settings["models"] = (replace(catalog[0], desired_replicas=3),)
     await start_router(*idle, ready=3, **settings)
     assert list(hosted(idle).values()).count("demo") == 3
+
+
+async def meshllm(router: RouterServer, *args: str) -> tuple[int, str, str]:
+    """Run the ``meshllm`` CLI as a process against ``router``: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshllm.client.cli", "--target", f"127.0.0.1:{router.port}", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_admin_cli_loads_lists_and_explains_refusals(
+    router: RouterServer, idle: Replicas
+) -> None:
+    code, out, _ = await meshllm(router, "admin", "load", "second", "--set", "max_batch_size=4")
+    assert code == 0 and out.splitlines()[0] == "second: 1 ready (desired 1, max 2)"
+    assert out.splitlines()[1].split()[:3] == ["r1", "ready", "second"]
+    assert idle[1].replica is not None and idle[1].replica.spec is not None
+    assert idle[1].replica.spec.max_batch_size == 4  # the one-off override reached the replica
+    code, out, _ = await meshllm(router, "admin", "models", "--json")
+    models = {m["model"]: m for m in json.loads(out)["models"]}
+    assert code == 0 and models["second"]["ready_replicas"] == 1 and models["demo"]["configured"]
+    code, out, _ = await meshllm(router, "admin", "replicas")
+    assert [line.split()[:3] for line in out.splitlines()] == [
+        ["r0", "ready", "demo"], ["r1", "ready", "second"], ["r2", "empty", "-"]]  # fmt: skip
+    code, _, err = await meshllm(router, "admin", "scale", "demo", "9")
+    assert code == 1 and "max_replicas 2" in err and "InvalidArgument" in err
+    code, _, err = await meshllm(router, "admin", "load", "second", "--set", "speed=9")
+    assert code == 1 and "--set 'speed=9'" in err

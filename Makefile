@@ -14,7 +14,7 @@ TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
-.PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client clean
+.PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
 
 setup: $(STAMP) $(TOOLS_STAMP)
 
@@ -65,6 +65,9 @@ bench-quota: setup
 
 bench-client: setup
 	$(PY) benchmarks/client.py
+
+bench-admin: setup
+	$(PY) benchmarks/admin.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache

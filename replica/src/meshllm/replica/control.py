@@ -63,6 +63,7 @@ class ReplicaControlService(rc_grpc.ReplicaControlServicer):
         self, request: rc.WatchLoadRequest, context: Context
     ) -> AsyncGenerator[rc.LoadReport]:
         interval = (request.interval_ms or self._replica.config.report_interval_ms) / 1000.0
+        seen = self._replica.state_changes
         while True:
             yield convert.load_report_to_pb(self._replica.load_report())
-            await self._replica.wait_change(interval)
+            seen = await self._replica.wait_change(interval, since=seen)

@@ -96,6 +96,8 @@ class Replica:
         self._idle.set()
         self._lifecycle = asyncio.Lock()
         self._changed = asyncio.Condition()
+        self.state_changes = 0
+        """How many times the state changed (load reports follow each change at once)."""
         self._load_task: asyncio.Task[None] | None = None
         self._unloading = False
         self._shutting_down = False
@@ -206,16 +208,22 @@ class Replica:
 
     async def _set_state(self, state: ReplicaState) -> None:
         self.state = state
+        self.state_changes += 1
         for callback in self.on_state_change:
             await callback(state)
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_change(self, timeout_s: float) -> None:
-        """Return on the next state change, or after ``timeout_s``."""
+    async def wait_change(self, timeout_s: float, since: int) -> int:
+        """Return once the state changed after change number ``since`` (at once if it already
+        has: a change while the caller was busy is not lost), or after ``timeout_s``; returns
+        the current change number."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout_s)
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.state_changes != since), timeout_s
+                )
+        return self.state_changes
 
     # -- requests -------------------------------------------------------------------------------
 

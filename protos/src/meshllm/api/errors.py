@@ -167,6 +167,12 @@ def invalid_argument(field: str, description: str) -> InvalidArgument:
     )
 
 
+def invalid_fields(what: str, violations: Sequence[FieldViolation]) -> InvalidArgument:
+    """INVALID_ARGUMENT naming every bad field: ``what: field problem; field problem``."""
+    listed = "; ".join(f"{v.field} {v.description}" for v in violations)
+    return InvalidArgument(f"{what}: {listed}", field_violations=violations)
+
+
 def status_name(error: BaseException | None) -> str:
     """The gRPC status code name a request ends with, given the exception that ended it (None:
     ``OK``). Used wherever a request's outcome is recorded: metrics, logs, spans."""

@@ -7,7 +7,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.api.errors import FieldViolation, InvalidArgument, invalid_fields
 from meshllm.api.tls import ServerTLS
 
 BUILTIN_MODELS = ("demo", "bench")
@@ -53,10 +53,7 @@ class ModelSpec:
         if self.max_tokens_limit and self.default_max_tokens > self.max_tokens_limit:
             bad.append(FieldViolation("spec.default_max_tokens", "is above max_tokens_limit"))
         if bad:
-            raise InvalidArgument(
-                "invalid model spec: " + "; ".join(f"{v.field} {v.description}" for v in bad),
-                field_violations=bad,
-            )
+            raise invalid_fields("invalid model spec", bad)
         return self
 
 

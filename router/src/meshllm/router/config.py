@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.api.errors import FieldViolation, InvalidArgument, invalid_fields
 from meshllm.api.tls import ChannelTLS, ServerTLS
 from meshllm.router.placement.catalog import CatalogModel, catalog_violations, parse_catalog
 from meshllm.router.quota.store import STORES
@@ -161,10 +161,7 @@ class RouterConfig:
         bad.extend(self._tls_violations())
         bad.extend(catalog_violations(self.models))
         if bad:
-            raise InvalidArgument(
-                "invalid router config: " + "; ".join(f"{v.field} {v.description}" for v in bad),
-                field_violations=bad,
-            )
+            raise invalid_fields("invalid router config", bad)
         return self
 
     def _auth_problems(self) -> list[FieldViolation]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshllm.api.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from meshllm.api.errors import FailedPrecondition, FieldViolation, invalid_fields
 from meshllm.replica.engines.base import EngineSettings
 from meshllm.replica.types import FinishReason, SamplingParams
 
@@ -80,10 +80,7 @@ def parse_options(settings: EngineSettings) -> ExLlamaV3Options:
         bad.append(FieldViolation("options.max_chunk_size", f"{chunk} is not positive"))
     bits = parse_cache_quant(opts.get("cache_quant", ""), bad)
     if bad:
-        raise InvalidArgument(
-            "invalid exllamav3 settings: " + "; ".join(f"{v.field} {v.description}" for v in bad),
-            field_violations=bad,
-        )
+        raise invalid_fields("invalid exllamav3 settings", bad)
     assert cache is not None and chunk is not None  # None only together with a violation
     return ExLlamaV3Options(
         device_index=int(settings.device.partition(":")[2] or 0), cache_tokens=cache,

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.api.errors import FieldViolation, invalid_fields
 
 ENGINES = ("ctranslate2", "exllamav3", "fake")
 """Engine names a replica knows (pinned against the replica's registry by a test)."""
@@ -95,14 +95,8 @@ class CatalogModel:
             changes["options"] = {**self.options, **changes["options"]}
         model = replace(self, **changes)
         if bad := model.violations():
-            raise _invalid("invalid overrides", bad)
+            raise invalid_fields("invalid overrides", bad)
         return model
-
-
-def _invalid(what: str, bad: list[FieldViolation]) -> InvalidArgument:
-    return InvalidArgument(
-        f"{what}: " + "; ".join(f"{v.field} {v.description}" for v in bad), field_violations=bad
-    )
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(CatalogModel)}
@@ -111,7 +105,7 @@ _FIELD_TYPES = {f.name: f.type for f in fields(CatalogModel)}
 def parse_catalog(tables: Mapping[str, Any], source: str = "config") -> tuple[CatalogModel, ...]:
     """``[models.<id>]`` tables into catalog entries; any mistake names its field."""
     if not isinstance(tables, Mapping):
-        raise _invalid(
+        raise invalid_fields(
             source, [FieldViolation("models", "must be a table of [models.<id>] tables")]
         )
     out, bad = [], list[FieldViolation]()
@@ -135,7 +129,7 @@ def parse_catalog(tables: Mapping[str, Any], source: str = "config") -> tuple[Ca
             bad += model.violations()
             out.append(model)
     if bad:
-        raise _invalid(f"invalid model catalog in {source}", bad)
+        raise invalid_fields(f"invalid model catalog in {source}", bad)
     return tuple(out)
 
 

@@ -29,6 +29,12 @@ def _model(name: str) -> str:
     return name
 
 
+def _replica(name: str) -> str:
+    if not name:
+        raise invalid_argument("replica_id", "must name a replica (Admin.ListReplicas)")
+    return name
+
+
 class RouterAdminService(adm_grpc.AdminServicer):
     def __init__(self, auth: Authenticator, placement: Placement, admission: Admission) -> None:
         self._auth, self._placement, self._admission = auth, placement, admission
@@ -96,18 +102,14 @@ class RouterAdminService(adm_grpc.AdminServicer):
         self, request: adm.DrainReplicaRequest, context: Context
     ) -> rc.ReplicaStatus:
         self._admin(context)
-        if not request.replica_id:
-            raise invalid_argument("replica_id", "must name a replica (Admin.ListReplicas)")
-        return await self._placement.drain(request.replica_id)
+        return await self._placement.drain(_replica(request.replica_id))
 
     @unary
     async def UndrainReplica(
         self, request: adm.UndrainReplicaRequest, context: Context
     ) -> rc.ReplicaStatus:
         self._admin(context)
-        if not request.replica_id:
-            raise invalid_argument("replica_id", "must name a replica (Admin.ListReplicas)")
-        return await self._placement.drain(request.replica_id, undrain=True)
+        return await self._placement.drain(_replica(request.replica_id), undrain=True)
 
     @unary
     async def GetQuotaUsage(

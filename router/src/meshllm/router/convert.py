@@ -80,23 +80,21 @@ def usage_to_pb(usage: LimitUsage) -> adm.QuotaUsage:
                           limit_value=usage.limit_value, resets_in_s=usage.resets_in_s)  # fmt: skip
 
 
+# ModelSpec's fields other than ``options``, each named as in CatalogModel (which has them all)
+_SPEC_FIELDS = tuple(f.name for f in rc.ModelSpec.DESCRIPTOR.fields if f.name != "options")
+
+
 def spec_to_pb(entry: CatalogModel) -> rc.ModelSpec:
     """What a replica loads for a catalog model."""
-    return rc.ModelSpec(
-        id=entry.id, engine=entry.engine, path=entry.path, compute_type=entry.compute_type,
-        context_length=entry.context_length, default_max_tokens=entry.default_max_tokens,
-        max_tokens_limit=entry.max_tokens_limit, max_batch_size=entry.max_batch_size,
-        inter_threads=entry.inter_threads, intra_threads=entry.intra_threads,
-        chat_template=entry.chat_template, max_queued=entry.max_queued, options=dict(entry.options),
-    )  # fmt: skip
+    fields = {name: getattr(entry, name) for name in _SPEC_FIELDS}
+    return rc.ModelSpec(**fields, options=dict(entry.options))
 
 
 def overrides_from_pb(spec: rc.ModelSpec) -> dict[str, object]:
     """A load's one-off overrides: the set fields of ``spec`` (the id only names the model)."""
-    names = ("engine", "path", "compute_type", "context_length", "default_max_tokens",
-             "max_tokens_limit", "max_batch_size", "inter_threads", "intra_threads",
-             "chat_template", "max_queued")  # fmt: skip
-    out: dict[str, object] = {name: getattr(spec, name) for name in names if getattr(spec, name)}
+    out: dict[str, object] = {
+        name: getattr(spec, name) for name in _SPEC_FIELDS if name != "id" and getattr(spec, name)
+    }
     if spec.options:
         out["options"] = dict(spec.options)
     return out

@@ -35,6 +35,7 @@ from meshllm.router.balancer import Policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.convert import REPLICA_DEFAULT_MAX_TOKENS
 from meshllm.router.metrics import RouterMetrics
+from meshllm.router.placement import plan
 from meshllm.router.pool import ReplicaLink, ReplicaPool
 from meshllm.router.registry import Registry, Replica, ReplicaState, ServedModel
 from meshllm.router.tenants import Tenant
@@ -101,7 +102,7 @@ class Forwarder:
                 f"({', '.join(r.name for r in tried)})", reason="NO_HEALTHY_REPLICA",
                 retry_after=retry, metadata={"model": model},
             )  # fmt: skip
-        held = [r for r in self._registry.replicas.values() if r.model == model]
+        held = plan.hosting(self._registry.replicas.values(), model)
         states = {ReplicaState.LOADING if r.claim else r.state for r in held}
         if ReplicaState.LOADING in states:
             return Unavailable(f"model {model!r} is still loading", reason="MODEL_LOADING",

@@ -131,7 +131,7 @@ class LocalMesh:
             self.catalog = read_config_file(path).get("models", ())
             return path
         model = self.config.model
-        model_id = model if model in ("demo", "bench") else Path(model).name
+        model_id = Path(model).name  # as the replica names it: "demo" for demo, a folder's name
         self._dir = tempfile.TemporaryDirectory(prefix="meshllm-up-")
         path = Path(self._dir.name) / "router.toml"
         path.write_text(f"[models.{json.dumps(model_id)}]\npath = {json.dumps(model)}\n"

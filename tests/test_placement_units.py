@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from meshllm.router.config import RouterConfig, read_config_file
 from meshllm.router.local import LocalMesh, LocalMeshConfig
 from meshllm.router.placement import CatalogModel, parse_catalog, plan
 from meshllm.router.placement.catalog import ENGINES
+from meshllm.router.placement.control import Placement
+from meshllm.router.pool import ReplicaPool
 from meshllm.router.registry import LoadReport, Registry, Replica, ReplicaState
 
 DEMO = CatalogModel(id="demo", path="demo", desired_replicas=2, max_replicas=3)
@@ -162,3 +165,20 @@ def test_meshllm_up_without_a_config_puts_its_model_on_every_replica(tmp_path: P
     assert read_config_file(path)["models"] == mesh.catalog
     mesh.stop()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_closing_placement_while_a_replica_changes_state_does_not_hang(turns: int) -> None:
+    """A router told to stop just as a replica changes state (``meshllm up`` killed: the
+    replica drains while the router closes) must not lose the cancel of its placement loop."""
+    config = RouterConfig(models=(CatalogModel(id="demo", path="demo"),))
+    registry = Registry(stale_after_s=STALE, clock=lambda: NOW)
+    placement = Placement(config, registry, ReplicaPool(config, registry, lambda: None))
+    placement.start()
+    for _ in range(5):
+        await asyncio.sleep(0)  # into its wait for a change
+    placement.changed()
+    for _ in range(turns):  # the cancel lands at every step of the wake-up
+        await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await placement.close()

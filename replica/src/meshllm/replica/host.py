@@ -195,7 +195,8 @@ class Replica:
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight; False if the timeout passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can lose a cancel on 3.11
+                await self._idle.wait()
         except TimeoutError:
             log.warning("drain timeout: %d requests still in flight", self._inflight)
             return False
@@ -220,9 +221,8 @@ class Replica:
         the current change number."""
         async with self._changed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.state_changes != since), timeout_s
-                )
+                async with asyncio.timeout(timeout_s):  # not wait_for: it can lose a cancel on 3.11
+                    await self._changed.wait_for(lambda: self.state_changes != since)
         return self.state_changes
 
     # -- requests -------------------------------------------------------------------------------

@@ -105,7 +105,8 @@ class TokenStream:
             if max_wait_s > 0 and self.first_pending is not None:
                 timeout = max(0.0, self.first_pending + max_wait_s - time.perf_counter())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_for(min_tokens), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can lose a cancel on 3.11
+                    await self._wait_for(min_tokens)
         with self._lock:
             taken, self._pending = self._pending, []
             self.first_pending = None

@@ -87,8 +87,11 @@ class Placement:
             self._wake.clear()
             self.desired.update(current(self.catalog, await self._counts.read()))
             self.reconcile()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that arrives as
+            # the wake fires, and close() would then wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._config.refresh_s)
+                async with asyncio.timeout(self._config.refresh_s):
+                    await self._wake.wait()
 
     async def _settle(self) -> None:
         """Before the first placement, hear from every replica (or give up on the silent ones

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import grpc
 
@@ -20,6 +21,8 @@ from meshllm.router.registry import LoadReport, Registry, Replica
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -29,6 +32,21 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+async def removal_as_error(call: Awaitable[T]) -> T:
+    """Await a call on a link's channel. Closing the channel (discovery removed the replica)
+    ends its calls with ``asyncio.CancelledError``, which would also end the task awaiting
+    them, an admin call included: here it is an ``AioRpcError`` CANCELLED like any failed
+    call. A cancel of the awaiting task itself still propagates."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), "the replica was removed") from None  # fmt: skip
 
 
 class ReplicaLink:

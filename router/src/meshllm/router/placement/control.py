@@ -33,7 +33,7 @@ from meshllm.router.convert import replica_status_to_pb, spec_to_pb, state_from_
 from meshllm.router.placement import plan
 from meshllm.router.placement.catalog import CatalogModel
 from meshllm.router.placement.desired import DesiredCounts, LocalCounts, current
-from meshllm.router.pool import ReplicaPool
+from meshllm.router.pool import ReplicaPool, removal_as_error
 from meshllm.router.registry import Registry, Replica
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,16 @@ class Placement:
 
     async def _load_on(self, replica: Replica, entry: CatalogModel) -> str:
         link = self._pool.link(replica)
-        error = "the replica was removed"
+        if link is None:  # discovery removed it since it was chosen (and woke the loop then)
+            replica.claim = ""
+            return f"{replica.name}: the replica was removed"
         try:
-            if link is not None:
-                request = rc.LoadModelRequest(spec=spec_to_pb(entry), wait=True)
-                status = await link.control.LoadModel(request, timeout=self._config.load_timeout_s)
-                await self._reported(replica, status)
-                error = status.error if status.state == rc.REPLICA_STATE_FAILED else ""
+            request = rc.LoadModelRequest(spec=spec_to_pb(entry), wait=True)
+            status = await removal_as_error(
+                link.control.LoadModel(request, timeout=self._config.load_timeout_s)
+            )
+            await self._reported(replica, status)
+            error = status.error if status.state == rc.REPLICA_STATE_FAILED else ""
         except grpc.aio.AioRpcError as e:
             replica.claim = ""
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -158,6 +161,9 @@ class Placement:
                             replica.name, self._config.load_timeout_s)  # fmt: skip
                 return ""
             error = f"{e.code().name}: {e.details()}"
+            if self._pool.link(replica) is not link:  # removed while loading: not the model's fault
+                log.info("replica %s was removed while loading %s", replica.name, entry.id)
+                return f"{replica.name}: {error}"
             if from_rpc_error(e).reason == "REPLICA_BUSY":  # another router placed something there
                 log.info("replica %s was taken meanwhile: %s", replica.name, e.details())
                 self.changed()
@@ -179,8 +185,8 @@ class Placement:
         request = rc.UnloadModelRequest(drain_timeout_s=drain_s, model=model)
         try:
             # The replica finishes a load under way before it drains and frees it.
-            status = await link.control.UnloadModel(
-                request, timeout=drain_s + self._config.load_timeout_s
+            status = await removal_as_error(
+                link.control.UnloadModel(request, timeout=drain_s + self._config.load_timeout_s)
             )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
@@ -294,7 +300,7 @@ class Placement:
             raise NotFound(f"no replica {name!r} (replicas: {names or 'none'})")
         timeout = self._config.stale_after_s
         try:
-            status: rc.ReplicaStatus = await (
+            status: rc.ReplicaStatus = await removal_as_error(
                 link.control.Undrain(rc.UndrainRequest(), timeout=timeout) if undrain
                 else link.control.Drain(rc.DrainRequest(), timeout=timeout)
             )  # fmt: skip
@@ -315,8 +321,10 @@ class Placement:
         link = self._pool.link(replica)
         if link is not None and replica.connected:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                status: rc.ReplicaStatus = await link.control.GetStatus(
-                    rc.GetStatusRequest(), timeout=self._config.stale_after_s
+                status: rc.ReplicaStatus = await removal_as_error(
+                    link.control.GetStatus(
+                        rc.GetStatusRequest(), timeout=self._config.stale_after_s
+                    )
                 )
                 if replica.leaving and status.state == rc.REPLICA_STATE_READY:
                     status.state = rc.REPLICA_STATE_DRAINING  # being unloaded by this router

@@ -31,6 +31,7 @@ from meshllm.router.placement.control import Placement
 from meshllm.router.placement.desired import RedisCounts
 from meshllm.router.pool import ReplicaPool
 from meshllm.router.quota import make_store
+from meshllm.router.quota.redis_store import RedisQuotaStore
 from meshllm.router.registry import Registry
 from meshllm.router.service import RouterGenerationService
 
@@ -57,15 +58,16 @@ class RouterServer:
         self.port = 0
         self.registry = Registry(stale_after_s=self.config.stale_after_s)
         self.pool = ReplicaPool(self.config, self.registry, self._on_change)
-        counts = (RedisCounts(self.config.redis_url, self.config.redis_timeout_s)
-                  if self.config.quota_store == "redis" else None)  # fmt: skip
-        self.placement = Placement(self.config, self.registry, self.pool, counts)
         self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
         self._discovery = Discovery(self.config)
         self._tenants = TenantsFile(Path(config.tenants_file)) if config.auth == "api-key" else None
         self._store = make_store(self.config.quota_store, redis_url=self.config.redis_url,
                                  concurrency_retry_s=self.config.retry_after_s,
                                  lease_s=self.config.quota_lease_s, timeout_s=self.config.redis_timeout_s)  # fmt: skip
+        counts = (
+            RedisCounts(self._store.redis) if isinstance(self._store, RedisQuotaStore) else None
+        )
+        self.placement = Placement(self.config, self.registry, self.pool, counts)
         self._health = HealthServicer()
         self._stopped = False
         self.metrics_port: int | None = None

@@ -60,12 +60,11 @@ class LocalCounts:
 
 class RedisCounts:
     """A Redis hash shared by every router; when Redis cannot be reached, this router goes on
-    with its own view (logged at most once a minute)."""
+    with its own view (logged at most once a minute). It borrows the quota store's client:
+    one connection pool per router, closed by its owner."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
-        )
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
         self._local = LocalCounts()
         self._warned_at = 0.0
 
@@ -97,4 +96,4 @@ class RedisCounts:
             log.error(message)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        pass  # the client is the quota store's

@@ -54,9 +54,12 @@ class RedisQuotaStore:
     def __init__(self, url: str, *, concurrency_retry_s: float, lease_s: float, timeout_s: float,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.url = redacted(url)
-        self._redis = aioredis.Redis.from_url(
+        self.redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
         )
+        """The client (and its connection pool), which other router state stored in Redis
+        borrows; closed with this store."""
+        self._redis = self.redis
         self._reserve = self._redis.register_script(_SCRIPTS.joinpath("reserve.lua").read_text())
         self._settle = self._redis.register_script(_SCRIPTS.joinpath("settle.lua").read_text())
         self._retry_s, self._lease_s, self._clock = concurrency_retry_s, lease_s, clock

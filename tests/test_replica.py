@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -301,3 +303,31 @@ async def test_queue_limit_returns_resource_exhausted_with_retry_info(
     )
     assert all(e.retry_after is not None and e.retry_after > 0 for e in errors)
     assert any(isinstance(r, gen.GenerateResponse) for r in results)
+
+
+async def test_the_generation_configs_eos_ids_end_a_completion(
+    start_replica: StartReplica, demo_dir: Path, tmp_path: Path
+) -> None:
+    """Llama 3 ends a chat turn with ``<|eot_id|>``, which is not its tokenizer's eos_token but
+    is in ``generation_config.json``: a completion must stop there, not run to max_tokens."""
+    greedy = reference_greedy(demo_dir, "eos test", 40)
+    eot = greedy[10]
+    stops_at = greedy.index(eot)
+    folder = tmp_path / "with-eot"
+    shutil.copytree(demo_dir, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, eot]}))
+    replica = await start_replica(demo_spec(id="eot", path=str(folder)))
+    channel, client = stub(replica.port)
+    async with channel:
+        chunks = await collect(client.GenerateStream(
+            gen.GenerateRequest(model="eot", prompt="eos test", temperature=0.0, max_tokens=40)
+        ))  # fmt: skip
+    assert [i for c in chunks for i in c.token_ids] == greedy[:stops_at]
+    assert chunks[-1].finish_reason == gen.FINISH_REASON_STOP
+
+    (folder / "generation_config.json").write_text('{"eos_token_id": "<|eot_id|>"}')
+    assert replica.replica is not None
+    await replica.replica.unload(drain_timeout_s=1.0)
+    await replica.replica.load(demo_spec(id="eot", path=str(folder)), wait=True)
+    assert replica.replica.state.value == "failed"
+    assert "eos_token_id must be an id or a list of ids" in replica.replica.error

@@ -73,6 +73,8 @@ class LoadedModel:
             tokenizer = ModelTokenizer(folder, spec.chat_template)
         except FileNotFoundError as e:
             raise FailedPrecondition(str(e), reason="TOKENIZER_MISSING") from e
+        except ValueError as e:  # a config file that is not JSON, or an eos_token_id that is no id
+            raise FailedPrecondition(str(e), reason="MODEL_CONFIG_INVALID") from e
         cfg_len = tokenizer.config.get("model_max_length")
         context = spec.context_length or (
             int(cfg_len)

@@ -42,9 +42,15 @@ class ModelTokenizer:
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._id_to_token = [self._tok.id_to_token(i) or "" for i in range(self.vocab_size)]
+        eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_ids = frozenset(
-            i for t in (self.eos_token,) if t and (i := self._tok.token_to_id(t)) is not None
+            i
+            for i in (eos_id, *config_eos_ids(folder))
+            if i is not None and 0 <= i < self.vocab_size
         )
+        """Ids that end a completion: the tokenizer's ``eos_token`` and the generation config's
+        ``eos_token_id`` (Llama 3 ends a chat turn with ``<|eot_id|>``, which is not its
+        tokenizer's ``eos_token``)."""
         template = chat_template or self.config.get("chat_template") or _DEFAULT_TEMPLATE
         if isinstance(template, list):  # some configs hold named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), "")
@@ -80,6 +86,27 @@ class ModelTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         text: str = self._tok.decode(list(ids), skip_special_tokens=True)
         return text
+
+
+def config_eos_ids(folder: Path) -> tuple[int, ...]:
+    """``eos_token_id`` (one id or a list) of ``generation_config.json``, else of a Hugging Face
+    ``config.json`` (a CTranslate2 ``config.json`` has none); () where neither says."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        value = config.get("eos_token_id") if isinstance(config, dict) else None
+        if value is None:
+            continue
+        ids = [value] if isinstance(value, int) else value
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+        return tuple(ids)
+    return ()
 
 
 class IncrementalDetokenizer:

@@ -218,6 +218,8 @@ def test_router_loads_the_rendered_config(
     )
     assert config.drain_grace_s == r.values["router"]["drainGraceSeconds"]
     assert config.metrics_port == r.values["router"]["metrics"]["port"]
+    tls = r.values["tls"]["router"]["enabled"]
+    assert config.health_port == (r.values["router"]["healthPort"] if tls else None)
     for key, value in r.values["router"]["config"].items():
         assert getattr(config, key) == value, key
     if config.auth == "api-key":
@@ -295,6 +297,8 @@ def test_replica_parses_the_rendered_flags(
     assert config.drain_grace_s == r.values["replica"]["drainGraceSeconds"]
     assert config.metrics_port == r.values["replica"]["metrics"]["port"]
     assert bool(config.tls) == r.values["tls"]["replicas"]["enabled"]
+    # probed there (kubelet gRPC probes cannot speak TLS)
+    assert config.health_port == (r.values["replica"]["healthPort"] if config.tls else None)
     if r.values["tls"]["replicas"]["routerClientSecret"]:
         assert config.tls_client_ca.endswith("/etc/meshllm/tls/server/ca.crt")
 

@@ -22,21 +22,25 @@ def rendered() -> dict[str, Rendered]:
 # --- what the manifests must hold ------------------------------------------------------------
 
 
-def test_probes_use_native_grpc_health_unless_the_server_speaks_tls(
-    rendered: dict[str, Rendered],
-) -> None:
+def test_probes_use_native_grpc_health_on_a_plaintext_port(rendered: dict[str, Rendered]) -> None:
+    """Kubelet gRPC probes cannot speak TLS: a server with TLS on is probed on its health-only
+    plaintext port, which the pod declares; without TLS, on the main port."""
     for r in rendered.values():
-        for workload, port, tls in (
-            (r.router, r.values["router"]["port"], r.values["tls"]["router"]["enabled"]),
-            (r.replicas, r.values["replica"]["port"], r.values["tls"]["replicas"]["enabled"]),
+        for workload, values, tls in (
+            (r.router, r.values["router"], r.values["tls"]["router"]["enabled"]),
+            (r.replicas, r.values["replica"], r.values["tls"]["replicas"]["enabled"]),
         ):
             c = container(workload)
+            port = values["healthPort"] if tls else values["port"]
             for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-                if tls:  # kubelet gRPC probes cannot do TLS
-                    assert c[probe]["tcpSocket"] == {"port": "grpc"}, (r.name, probe)
-                else:
-                    assert c[probe]["grpc"] == {"port": port, "service": ""}, (r.name, probe)
-    assert "grpc" in container(rendered["default"].router)["livenessProbe"]
+                assert c[probe] == c[probe] | {"grpc": {"port": port, "service": ""}}, (
+                    r.name,
+                    probe,
+                )
+            declared = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert declared.get("health") == (port if tls else None), r.name
+    tls = rendered["tls"]
+    assert tls.values["tls"]["router"]["enabled"] and tls.values["tls"]["replicas"]["enabled"]
 
 
 def test_pods_run_locked_down(rendered: dict[str, Rendered]) -> None:

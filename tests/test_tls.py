@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshllm.api.errors import InvalidArgument, Unavailable
 from meshllm.api.v1 import generation_pb2 as gen
@@ -28,6 +30,11 @@ from meshllm.router import cli as router_cli
 from meshllm.router.config import read_config_file
 
 PrivateKey = ec.EllipticCurvePrivateKey
+SERVING, NOT_SERVING = (
+    health_pb2.HealthCheckResponse.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING,
+)
+GENERATION = gen.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 @dataclass(frozen=True)
@@ -332,3 +339,63 @@ def test_replica_cli_tls_flags_reach_the_config(certs: Certs) -> None:
     assert config.tls.mutual
     with pytest.raises(InvalidArgument, match="tls_key: must be set together with tls_cert"):
         replica_cli.config_from_args(replica_cli.parse_args(["--tls-cert", certs.server_cert]))
+
+
+async def health(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=5.0)
+    return int(reply.status)
+
+
+async def test_a_plaintext_health_port_lets_probes_reach_tls_servers(
+    certs: Certs, start_replica: StartReplica, start_router: StartRouter
+) -> None:
+    """Kubelet gRPC probes cannot speak TLS: with ``health_port`` a TLS server also answers
+    grpc.health.v1, and only that, in plaintext, with the same statuses as its main port."""
+    replica = await start_replica(None, health_port=0, **serving(certs, client_ca=certs.ca))
+    assert replica.health_port and replica.replica is not None
+    assert await health(replica.health_port, "") == SERVING  # idle: a worker waiting for a model
+    assert await health(replica.health_port, GENERATION) == NOT_SERVING
+    await replica.replica.load(demo_spec(), wait=True)
+    assert await health(replica.health_port, GENERATION) == SERVING
+    router = await start_router(replica, health_port=0, replica_tls_ca=certs.ca,
+                                replica_tls_cert=certs.client_cert, replica_tls_key=certs.client_key,
+                                **serving(certs))  # fmt: skip
+    assert router.health_port
+    assert await health(router.health_port, GENERATION) == SERVING
+    for port in (replica.health_port, router.health_port):  # health only: no way to the models
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gen_grpc.GenerationStub(channel).ListModels(
+                    gen.ListModelsRequest(), timeout=5.0
+                )
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    # A stopping router tells a watching probe NOT_SERVING before the port closes.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.health_port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        seen = [(await watch.read()).status]
+        await router.stop(grace_s=0.5)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while (reply := await watch.read()) is not grpc.aio.EOF:
+                seen.append(reply.status)
+    assert seen[:2] == [SERVING, NOT_SERVING]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health(router.health_port, "")
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_health_port_flags_reach_the_configs() -> None:
+    router = router_cli.config_from_args(router_cli.parse_args(
+        ["--replica", "10.0.0.5:50061", "--no-auth", "--health-port", "8081"]
+    ))  # fmt: skip
+    assert router.health_port == 8081
+    replica = replica_cli.config_from_args(replica_cli.parse_args(["--health-port", "8082"]))
+    assert replica.health_port == 8082
+    assert router_cli.config_from_args(
+        router_cli.parse_args(["--replica", "10.0.0.5:50061", "--no-auth"])
+    ).health_port is None  # fmt: skip
+    with pytest.raises(InvalidArgument, match="health_port: 70000 is out of range"):
+        ReplicaConfig(health_port=70000).validate()
+    with pytest.raises(InvalidArgument, match="health_port"):
+        RouterConfig(replicas=("10.0.0.5:50061",), auth="none", health_port=-1).validate()

@@ -127,16 +127,20 @@ written as integers (toToml would write 2.0, which the router refuses for an int
 {{- define "meshllm.routerConfigPath" -}}/etc/meshllm/config/router.toml{{- end }}
 {{- define "meshllm.tenantsPath" -}}/etc/meshllm/tenants/tenants.toml{{- end }}
 
-{{/* Probes: native gRPC on the overall health service "" where the server speaks plaintext;
-tcpSocket where it serves TLS (kubelet gRPC probes cannot do TLS). */}}
+{{/* Probes: native gRPC on the overall health service "", on the main port where the server
+speaks plaintext, else on its plaintext health-only port (kubelet gRPC probes cannot do TLS). */}}
 {{- define "meshllm.probeAction" -}}
-{{- if .tls }}
-tcpSocket:
-  port: grpc
-{{- else }}
 grpc:
-  port: {{ .port }}
+  port: {{ if .tls }}{{ .healthPort }}{{ else }}{{ .port }}{{ end }}
   service: ""
+{{- end }}
+
+{{/* The container port of the plaintext health-only server, where TLS is on */}}
+{{- define "meshllm.healthContainerPort" -}}
+{{- if .tls }}
+- name: health
+  containerPort: {{ .healthPort }}
+  protocol: TCP
 {{- end }}
 {{- end }}
 

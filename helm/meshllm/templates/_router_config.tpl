@@ -4,7 +4,7 @@ catalog entry. The router loads it with `meshllm-router --config`; tests/test_he
 rendered file with the router's own loader.
 */}}
 {{- define "meshllm.managedRouterSettings" -}}
-host port dns metrics_port auth tenants_file quota_store redis_url drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
+host port dns metrics_port health_port auth tenants_file quota_store redis_url drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
 {{- end }}
 
 {{- define "meshllm.routerToml" -}}
@@ -32,6 +32,7 @@ metrics_port = {{ int .Values.router.metrics.port }}
 {{- if $tls.router.enabled }}
 tls_cert = "/etc/meshllm/tls/server/tls.crt"
 tls_key = "/etc/meshllm/tls/server/tls.key"
+health_port = {{ int .Values.router.healthPort }}
 {{- if $tls.router.clientCASecret }}
 tls_client_ca = "/etc/meshllm/tls/client-ca/ca.crt"
 {{- end }}

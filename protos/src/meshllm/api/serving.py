@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
@@ -18,6 +18,9 @@ from meshllm.api.errors import Internal, MeshError
 from meshllm.api.logs import setup_logging
 from meshllm.api.tls import ServerTLS
 from meshllm.api.tracing import configure_from_env
+
+if TYPE_CHECKING:
+    from grpc_health.v1._async import HealthServicer
 
 log = logging.getLogger(__name__)
 Req = TypeVar("Req")
@@ -94,6 +97,26 @@ def listen(server: grpc.aio.Server, host: str, port: int, tls: ServerTLS | None 
         return server.add_secure_port(address, tls.server_credentials())
     except RuntimeError as e:
         raise OSError(f"cannot listen on {address}: {e}") from e
+
+
+async def start_health_port(
+    host: str, port: int, health: HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server on ``host:port`` (0: a free port) with only ``grpc.health.v1`` (the
+    process's own servicer, so both ports report the same statuses) and reflection naming only
+    it. Kubelet gRPC probes cannot speak TLS; with TLS on the main port they probe this one. It
+    carries serving status only, no model or request data. (Servers only: the imports are the
+    router's and the replica's dependencies, not this package's.)"""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.aio.server(options=server_options(64 * 1024))
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((name, reflection.SERVICE_NAME), server)
+    bound = listen(server, host, port)
+    await server.start()
+    return server, bound
 
 
 class Server(Protocol):

@@ -103,11 +103,10 @@ class ChannelTLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
-def tls_mode(tls: ServerTLS | None) -> str:
+def tls_mode(tls: ServerTLS | None, health_port: int | None = None) -> str:
     """How a server listens, for its start-up log line."""
-    if tls is None:
-        return "plaintext"
-    return "mutual TLS" if tls.mutual else "TLS"
+    mode = "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS"
+    return mode if health_port is None else f"{mode}; plaintext health on {health_port}"
 
 
 def channel(target: str, tls: ChannelTLS | None, options: ChannelOptions = ()) -> grpc.aio.Channel:

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="for requests without stream_options: longest a chunk may hold tokens (0: one message per token when the reader keeps up)")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics over HTTP on this port (default: off)")  # fmt: skip
+    p.add_argument("--health-port", type=int, default=None,
+                   help="also answer grpc.health.v1 (only) in plaintext on this port, for probes that cannot speak TLS (default: off)")  # fmt: skip
     p.add_argument("--tls-cert", default="", metavar="PEM",
                    help="serve TLS with this certificate (with --tls-key; default: plaintext)")  # fmt: skip
     p.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
@@ -86,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
         host=args.host, port=args.port, device=args.device, replica_id=args.replica_id, model=spec,
         drain_grace_s=args.drain_grace, batch_window_ms=args.batch_window_ms,
         default_coalesce_ms=args.default_coalesce_ms, metrics_port=args.metrics_port,
+        health_port=args.health_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
     ).validate()  # fmt: skip
 

@@ -74,6 +74,9 @@ class ReplicaConfig:
     report_interval_ms: int = 500
     metrics_port: int | None = None
     """HTTP port of the Prometheus ``/metrics`` endpoint (0: a free port; None: off)."""
+    health_port: int | None = None
+    """A plaintext port answering only ``grpc.health.v1`` (0: a free port; None: off), for
+    probes that cannot speak TLS when the main port does (kubelet gRPC probes)."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request accepted; bigger ones get RESOURCE_EXHAUSTED from gRPC itself."""
     max_input_chars: int = 1_000_000
@@ -103,6 +106,8 @@ class ReplicaConfig:
                                   field_violations=[FieldViolation("device", "not cpu or cuda:N")])  # fmt: skip
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port: {self.port} is out of range")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise InvalidArgument(f"health_port: {self.health_port} is out of range")
         if self.drain_grace_s < 0:
             raise InvalidArgument("drain_grace_s: must not be negative")
         if self.model is not None:

@@ -11,7 +11,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from meshllm.api.metrics import serve_metrics
-from meshllm.api.serving import listen, serve_until_signal, server_options
+from meshllm.api.serving import listen, serve_until_signal, server_options, start_health_port
 from meshllm.api.tls import tls_mode
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -49,6 +49,8 @@ class ReplicaServer:
         self._health = HealthServicer()
         self.metrics_port: int | None = None
         self._metrics_http: WSGIServer | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._stopped = False
 
     async def start(self) -> int:
@@ -71,12 +73,16 @@ class ReplicaServer:
         await self._on_state(ReplicaState.EMPTY)
         await server.start()
         self._server, self.replica = server, replica
+        if self.config.health_port is not None:
+            self._health_server, self.health_port = await start_health_port(
+                self.config.host, self.config.health_port, self._health
+            )
         if self.config.metrics_port is not None:
             self._metrics_http, self.metrics_port = serve_metrics(
                 registry, self.config.host, self.config.metrics_port
             )
         log.info("replica %s listening on %s (device %s, %s)", replica.name, self.port,
-                 self.config.device, tls_mode(tls))  # fmt: skip
+                 self.config.device, tls_mode(tls, self.health_port))  # fmt: skip
         if self.config.model is not None:
             await replica.load(self.config.model, wait=False)
         return self.port
@@ -97,6 +103,8 @@ class ReplicaServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
         if self.replica is not None:
             await self.replica.close()
         if self._metrics_http is not None:

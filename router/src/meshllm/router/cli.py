@@ -30,9 +30,10 @@ _OVERRIDES = {
     "tenants_file": "tenants_file", "quota_store": "quota_store", "redis_url": "redis_url",
     "redis_unavailable": "redis_unavailable",
 }  # fmt: skip
-_OVERRIDES |= {  # TLS (docs/tls.md): flag dest and field have the same name
+_OVERRIDES |= {  # TLS (docs/tls.md) and its probe port: flag dest and field have the same name
     name: name for name in ("tls_cert", "tls_key", "tls_client_ca", "replica_tls_ca",
-                            "replica_tls_cert", "replica_tls_key", "replica_tls_server_name")
+                            "replica_tls_cert", "replica_tls_key", "replica_tls_server_name",
+                            "health_port")
 }  # fmt: skip
 
 
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="serve Prometheus /metrics on this HTTP port (default: off)",
     )
+    p.add_argument("--health-port", type=int, help="also answer grpc.health.v1 (only) in "
+                   "plaintext on this port, for probes that cannot speak TLS (default: off)")  # fmt: skip
     p.add_argument("--tenants-file", help="TOML file of tenants, key hashes and quotas")
     p.add_argument("--no-auth", action="store_true",
                    help="no API keys: every caller is an admin (local development only)")  # fmt: skip

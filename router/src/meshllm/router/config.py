@@ -55,6 +55,9 @@ class RouterConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     metrics_port: int | None = None
     """HTTP port of the Prometheus ``/metrics`` endpoint (0: a free port; None: off)."""
+    health_port: int | None = None
+    """A plaintext port answering only ``grpc.health.v1`` (0: a free port; None: off), for
+    probes that cannot speak TLS when the main port does (kubelet gRPC probes)."""
     auth: str = "api-key"
     """``api-key``: every call needs a key listed in ``tenants_file``. ``none``: no
     authentication, every caller is the admin tenant ``anonymous`` (local development only)."""
@@ -139,6 +142,8 @@ class RouterConfig:
         bad: list[FieldViolation] = []
         if not 0 <= self.port <= 65535:
             bad.append(FieldViolation("port", f"{self.port} is out of range"))
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            bad.append(FieldViolation("health_port", f"{self.health_port} is out of range"))
         if self.policy not in POLICIES:
             bad.append(
                 FieldViolation("policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")

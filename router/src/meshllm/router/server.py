@@ -14,7 +14,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from meshllm.api.metrics import serve_metrics
-from meshllm.api.serving import listen, serve_until_signal, server_options
+from meshllm.api.serving import listen, serve_until_signal, server_options, start_health_port
 from meshllm.api.tls import tls_mode
 from meshllm.api.v1 import admin_pb2, generation_pb2
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
@@ -72,6 +72,8 @@ class RouterServer:
         self._stopped = False
         self.metrics_port: int | None = None
         self._metrics_http: WSGIServer | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
@@ -105,12 +107,16 @@ class RouterServer:
             self._refresher = asyncio.create_task(self._refresh(), name="refresh")
         await server.start()
         self._server = server
+        if self.config.health_port is not None:
+            self._health_server, self.health_port = await start_health_port(
+                self.config.host, self.config.health_port, self._health
+            )
         if self.config.metrics_port is not None:
             self._metrics_http, self.metrics_port = serve_metrics(
                 prometheus, self.config.host, self.config.metrics_port
             )
         log.info("router listening on %s (%s, %d replica addresses, %s; to replicas: %s)",
-                 self.port, self.config.policy, len(self.pool.links), tls_mode(tls),
+                 self.port, self.config.policy, len(self.pool.links), tls_mode(tls, self.health_port),
                  "TLS" if self.config.replica_tls else "plaintext")  # fmt: skip
         self._log_access()
         return self.port
@@ -147,6 +153,8 @@ class RouterServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace=grace)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=None)
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -98,6 +98,8 @@ class Options:
     device: str
     compute_type: str
     cache_tokens: int
+    replica_args: tuple[str, ...] = ()
+    """Extra ``meshllm-replica`` flags for the gRPC half, e.g. ``--inter-threads 1``."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -114,6 +116,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                    help="CTranslate2 compute type (default: the model's on cpu, float16 on cuda)")  # fmt: skip
     p.add_argument("--cache-tokens", type=int, default=65536,
                    help="exllamav3: KV cache size in tokens, raw and replica alike (65536)")  # fmt: skip
+    p.add_argument("--replica-arg", action="append", default=[], metavar="FLAG",
+                   help="extra meshllm-replica flag for the gRPC half, repeatable "
+                   "(e.g. --replica-arg=--inter-threads --replica-arg=1)")  # fmt: skip
     a = p.parse_args(argv)
     if a.engine == "exllamav3" and not a.device.startswith("cuda"):
         p.error("--engine exllamav3 needs --device cuda:N")
@@ -130,7 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         max_tokens=int(pick(a.max_tokens, 128, 64)), duration_s=pick(a.duration, 10.0, 2.0),
         warmup_s=pick(a.warmup, 2.0, 0.5), raw_seconds=pick(a.raw_seconds, 2.0, 0.3),
         out=a.out, quick=a.quick, engine=a.engine, device=a.device, compute_type=compute_type,
-        cache_tokens=a.cache_tokens,
+        cache_tokens=a.cache_tokens, replica_args=tuple(a.replica_arg),
     )  # fmt: skip
 
 
@@ -211,7 +216,7 @@ def model_label(opts: Options) -> str:
 def engine_args(opts: Options, model_dir: Path) -> list[str]:
     """The replica's flags for this run (none extra for the CPU default)."""
     if (opts.engine, opts.device) == ("ctranslate2", "cpu"):
-        return []
+        return list(opts.replica_args)
     args = ["--engine", opts.engine, "--device", opts.device, "--model-id", MODEL_ID]
     if opts.compute_type:
         args += ["--compute-type", opts.compute_type]
@@ -222,7 +227,7 @@ def engine_args(opts: Options, model_dir: Path) -> list[str]:
             "--max-batch-size",
             str(max(LEVELS)),
         ]
-    return args
+    return args + list(opts.replica_args)
 
 
 async def measure_grpc(texts: Sequence[str], opts: Options, model_dir: Path) -> list[GrpcLevel]:
@@ -330,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"gRPC replica ({opts.duration_s:g} s per level after {opts.warmup_s:g} s warm-up) ...")
     levels = asyncio.run(measure_grpc(texts, opts, model_dir))
     raw = best_raw(cells)
-    replica_raw = best_raw([c for c in cells if c.config == "replica"])
+    # exllamav3 has one layout of its own: its best is the replica's
+    replica_raw = best_raw([c for c in cells if c.config == "replica"]) or raw
     ratios = comparison(raw, replica_raw, levels)
     met = targets(ratios, levels)
     print_raw(cells, opts, model_label(opts))

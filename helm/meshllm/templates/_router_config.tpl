@@ -4,7 +4,7 @@ catalog entry. The router loads it with `meshllm-router --config`; tests/test_he
 rendered file with the router's own loader.
 */}}
 {{- define "meshllm.managedRouterSettings" -}}
-host port dns metrics_port auth tenants_file quota_store redis_url drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
+host port dns metrics_port auth tenants_file quota_store redis_url redis_url_file drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
 {{- end }}
 
 {{- define "meshllm.routerToml" -}}

@@ -26,6 +26,9 @@ auth = {{ toJson .Values.auth.mode }}
 tenants_file = {{ include "meshllm.tenantsPath" . | toJson }}
 {{- end }}
 quota_store = {{ include "meshllm.quotaStore" . | toJson }}
+{{- if eq (include "meshllm.quotaStore" .) "redis" }}
+redis_url_file = "/etc/meshllm/redis/url"
+{{- end }}
 {{- if .Values.router.metrics.enabled }}
 metrics_port = {{ int .Values.router.metrics.port }}
 {{- end }}

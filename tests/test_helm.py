@@ -8,7 +8,6 @@ refused with a message naming the fix. What the manifests hold: test_helm_manife
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -177,7 +176,8 @@ def test_checkov_finds_nothing_in_the_chart_or_the_images(checkov: list[Any]) ->
     passed = {c["check_id"] for c in _checks(checkov, "passed_checks")}
     # what the chart is built to satisfy, checked and passed (not silently not run)
     assert {"CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_23", "CKV_K8S_28",
-            "CKV_K8S_31", "CKV_K8S_37", "CKV_K8S_38", "CKV_K8S_40", "CKV2_K8S_6"} <= passed  # fmt: skip
+            "CKV_K8S_31", "CKV_K8S_35", "CKV_K8S_37", "CKV_K8S_38", "CKV_K8S_40",
+            "CKV2_K8S_6"} <= passed  # fmt: skip
 
 
 def test_checkov_fails_a_render_without_security_contexts(checkov: list[Any]) -> None:
@@ -195,7 +195,7 @@ def test_every_checkov_skip_has_a_reason_that_the_docs_explain(checkov: list[Any
         assert len(reason) > 30 and reason != "No comment provided", check["check_id"]
         assert check["check_id"] in docs, f"{check['check_id']} skipped but not in docs"
     assert {c["check_id"] for c in skipped} == {
-        "CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_35", "CKV_DOCKER_2", "CKV_DOCKER_7"
+        "CKV_K8S_43", "CKV_K8S_15", "CKV_DOCKER_2", "CKV_DOCKER_7"
     }  # fmt: skip
 
 
@@ -204,13 +204,16 @@ def test_every_checkov_skip_has_a_reason_that_the_docs_explain(checkov: list[Any
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
 def test_router_loads_the_rendered_config(
-    rendered: dict[str, Rendered], in_pod: InPod, name: str
+    rendered: dict[str, Rendered],
+    user_secrets: dict[str, dict[str, str]],
+    in_pod: InPod,
+    name: str,
 ) -> None:
     r = rendered[name]
     args = router_cli.parse_args(in_pod(r, r.router))
     assert str(args.config).endswith("/etc/meshllm/config/router.toml")
-    config = router_cli.config_from_args(args)  # validates, reads the PEM files
-    assert config == RouterConfig(**read_config_file(args.config) | _env_settings()).validate()
+    config = router_cli.config_from_args(args)  # validates, reads the PEM and Redis URL files
+    assert config == RouterConfig(**read_config_file(args.config)).validate()
     assert config.port == r.values["router"]["port"]
     assert (
         config.dns
@@ -222,6 +225,9 @@ def test_router_loads_the_rendered_config(
     assert config.health_port == (r.values["router"]["healthPort"] if tls else None)
     for key, value in r.values["router"]["config"].items():
         assert getattr(config, key) == value, key
+    # the Redis URL comes from the mounted Secret file, and only there
+    assert config.redis_url == ""
+    assert config.redis_address() == _redis_url(r, user_secrets)
     if config.auth == "api-key":
         assert Path(config.tenants_file).is_file()
         load_tenants(Path(config.tenants_file))  # parses: hashes only, known fields
@@ -233,9 +239,12 @@ def test_router_loads_the_rendered_config(
     ]
 
 
-def _env_settings() -> dict[str, Any]:
-    url = os.environ.get("MESHLLM_REDIS_URL")
-    return {"redis_url": url} if url else {}
+def _redis_url(r: Rendered, users: dict[str, dict[str, str]]) -> str:
+    """The URL the value set's Redis Secret holds ("" without Redis)."""
+    redis = r.values["redis"]
+    if redis["existingSecret"]:
+        return users[redis["existingSecret"]][redis["existingSecretKey"]]
+    return (r.secret_data("meshllm-redis") or {}).get("redis-url", "")
 
 
 def test_router_config_keeps_strings_intact_through_toml(rendered: dict[str, Rendered]) -> None:
@@ -256,6 +265,8 @@ def test_router_config_shows_each_value_set(rendered: dict[str, Rendered]) -> No
     assert not any(k.startswith(("tls_", "replica_tls_")) for k in defaults)
     redis = tomllib.loads(rendered["redis"].router_toml)["router"]
     assert redis["quota_store"] == "redis" and "redis_url" not in redis  # the URL stays out
+    assert redis["redis_url_file"] == "/etc/meshllm/redis/url"  # a Secret mounted there
+    assert "redis_url_file" not in defaults
     tls = tomllib.loads(rendered["tls"].router_toml)["router"]
     assert tls["tls_cert"] == "/etc/meshllm/tls/server/tls.crt"
     assert tls["tls_client_ca"] == "/etc/meshllm/tls/client-ca/ca.crt"
@@ -329,6 +340,7 @@ def test_render_refuses(values: dict[str, Any], message: str) -> None:
     [
         {"auth": {"tenants": [{"name": "t", "keys": ["mk-a-clear-text-key"]}]}},
         {"router": {"config": {"tls_cert": "/x"}}},  # set by the chart from tls.*
+        {"router": {"config": {"redis_url_file": "/x"}}},  # set by the chart from redis.*
         {"router": {"config": {"polcy": "round-robin"}}},
         {"catalog": [{"id": "m", "path": "p", "engine": "vllm"}]},
         {"quota": {"store": "sqlite"}},

@@ -132,14 +132,25 @@ def test_replicas_accept_traffic_only_from_router_pods(rendered: dict[str, Rende
     assert len(rendered["redis"].one("NetworkPolicy", "meshllm-replica")["spec"]["ingress"]) == 2
 
 
-def test_redis_url_reaches_routers_from_a_secret_only(rendered: dict[str, Rendered]) -> None:
-    for name, secret in (("redis", "meshllm-redis"), ("tls", "meshllm-redis")):
+def test_redis_url_reaches_routers_from_a_secret_file_only(rendered: dict[str, Rendered]) -> None:
+    for name, key in (("redis", "redis-url"), ("tls", "url")):
         r = rendered[name]
-        env = {e["name"]: e for e in container(r.router)["env"]}
-        ref = env["MESHLLM_REDIS_URL"]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret
-        assert "redis://" not in r.router_toml
-    assert "env" not in container(rendered["default"].router)
+        router = container(r.router)
+        assert "env" not in router  # no variable carries it (checkov CKV_K8S_35)
+        mounts = {m["name"]: m for m in router["volumeMounts"]}
+        assert mounts["redis-url"] == {
+            "name": "redis-url", "mountPath": "/etc/meshllm/redis", "readOnly": True
+        }  # fmt: skip
+        volumes = {v["name"]: v for v in r.router["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["redis-url"]["secret"] == {  # only the URL, not the password or redis.conf
+            "secretName": "meshllm-redis", "defaultMode": 0o440,
+            "items": [{"key": key, "path": "url"}],
+        }  # fmt: skip
+        assert "redis://" not in r.router_toml  # the ConfigMap carries only the path
+        assert 'redis_url_file = "/etc/meshllm/redis/url"' in r.router_toml
+    default = container(rendered["default"].router)
+    assert "env" not in default
+    assert "redis-url" not in {m["name"] for m in default["volumeMounts"]}
     bundled = rendered["redis"]
     url = bundled.secret_data("meshllm-redis")
     assert url is not None

@@ -352,7 +352,7 @@ def test_new_key_prints_the_key_once_to_stderr_and_only_its_hash_to_stdout(
         ({"auth": "none", "tenants_file": "t.toml"}, "tenants_file"),
         ({"auth": "password"}, "auth"),
         ({"auth": "none", "quota_store": "etcd"}, "quota_store"),
-        ({"auth": "none", "quota_store": "redis"}, "redis_url"),
+        ({"auth": "none", "quota_store": "redis"}, "redis_url"),  # or redis_url_file
         ({"auth": "none", "redis_unavailable": "maybe"}, "redis_unavailable"),
     ],
 )
@@ -371,3 +371,67 @@ def test_the_redis_url_can_come_from_the_environment(monkeypatch: pytest.MonkeyP
         "redis",
         "redis://:pw@redis:6379/0",
     )
+
+
+URL = "redis://:hunter2@redis:6379/0"
+
+
+def test_the_redis_url_can_come_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MESHLLM_REDIS_URL", raising=False)
+    path = tmp_path / "url"
+    path.write_text(f"  {URL}\n")  # as `kubectl create secret --from-file` may leave it
+    args = parse_args(["--replica", "a:1", "--no-auth", "--quota-store", "redis",
+                       "--redis-url-file", str(path)])  # fmt: skip
+    config = config_from_args(args)
+    assert (config.redis_url_file, config.redis_url) == (str(path), "")
+    path.write_text("redis://changed:6379/0")
+    assert config.redis_address() == URL  # read once, whitespace stripped
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_redis_url_and_redis_url_file_are_exclusive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_env: bool
+) -> None:
+    (tmp_path / "url").write_text(URL)
+    flags = ["--replica", "a:1", "--no-auth", "--redis-url-file", str(tmp_path / "url")]
+    if from_env:
+        monkeypatch.setenv("MESHLLM_REDIS_URL", URL)
+    else:
+        monkeypatch.delenv("MESHLLM_REDIS_URL", raising=False)
+        flags += ["--redis-url", URL]
+    with pytest.raises(InvalidArgument) as info:
+        config_from_args(parse_args(flags))
+    (violation,) = info.value.field_violations
+    assert violation.field == "redis_url_file" and "set one" in violation.description
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "No such file"),
+        ("dir", "Is a directory"),
+        ("", "is empty"),
+        (" \n\t\n", "is empty"),
+        (f"{URL}\xff".encode("latin-1"), "is not UTF-8 text"),
+    ],
+)
+def test_a_bad_redis_url_file_is_named_but_never_shown(
+    tmp_path: Path, content: str | bytes | None, problem: str
+) -> None:
+    path = tmp_path / "url"
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    config = RouterConfig(replicas=("a:1",), auth="none", quota_store="redis",
+                          redis_url_file=str(path))  # fmt: skip
+    with pytest.raises(InvalidArgument) as info:
+        config.validate()
+    (violation,) = info.value.field_violations
+    assert violation.field == "redis_url_file"
+    assert str(path) in violation.description and problem in violation.description
+    assert "hunter2" not in str(info.value) and "hunter2" not in violation.description

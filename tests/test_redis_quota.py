@@ -95,16 +95,22 @@ async def test_a_dead_routers_concurrency_slots_expire_with_their_lease(
     await store.close()
 
 
+@pytest.mark.parametrize("url_from", ["redis_url", "redis_url_file"])
 async def test_two_routers_sharing_redis_admit_exactly_the_global_limit(
     start_replica: StartReplica,
     start_router: StartRouter,
     tmp_path: Path,
     redis_server: RedisServer,
+    url_from: str,
 ) -> None:
     n = 6
     replica = await start_replica(demo_spec())
+    url = redis_server.url
+    if url_from == "redis_url_file":  # as the Helm chart mounts it from a Secret
+        (tmp_path / "redis-url").write_text(url + "\n")
+        url = str(tmp_path / "redis-url")
     shared = {"auth": "api-key", "tenants_file": tenants_file(tmp_path, requests_per_minute=n),
-              "quota_store": "redis", "redis_url": redis_server.url}  # fmt: skip
+              "quota_store": "redis", url_from: url}  # fmt: skip
     a, b = await start_router(replica, **shared), await start_router(replica, **shared)
     results = await asyncio.gather(
         *(generate(router) for _ in range(3 * n // 2) for router in (a, b))

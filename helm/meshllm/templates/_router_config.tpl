@@ -4,7 +4,7 @@ catalog entry. The router loads it with `meshllm-router --config`; tests/test_he
 rendered file with the router's own loader.
 */}}
 {{- define "meshllm.managedRouterSettings" -}}
-host port dns metrics_port health_port auth tenants_file quota_store redis_url drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
+host port dns metrics_port health_port auth tenants_file quota_store redis_url redis_url_file drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
 {{- end }}
 
 {{- define "meshllm.routerToml" -}}
@@ -26,6 +26,9 @@ auth = {{ toJson .Values.auth.mode }}
 tenants_file = {{ include "meshllm.tenantsPath" . | toJson }}
 {{- end }}
 quota_store = {{ include "meshllm.quotaStore" . | toJson }}
+{{- if eq (include "meshllm.quotaStore" .) "redis" }}
+redis_url_file = "/etc/meshllm/redis/url"
+{{- end }}
 {{- if .Values.router.metrics.enabled }}
 metrics_port = {{ int .Values.router.metrics.port }}
 {{- end }}

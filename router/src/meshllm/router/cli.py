@@ -28,7 +28,7 @@ _OVERRIDES = {
     "max_attempts": "max_attempts", "report_interval_ms": "report_interval_ms",
     "stale_after": "stale_after_s", "drain_grace": "drain_grace_s", "metrics_port": "metrics_port",
     "tenants_file": "tenants_file", "quota_store": "quota_store", "redis_url": "redis_url",
-    "redis_unavailable": "redis_unavailable",
+    "redis_url_file": "redis_url_file", "redis_unavailable": "redis_unavailable",
 }  # fmt: skip
 _OVERRIDES |= {  # TLS (docs/tls.md) and its probe port: flag dest and field have the same name
     name: name for name in ("tls_cert", "tls_key", "tls_client_ca", "replica_tls_ca",
@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--redis-url", help="redis://host:port/db for --quota-store redis "
                    "(or MESHLLM_REDIS_URL, to keep a password out of the command line)")  # fmt: skip
+    p.add_argument("--redis-url-file", metavar="PATH",
+                   help="a file holding the Redis URL, e.g. a mounted Secret (instead of --redis-url)")  # fmt: skip
     p.add_argument("--redis-unavailable", choices=STORE_FAILURE_POLICIES,
                    help="when Redis is unreachable: deny requests (default) or allow them unmetered")  # fmt: skip
     _add_tls_flags(p)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from meshllm.api.errors import FieldViolation, InvalidArgument, invalid_fields
+from meshllm.api.errors import FieldViolation, InvalidArgument, invalid_argument, invalid_fields
 from meshllm.api.tls import ChannelTLS, ServerTLS
 from meshllm.router.placement.catalog import CatalogModel, catalog_violations, parse_catalog
 from meshllm.router.quota.store import STORES
@@ -68,7 +68,11 @@ class RouterConfig:
     """``memory`` (one router) or ``redis`` (several routers enforce one global limit)."""
     redis_url: str = ""
     """``redis://[:password@]host:port/db`` for the redis store; MESHLLM_REDIS_URL overrides it,
-    which keeps a password out of files."""
+    which keeps a password out of the config file."""
+    redis_url_file: str = ""
+    """A file holding the Redis URL instead (e.g. a mounted Kubernetes Secret), read once at
+    start, surrounding whitespace stripped. Set this or ``redis_url`` (MESHLLM_REDIS_URL sets
+    ``redis_url``, so it cannot go with this either)."""
     redis_unavailable: str = "deny"
     """When Redis cannot be reached: ``deny`` refuses requests (UNAVAILABLE,
     QUOTA_STORE_UNAVAILABLE), ``allow`` admits them unmetered. Both log at ERROR and count
@@ -129,6 +133,28 @@ class RouterConfig:
                           key=self.replica_tls_key, server_name=self.replica_tls_server_name,
                           prefix="replica_tls_")  # fmt: skip
 
+    @functools.cached_property
+    def _redis_url_from_file(self) -> str:
+        """``redis_url_file``'s content, stripped (read once per config). Errors name the file,
+        never what it holds: a password."""
+        path = self.redis_url_file
+        try:
+            url = Path(path).read_bytes().decode().strip()
+        except OSError as e:
+            raise invalid_argument(
+                "redis_url_file", f"cannot read {path}: {e.strerror or e}"
+            ) from e
+        except UnicodeDecodeError:
+            raise invalid_argument("redis_url_file", f"{path} is not UTF-8 text") from None
+        if not url:
+            raise invalid_argument("redis_url_file", f"{path} is empty")
+        return url
+
+    def redis_address(self) -> str:
+        """The Redis URL of the redis store: ``redis_url_file``'s content when that is set, else
+        ``redis_url`` (validate() refuses both)."""
+        return self._redis_url_from_file if self.redis_url_file else self.redis_url
+
     def _tls_violations(self) -> list[FieldViolation]:
         bad: list[FieldViolation] = []
         for settings in ("server_tls", "replica_tls"):
@@ -186,8 +212,10 @@ class RouterConfig:
                     "quota_store", f"{self.quota_store!r} is not one of {', '.join(STORES)}"
                 )
             )
-        elif self.quota_store == "redis" and not self.redis_url:
-            bad.append(FieldViolation("redis_url", "is required with quota_store = 'redis'"))
+        elif self.quota_store == "redis" and not (self.redis_url or self.redis_url_file):
+            bad.append(FieldViolation("redis_url", "or redis_url_file is required with "
+                                      "quota_store = 'redis'"))  # fmt: skip
+        bad += self._redis_url_file_problems()
         if self.redis_unavailable not in STORE_FAILURE_POLICIES:
             bad.append(
                 FieldViolation(
@@ -198,6 +226,16 @@ class RouterConfig:
             if getattr(self, name) <= 0:
                 bad.append(FieldViolation(name, "must be positive"))
         return bad
+
+    def _redis_url_file_problems(self) -> list[FieldViolation]:
+        if self.redis_url_file and self.redis_url:
+            return [FieldViolation("redis_url_file", "is set together with redis_url (or "
+                                   "MESHLLM_REDIS_URL): set one")]  # fmt: skip
+        try:
+            self.redis_address()  # reads redis_url_file when it is set
+        except InvalidArgument as e:
+            return list(e.field_violations)
+        return []
 
     @property
     def has_replica_source(self) -> bool:
@@ -246,7 +284,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def from_environment(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings the environment overrides (the one place the router reads MESHLLM_ variables)."""
+    """Settings the environment overrides (the one place the router reads MESHLLM_ variables):
+    MESHLLM_REDIS_URL sets ``redis_url`` (with ``redis_url_file`` also set, validate() asks to
+    set one)."""
     if url := os.environ.get(REDIS_URL_ENV):
         settings = {**settings, "redis_url": url}
     return settings

@@ -61,7 +61,7 @@ class RouterServer:
         self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
         self._discovery = Discovery(self.config)
         self._tenants = TenantsFile(Path(config.tenants_file)) if config.auth == "api-key" else None
-        self._store = make_store(self.config.quota_store, redis_url=self.config.redis_url,
+        self._store = make_store(self.config.quota_store, redis_url=self.config.redis_address(),
                                  concurrency_retry_s=self.config.retry_after_s,
                                  lease_s=self.config.quota_lease_s, timeout_s=self.config.redis_timeout_s)  # fmt: skip
         counts = (

@@ -59,9 +59,8 @@ class RedisQuotaStore:
         )
         """The client (and its connection pool), which other router state stored in Redis
         borrows; closed with this store."""
-        self._redis = self.redis
-        self._reserve = self._redis.register_script(_SCRIPTS.joinpath("reserve.lua").read_text())
-        self._settle = self._redis.register_script(_SCRIPTS.joinpath("settle.lua").read_text())
+        self._reserve = self.redis.register_script(_SCRIPTS.joinpath("reserve.lua").read_text())
+        self._settle = self.redis.register_script(_SCRIPTS.joinpath("settle.lua").read_text())
         self._retry_s, self._lease_s, self._clock = concurrency_retry_s, lease_s, clock
 
     @staticmethod
@@ -103,7 +102,7 @@ class RedisQuotaStore:
         rpm, tpm, leases, day_key = self._keys(tenant, ledger.day_of(now))
 
         async def read() -> list[Any]:
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hmget(rpm, ["level", "updated"])
                 pipe.hmget(tpm, ["level", "updated"])
                 pipe.zcount(leases, f"({now}", "+inf")
@@ -118,12 +117,12 @@ class RedisQuotaStore:
 
     async def ping(self) -> None:
         async def ping() -> None:
-            await cast(Awaitable[bool], self._redis.ping())  # typed sync-or-async in redis-py
+            await cast(Awaitable[bool], self.redis.ping())  # typed sync-or-async in redis-py
 
         await self._call(ping)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self.redis.aclose()
 
 
 def _bucket(fields: list[bytes | None]) -> ledger.Bucket | None:

@@ -12,7 +12,7 @@ TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
 # redis-server (Debian's package) runs the shared-quota tests; installing it needs root
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
-PYPROJECTS := pyproject.toml protos/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
+PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
 .PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
 
@@ -22,7 +22,7 @@ $(STAMP): $(PYPROJECTS) Makefile
 	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
-	$(PY) -m pip install --quiet -e ./protos -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
+	$(PY) -m pip install --quiet -e ./protos -e ./server -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
 	touch $(STAMP)
 
 $(TOOLS_STAMP): pyproject.toml Makefile

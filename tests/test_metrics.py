@@ -13,9 +13,9 @@ import pytest
 from conftest import StartReplica, StartRouter, collect, demo_spec, stub
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshllm.api.logs import JsonFormatter
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.replica.server import ReplicaServer
+from meshllm.server.logs import JsonFormatter
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

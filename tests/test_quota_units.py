@@ -13,7 +13,6 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from meshllm.api.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
-from meshllm.api.metrics import RequestRecord
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission, QuotaMetrics, prompt_tokens_estimate
 from meshllm.router.auth import Authenticator, TenantsFile
@@ -22,6 +21,7 @@ from meshllm.router.config import RouterConfig
 from meshllm.router.quota import Demand, QuotaExceeded, TenantLimits
 from meshllm.router.quota.memory import MemoryQuotaStore
 from meshllm.router.tenants import ANONYMOUS, Role, Tenant, hash_key, load_tenants
+from meshllm.server.metrics import RequestRecord
 
 DAY = 86_400.0
 

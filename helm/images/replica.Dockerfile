@@ -19,10 +19,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/meshllm
 COPY protos/ /src/protos/
+COPY server/ /src/server/
 COPY replica/ /src/replica/
 RUN extras="ctranslate2,tracing"; \
     if [ "$EXLLAMAV3" = "1" ]; then extras="$extras,exllamav3"; fi; \
-    /opt/meshllm/bin/pip install /src/protos "/src/replica[$extras]" \
+    /opt/meshllm/bin/pip install /src/protos /src/server "/src/replica[$extras]" \
     && rm -rf /src
 # checkov:skip=CKV_DOCKER_2: Kubernetes probes the replica over native gRPC health (grpc.health.v1); a Docker HEALTHCHECK would need a second client in the image and is ignored by the kubelet
 RUN groupadd --gid 10001 meshllm && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp meshllm

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from meshllm.api.logs import FORMATS
-from meshllm.api.serving import run_command
 from meshllm.replica.config import ModelSpec, ReplicaConfig
 from meshllm.replica.engines import engine_names
 from meshllm.replica.server import serve
+from meshllm.server.logs import FORMATS
+from meshllm.server.serving import run_command
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -8,11 +8,11 @@ from typing import Any
 
 import grpc
 
-from meshllm.api.serving import streaming, unary
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.replica import convert
 from meshllm.replica.host import Replica
+from meshllm.server.serving import streaming, unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

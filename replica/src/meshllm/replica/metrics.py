@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from meshllm.api.metrics import RequestMetrics, on_loop
 from meshllm.replica.host import Replica, ReplicaState
+from meshllm.server.metrics import RequestMetrics, on_loop
 
 
 class LoadCollector(Collector):

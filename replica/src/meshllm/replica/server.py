@@ -10,8 +10,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from meshllm.api.metrics import serve_metrics
-from meshllm.api.serving import listen, serve_until_signal, server_options, start_health_port
 from meshllm.api.tls import tls_mode
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -21,6 +19,8 @@ from meshllm.replica.control import ReplicaControlService
 from meshllm.replica.host import Replica, ReplicaState
 from meshllm.replica.metrics import replica_metrics
 from meshllm.replica.service import GenerationService
+from meshllm.server.metrics import serve_metrics
+from meshllm.server.serving import listen, serve_until_signal, server_options, start_health_port
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from meshllm.api.metrics import RequestMetrics, RequestRecord
-from meshllm.api.serving import streaming, unary
 from meshllm.api.tracing import child_of, end_with_error, extract, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica import convert
 from meshllm.replica.host import Replica
 from meshllm.replica.types import Timing, Usage
+from meshllm.server.metrics import RequestMetrics, RequestRecord
+from meshllm.server.serving import streaming, unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

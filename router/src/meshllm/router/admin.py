@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 
 from meshllm.api.errors import NotFound, invalid_argument
-from meshllm.api.serving import unary
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
@@ -19,6 +18,7 @@ from meshllm.router.admission import Admission
 from meshllm.router.auth import Authenticator
 from meshllm.router.convert import overrides_from_pb, placement_to_pb, usage_to_pb
 from meshllm.router.placement.control import Placement
+from meshllm.server.serving import unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -20,7 +20,6 @@ from meshllm.api.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from meshllm.api.metrics import RequestRecord
 from meshllm.api.tracing import child_of, ending, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.quota import (
@@ -31,6 +30,7 @@ from meshllm.router.quota import (
     Reservation,
 )
 from meshllm.router.tenants import Tenant
+from meshllm.server.metrics import RequestRecord
 
 log = logging.getLogger(__name__)
 Headers = tuple[tuple[str, str], ...]

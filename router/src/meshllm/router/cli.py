@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from meshllm.api.errors import InvalidArgument
-from meshllm.api.logs import FORMATS
-from meshllm.api.serving import run_command
 from meshllm.router.config import (
     POLICIES,
     STORE_FAILURE_POLICIES,
@@ -20,6 +18,8 @@ from meshllm.router.config import (
 from meshllm.router.quota import STORES
 from meshllm.router.server import serve
 from meshllm.router.tenants import hash_key, new_key
+from meshllm.server.logs import FORMATS
+from meshllm.server.serving import run_command
 
 # flag dest -> RouterConfig field, for flags that override the config file when given
 _OVERRIDES = {

@@ -27,7 +27,6 @@ from meshllm.api.errors import (
     from_rpc_error,
     invalid_argument,
 )
-from meshllm.api.metrics import RequestRecord
 from meshllm.api.tracing import child_of, end_with_error, ending, extract, inject, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission, Headers
@@ -39,6 +38,7 @@ from meshllm.router.placement import plan
 from meshllm.router.pool import ReplicaLink, ReplicaPool
 from meshllm.router.registry import Registry, Replica, ReplicaState, ServedModel
 from meshllm.router.tenants import Tenant
+from meshllm.server.metrics import RequestRecord
 
 log = logging.getLogger(__name__)
 

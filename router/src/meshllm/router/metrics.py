@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from meshllm.api.metrics import RequestMetrics, on_loop
 from meshllm.router.balancer import load
 from meshllm.router.registry import Registry
+from meshllm.server.metrics import RequestMetrics, on_loop
 
 
 class ReplicaLoadCollector(Collector):

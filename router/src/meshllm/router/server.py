@@ -13,8 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from meshllm.api.metrics import serve_metrics
-from meshllm.api.serving import listen, serve_until_signal, server_options, start_health_port
 from meshllm.api.tls import tls_mode
 from meshllm.api.v1 import admin_pb2, generation_pb2
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
@@ -34,6 +32,8 @@ from meshllm.router.quota import make_store
 from meshllm.router.quota.redis_store import RedisQuotaStore
 from meshllm.router.registry import Registry
 from meshllm.router.service import RouterGenerationService
+from meshllm.server.metrics import serve_metrics
+from meshllm.server.serving import listen, serve_until_signal, server_options, start_health_port
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 
-from meshllm.api.serving import streaming, unary
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.router.admission import Headers
@@ -16,6 +15,7 @@ from meshllm.router.auth import Authenticator
 from meshllm.router.convert import model_info_to_pb
 from meshllm.router.forward import Call, Forwarder
 from meshllm.router.registry import Registry
+from meshllm.server.serving import streaming, unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from meshllm.api.errors import status_name
-from meshllm.api.logs import log_request
+from meshllm.server.logs import log_request
 
 T = TypeVar("T")
 

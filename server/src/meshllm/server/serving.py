@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import grpc
 
 from meshllm.api.errors import Internal, MeshError
-from meshllm.api.logs import setup_logging
 from meshllm.api.tls import ServerTLS
-from meshllm.api.tracing import configure_from_env
+from meshllm.server.logs import setup_logging
+from meshllm.server.tracing import configure_from_env
 
 if TYPE_CHECKING:
     from grpc_health.v1._async import HealthServicer

@@ -1,0 +1,262 @@
+"""Wire <-> domain for the shared vocabulary (``meshllm.api.types``, ``meshllm.api.spec``).
+
+Every component converts through these functions; none keeps a table of its own.
+"""
+
+from __future__ import annotations
+
+from meshllm.api.spec import SPEC_FIELDS, ModelSpec
+from meshllm.api.types import (
+    DeviceMemory,
+    FinishReason,
+    LoadReport,
+    ModelInfo,
+    ModelPlacement,
+    QuotaUsage,
+    ReplicaState,
+    ReplicaStatus,
+    Timing,
+    Usage,
+)
+from meshllm.api.v1 import admin_pb2 as adm
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.api.v1 import replica_control_pb2 as rc
+
+_FINISH = {
+    FinishReason.STOP: gen.FINISH_REASON_STOP,
+    FinishReason.LENGTH: gen.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: gen.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: gen.FINISH_REASON_ERROR,
+}
+_FINISH_FROM = {number: reason for reason, number in _FINISH.items()}
+_STATE = {
+    ReplicaState.UNKNOWN: rc.REPLICA_STATE_UNSPECIFIED,
+    ReplicaState.EMPTY: rc.REPLICA_STATE_EMPTY,
+    ReplicaState.LOADING: rc.REPLICA_STATE_LOADING,
+    ReplicaState.READY: rc.REPLICA_STATE_READY,
+    ReplicaState.DRAINING: rc.REPLICA_STATE_DRAINING,
+    ReplicaState.UNLOADING: rc.REPLICA_STATE_UNLOADING,
+    ReplicaState.FAILED: rc.REPLICA_STATE_FAILED,
+}
+_STATE_FROM = {number: state for state, number in _STATE.items()}
+
+
+# -- generation ------------------------------------------------------------------------------
+
+
+def finish_to_pb(reason: FinishReason | None) -> gen.FinishReason:
+    return _FINISH[reason] if reason is not None else gen.FINISH_REASON_UNSPECIFIED
+
+
+def finish_from_pb(reason: gen.FinishReason) -> FinishReason | None:
+    """None for UNSPECIFIED: the chunk is not the last one."""
+    return _FINISH_FROM.get(reason)
+
+
+def usage_to_pb(u: Usage) -> gen.Usage:
+    return gen.Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+    )
+
+
+def usage_from_pb(u: gen.Usage) -> Usage:
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+
+
+def timing_to_pb(t: Timing) -> gen.Timing:
+    return gen.Timing(
+        queue_wait_ms=t.queue_wait_ms,
+        time_to_first_token_ms=t.time_to_first_token_ms,
+        decode_ms=t.decode_ms,
+        total_ms=t.total_ms,
+        tokens_per_second=t.tokens_per_second,
+        replica=t.replica,
+    )
+
+
+def timing_from_pb(t: gen.Timing) -> Timing:
+    return Timing(
+        queue_wait_ms=t.queue_wait_ms,
+        time_to_first_token_ms=t.time_to_first_token_ms,
+        decode_ms=t.decode_ms,
+        total_ms=t.total_ms,
+        tokens_per_second=t.tokens_per_second,
+        replica=t.replica,
+    )
+
+
+def model_info_to_pb(m: ModelInfo) -> gen.ModelInfo:
+    return gen.ModelInfo(
+        id=m.id,
+        engine=m.engine,
+        context_length=m.context_length,
+        max_tokens_limit=m.max_tokens_limit,
+        ready_replicas=m.ready_replicas,
+    )
+
+
+def model_info_from_pb(m: gen.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        id=m.id,
+        engine=m.engine,
+        context_length=m.context_length,
+        max_tokens_limit=m.max_tokens_limit,
+        ready_replicas=m.ready_replicas,
+    )
+
+
+# -- replica control ---------------------------------------------------------------------------
+
+
+def state_to_pb(state: ReplicaState) -> rc.ReplicaState:
+    return _STATE[state]
+
+
+def state_from_pb(state: rc.ReplicaState) -> ReplicaState:
+    return _STATE_FROM.get(state, ReplicaState.UNKNOWN)
+
+
+_SCALARS = tuple(name for name in SPEC_FIELDS if name != "options")
+
+
+def spec_to_pb(spec: ModelSpec) -> rc.ModelSpec:
+    return rc.ModelSpec(**{n: getattr(spec, n) for n in _SCALARS}, options=dict(spec.options))
+
+
+def spec_from_pb(msg: rc.ModelSpec) -> ModelSpec:
+    """An unset engine is the default engine; every other unset field keeps its zero value."""
+    values = {n: getattr(msg, n) for n in _SCALARS}
+    values["engine"] = values["engine"] or ModelSpec.__dataclass_fields__["engine"].default
+    return ModelSpec(**values, options=dict(msg.options))
+
+
+def spec_overrides_from_pb(msg: rc.ModelSpec) -> dict[str, object]:
+    """The set fields of ``msg`` (a load's one-off overrides; ``id`` only names the model)."""
+    out: dict[str, object] = {n: getattr(msg, n) for n in _SCALARS if n != "id" and getattr(msg, n)}
+    if msg.options:
+        out["options"] = dict(msg.options)
+    return out
+
+
+def load_report_to_pb(r: LoadReport) -> rc.LoadReport:
+    return rc.LoadReport(
+        replica_id=r.replica_id,
+        state=_STATE[r.state],
+        model=r.model,
+        queued=r.queued,
+        running=r.running,
+        tokens_in_flight=r.tokens_in_flight,
+        tokens_per_second=r.tokens_per_second,
+        cache_utilization=r.cache_utilization,
+        requests_total=r.requests_total,
+        tokens_total=r.tokens_total,
+        timestamp_ms=r.timestamp_ms,
+        device=r.device,
+    )
+
+
+def load_report_from_pb(r: rc.LoadReport) -> LoadReport:
+    return LoadReport(
+        replica_id=r.replica_id,
+        state=state_from_pb(r.state),
+        model=r.model,
+        queued=r.queued,
+        running=r.running,
+        tokens_in_flight=r.tokens_in_flight,
+        tokens_per_second=r.tokens_per_second,
+        cache_utilization=r.cache_utilization,
+        requests_total=r.requests_total,
+        tokens_total=r.tokens_total,
+        timestamp_ms=r.timestamp_ms,
+        device=r.device,
+    )
+
+
+def memory_to_pb(m: DeviceMemory) -> rc.DeviceMemory:
+    return rc.DeviceMemory(
+        device=m.device, used_bytes=m.used_bytes, total_bytes=m.total_bytes, source=m.source
+    )
+
+
+def status_to_pb(s: ReplicaStatus) -> rc.ReplicaStatus:
+    out = rc.ReplicaStatus(
+        replica_id=s.replica_id,
+        state=_STATE[s.state],
+        device=s.device,
+        error=s.error,
+        version=s.version,
+    )
+    if s.spec is not None:
+        out.spec.CopyFrom(spec_to_pb(s.spec))
+    if s.load is not None:
+        out.load.CopyFrom(load_report_to_pb(s.load))
+    if s.memory is not None:
+        out.memory.CopyFrom(memory_to_pb(s.memory))
+    return out
+
+
+def status_from_pb(s: rc.ReplicaStatus) -> ReplicaStatus:
+    m = s.memory
+    return ReplicaStatus(
+        replica_id=s.replica_id,
+        state=state_from_pb(s.state),
+        spec=spec_from_pb(s.spec) if s.HasField("spec") and s.spec.id else None,
+        device=s.device,
+        error=s.error,
+        load=load_report_from_pb(s.load) if s.HasField("load") else None,
+        memory=DeviceMemory(
+            device=m.device, used_bytes=m.used_bytes, total_bytes=m.total_bytes, source=m.source
+        )
+        if s.HasField("memory")
+        else None,
+        version=s.version,
+    )
+
+
+# -- admin -----------------------------------------------------------------------------------
+
+
+def placement_to_pb(p: ModelPlacement) -> adm.ModelPlacement:
+    return adm.ModelPlacement(
+        model=p.model,
+        configured=p.configured,
+        desired_replicas=p.desired_replicas,
+        max_replicas=p.max_replicas,
+        replicas=[status_to_pb(s) for s in p.replicas],
+        ready_replicas=p.ready_replicas,
+        pending=p.pending,
+    )
+
+
+def placement_from_pb(p: adm.ModelPlacement) -> ModelPlacement:
+    return ModelPlacement(
+        model=p.model,
+        configured=p.configured,
+        desired_replicas=p.desired_replicas,
+        max_replicas=p.max_replicas,
+        replicas=tuple(status_from_pb(s) for s in p.replicas),
+        ready_replicas=p.ready_replicas,
+        pending=p.pending,
+    )
+
+
+def quota_usage_to_pb(u: QuotaUsage) -> adm.QuotaUsage:
+    return adm.QuotaUsage(
+        tenant=u.tenant,
+        limit=u.limit,
+        used=u.used,
+        limit_value=u.limit_value,
+        resets_in_s=u.resets_in_s,
+    )
+
+
+def quota_usage_from_pb(u: adm.QuotaUsage) -> QuotaUsage:
+    return QuotaUsage(
+        tenant=u.tenant,
+        limit=u.limit,
+        used=u.used,
+        limit_value=u.limit_value,
+        resets_in_s=u.resets_in_s,
+    )

@@ -96,7 +96,7 @@ async def start_router(start_replica: StartReplica) -> AsyncIterator[StartRouter
         addresses = tuple(r if isinstance(r, str) else f"127.0.0.1:{r.port}" for r in replicas)
         settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "replicas": addresses, "auth": "none",
                                        "drain_grace_s": 1.0, "report_interval_ms": 50, **config}  # fmt: skip
-        router = RouterServer(RouterConfig(**settings))  # type: ignore[arg-type]
+        router = RouterServer(RouterConfig.from_flat(settings))
         await router.start()
         routers.append(router)
         await wait_routed(router, len(addresses) if ready is None else ready)

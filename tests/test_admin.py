@@ -31,9 +31,9 @@ READY, FAILED, DRAINING = (
     rc.REPLICA_STATE_DRAINING,
 )
 CATALOG = (
-    CatalogModel(id="demo", path="demo", desired_replicas=1, max_replicas=2),
-    CatalogModel(id="second", path="demo", max_replicas=2),  # the demo weights under another id
-    CatalogModel(id="broken", path="/does/not/exist"),
+    CatalogModel.of(id="demo", path="demo", desired_replicas=1, max_replicas=2),
+    CatalogModel.of(id="second", path="demo", max_replicas=2),  # the demo weights under another id
+    CatalogModel.of(id="broken", path="/does/not/exist"),
 )
 Replicas = list[ReplicaServer]
 
@@ -86,7 +86,7 @@ async def generate(router: RouterServer, model: str, max_tokens: int = 8) -> gen
 @pytest.fixture
 async def router(idle: Replicas, start_router: StartRouter) -> RouterServer:
     """A router with the catalog; ``demo`` (desired 1) is placed on r0 at start."""
-    router = await start_router(*idle, ready=1, models=CATALOG, refresh_s=0.2)
+    router = await start_router(*idle, ready=1, models=CATALOG, placement_refresh_s=0.2)
     assert hosted(idle) == {"r0": "demo", "r1": "", "r2": ""}
     return router
 
@@ -198,7 +198,7 @@ async def test_scale_follows_the_catalog_limits(router: RouterServer, idle: Repl
 async def test_unloading_under_steady_traffic_loses_no_request(
     idle: Replicas, start_router: StartRouter
 ) -> None:
-    catalog = (CatalogModel(id="demo", path="demo", desired_replicas=2),)
+    catalog = (CatalogModel.of(id="demo", path="demo", desired_replicas=2),)
     router = await start_router(*idle, ready=2, models=catalog)
     outcomes: list[tuple[float, int, str]] = []  # (start time, tokens, status or "OK")
     stop = asyncio.Event()
@@ -278,8 +278,8 @@ async def test_drain_and_undrain_one_replica(router: RouterServer, idle: Replica
 async def test_restarting_the_router_keeps_serving_without_reloading(
     idle: Replicas, start_router: StartRouter
 ) -> None:
-    catalog = (CatalogModel(id="demo", path="demo", desired_replicas=2),
-               CatalogModel(id="second", path="demo", desired_replicas=1))  # fmt: skip
+    catalog = (CatalogModel.of(id="demo", path="demo", desired_replicas=2),
+               CatalogModel.of(id="second", path="demo", desired_replicas=1))  # fmt: skip
     first = await start_router(*idle, ready=3, models=catalog)
     models = {s.replica.name: s.replica.model for s in idle if s.replica is not None}
     assert sorted(hosted(idle).values()) == ["demo", "demo", "second"]
@@ -315,10 +315,10 @@ async def test_admin_calls_need_the_admin_role(
 async def test_a_scale_down_through_one_router_holds_for_routers_sharing_redis(
     idle: Replicas, start_router: StartRouter, redis_server: RedisServer, shared: bool
 ) -> None:
-    catalog = (CatalogModel(id="demo", path="demo", desired_replicas=2),)
-    settings: dict[str, object] = {"models": catalog, "refresh_s": 0.2}
+    catalog = (CatalogModel.of(id="demo", path="demo", desired_replicas=2),)
+    settings: dict[str, object] = {"models": catalog, "placement_refresh_s": 0.2}
     if shared:
-        settings |= {"quota_store": "redis", "redis_url": redis_server.url}
+        settings |= {"quota_store": "redis", "redis_url": redis_server.url, "share_placement_counts": True}
     first = await start_router(*idle, ready=2, **settings)
     second = await start_router(*idle, ready=2, **settings)
     await admin_call(first, "ScaleModel", adm.ScaleModelRequest(model="demo", replicas=1))

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 
-from meshllm.api.errors import InvalidArgument
+from meshllm.api.errors import Cancelled, InvalidArgument, MeshError
+from meshllm.api.spec import ENGINES, ModelSpec
+from meshllm.api.types import LoadReport, ReplicaState, ReplicaStatus
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.client._cli_admin import overrides, render
 from meshllm.replica.engines import engine_names
-from meshllm.router.config import RouterConfig, read_config_file
+from meshllm.router.config import DiscoveryConfig, PlacementConfig, RouterConfig, read_config_file
 from meshllm.router.local import LocalMesh, LocalMeshConfig
 from meshllm.router.placement import CatalogModel, parse_catalog, plan
-from meshllm.router.placement.catalog import ENGINES
 from meshllm.router.placement.control import Placement
-from meshllm.router.pool import ReplicaPool
-from meshllm.router.registry import LoadReport, Registry, Replica, ReplicaState
+from meshllm.router.pool import LinkSettings, ReplicaPool
+from meshllm.router.registry import Registry, Replica
+from meshllm.router.replica_client import REMOVED
 
-DEMO = CatalogModel(id="demo", path="demo", desired_replicas=2, max_replicas=3)
+DEMO = CatalogModel.of(id="demo", path="demo", desired_replicas=2, max_replicas=3)
 NOW, STALE = 100.0, 2.0
 
 
@@ -36,7 +39,7 @@ def violations(tables: dict[str, object]) -> list[str]:
 def test_catalog_tables_become_models_and_every_mistake_names_its_field() -> None:
     (model,) = parse_catalog({"qwen": {"path": "/m/q", "device": "cuda", "desired_replicas": 2,
                                        "options": {"cache_size": "8192"}}})  # fmt: skip
-    assert (model.id, model.engine, model.options, model.fits("cuda:1"), model.fits("cpu")) == (
+    assert (model.id, model.spec.engine, model.spec.options, model.fits("cuda:1"), model.fits("cpu")) == (
         "qwen", "ctranslate2", {"cache_size": "8192"}, True, False)  # fmt: skip
     assert violations({"a": {"path": 3, "speed": 1, "id": "x"}}) == [
         "models.a.path: must be a string", "models.a.speed: unknown setting",
@@ -55,10 +58,10 @@ def test_catalog_tables_become_models_and_every_mistake_names_its_field() -> Non
 
 def test_the_router_config_file_carries_the_catalog(tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
-    path.write_text('[router]\nauth = "none"\nreplicas = ["a:1"]\n'
+    path.write_text('[router]\nauth = "none"\n[router.discovery]\nreplicas = ["a:1"]\n'
                     '[models.demo]\npath = "demo"\ndesired_replicas = 1\n')  # fmt: skip
-    config = RouterConfig(**read_config_file(path)).validate()
-    assert config.models == (CatalogModel(id="demo", path="demo", desired_replicas=1),)
+    config = RouterConfig.from_mapping(read_config_file(path)).validate()
+    assert config.models == (CatalogModel.of(id="demo", path="demo", desired_replicas=1),)
     path.write_text('[model.demo]\npath = "demo"\n')  # a typo'd table is not silently ignored
     with pytest.raises(InvalidArgument, match="unknown tables model"):
         read_config_file(path)
@@ -71,9 +74,9 @@ def test_the_router_knows_every_engine_a_replica_has() -> None:
 
 
 def test_overrides_replace_fields_merge_options_and_are_checked() -> None:
-    base = replace(DEMO, options={"a": "1", "b": "2"})
+    base = replace(DEMO, spec=replace(DEMO.spec, options={"a": "1", "b": "2"}))
     changed = base.with_overrides({"max_batch_size": 8, "options": {"b": "3"}, "path": ""})
-    assert (changed.max_batch_size, changed.options, changed.path) == (
+    assert (changed.spec.max_batch_size, changed.spec.options, changed.spec.path) == (
         8,
         {"a": "1", "b": "3"},
         "demo",
@@ -162,7 +165,7 @@ def test_meshllm_up_without_a_config_puts_its_model_on_every_replica(tmp_path: P
     mesh = LocalMesh(LocalMeshConfig(replicas=3, model=str(tmp_path / "my-model")))
     path = mesh._router_config()
     assert mesh.catalog == (
-        CatalogModel(id="my-model", path=str(tmp_path / "my-model"), desired_replicas=3),
+        CatalogModel.of(id="my-model", path=str(tmp_path / "my-model"), desired_replicas=3),
     )
     assert read_config_file(path)["models"] == mesh.catalog
     mesh.stop()
@@ -173,9 +176,9 @@ def test_meshllm_up_without_a_config_puts_its_model_on_every_replica(tmp_path: P
 async def test_closing_placement_while_a_replica_changes_state_does_not_hang(turns: int) -> None:
     """A router told to stop just as a replica changes state (``meshllm up`` killed: the
     replica drains while the router closes) must not lose the cancel of its placement loop."""
-    config = RouterConfig(models=(CatalogModel(id="demo", path="demo"),))
     registry = Registry(stale_after_s=STALE, clock=lambda: NOW)
-    placement = Placement(config, registry, ReplicaPool(config, registry, lambda: None))
+    catalog = (CatalogModel.of(id="demo", path="demo"),)
+    placement = Placement(PlacementConfig(), catalog, registry, FakeClients())
     placement.start()
     for _ in range(5):
         await asyncio.sleep(0)  # into its wait for a change
@@ -201,24 +204,85 @@ async def test_a_replica_removed_before_or_during_a_load_is_not_held_against_the
     rc_grpc.add_ReplicaControlServicer_to_server(NeverLoads(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    config = RouterConfig(models=(CatalogModel(id="demo", path="demo"),), drain_grace_s=0.0)
+    entry = CatalogModel.of(id="demo", path="demo")
     registry = Registry(stale_after_s=STALE)
-    pool = ReplicaPool(config, registry, lambda: None)
-    placement = Placement(config, registry, pool)
-    entry = config.models[0]
+    links = LinkSettings(discovery=DiscoveryConfig(stale_after_s=STALE), tls=None,
+                         max_message_bytes=4 << 20, drain_grace_s=0.0)  # fmt: skip
+    pool = ReplicaPool(links, registry, lambda: None)
+    placement = Placement(PlacementConfig(), (entry,), registry, pool)
     try:
         pool.sync([f"127.0.0.1:{port}"])
         (replica,) = registry.replicas.values()
-        loading = placement._start_load(replica, entry)
+        loading = placement.loads.start(replica, entry)
         await asyncio.sleep(0.3)  # the LoadModel call is under way
         pool.sync([])
         assert "CANCELLED" in await asyncio.wait_for(loading, 5)
         assert replica.claim == ""
 
         gone = Registry(stale_after_s=STALE).add("10.0.0.9:1")  # chosen, then removed at once
-        assert await placement._start_load(gone, entry) == f"{gone.name}: the replica was removed"
+        assert await placement.loads.start(gone, entry) == f"{gone.name}: the replica was removed"
         assert gone.claim == ""
-        assert placement.failures == {}
+        assert placement.loads.failures == {}
     finally:
         await pool.close()
         await server.stop(None)
+
+
+class FakeReplica:
+    """A test double of one replica's client: loads answer with ``state`` (or raise ``error``)."""
+
+    def __init__(
+        self, state: ReplicaState = ReplicaState.READY, error: MeshError | None = None
+    ) -> None:
+        self.state, self.error, self.loaded = state, error, list[str]()
+        self.during_load: Callable[[], None] = lambda: None
+
+    async def load(self, spec: ModelSpec, *, timeout: float) -> ReplicaStatus:
+        self.loaded.append(spec.id)
+        self.during_load()
+        if self.error is not None:
+            raise self.error
+        return ReplicaStatus(replica_id="r0", state=self.state, spec=spec, error="out of memory")
+
+    async def unload(self, model: str, *, drain_s: float, timeout: float) -> ReplicaStatus:
+        return ReplicaStatus(replica_id="r0", state=ReplicaState.EMPTY)
+
+    async def drain(self, *, timeout: float) -> ReplicaStatus:
+        return ReplicaStatus(replica_id="r0", state=ReplicaState.DRAINING)
+
+    async def undrain(self, *, timeout: float) -> ReplicaStatus:
+        return ReplicaStatus(replica_id="r0", state=ReplicaState.READY)
+
+    async def status(self, *, timeout: float) -> ReplicaStatus:
+        return ReplicaStatus(replica_id="r0", state=self.state)
+
+
+class FakeClients:
+    def __init__(self, client: FakeReplica | None = None) -> None:
+        self.replica_client = client
+
+    def client(self, replica: Replica) -> FakeReplica | None:
+        return self.replica_client
+
+
+async def test_failed_loads_are_remembered_and_removed_replicas_are_not_the_models_fault() -> None:
+    """Placement on domain types alone: no gRPC server, a test double per replica."""
+    registry, (r0,) = replicas((E, "", "cpu"))
+    entry = CatalogModel.of(id="demo", path="demo", desired_replicas=1)
+    failing = FakeReplica(ReplicaState.FAILED)
+    placement = Placement(
+        PlacementConfig(), (entry,), registry, FakeClients(failing), clock=lambda: NOW
+    )
+    r0.connected = False  # no report will confirm the answer: do not wait for one
+    assert await placement.loads.start(r0, entry) == "r0: out of memory"
+    assert failing.loaded == ["demo"] and r0.claim == ""
+    assert placement.loads.failures["demo"].reason == "r0: out of memory"
+    assert placement.loads.backing_off("demo")
+
+    removed = FakeReplica(error=Cancelled("the replica was removed", reason=REMOVED))
+    clients = FakeClients(removed)
+    placement = Placement(PlacementConfig(), (entry,), registry, clients, clock=lambda: NOW)
+    # discovery drops it while the load is under way
+    removed.during_load = lambda: setattr(clients, "replica_client", None)
+    assert "CANCELLED" in await placement.loads.start(r0, entry)
+    assert placement.loads.failures == {}

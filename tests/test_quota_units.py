@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import math
 import os
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from meshllm.api.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from meshllm.api.v1 import generation_pb2 as gen
-from meshllm.router.admission import Admission, QuotaMetrics, prompt_tokens_estimate
+from meshllm.router.admission import Admission, QuotaMetrics
 from meshllm.router.auth import Authenticator, TenantsFile
 from meshllm.router.cli import config_from_args, keys_command, parse_args
 from meshllm.router.config import RouterConfig
 from meshllm.router.quota import Demand, QuotaExceeded, TenantLimits
 from meshllm.router.quota.memory import MemoryQuotaStore
+from meshllm.router.request import RoutedRequest, prompt_estimate
 from meshllm.router.tenants import ANONYMOUS, Role, Tenant, hash_key, load_tenants
 from meshllm.server.metrics import RequestRecord
 
@@ -155,13 +158,27 @@ def test_remaining_headers_name_only_the_limits_that_are_set() -> None:
 
 
 def test_prompt_estimate_counts_every_input_form() -> None:
-    assert prompt_tokens_estimate(gen.GenerateRequest(token_ids=[1, 2, 3])) == 3
-    assert prompt_tokens_estimate(gen.GenerateRequest(prompt="x" * 40)) == 10
+    assert prompt_estimate(gen.GenerateRequest(token_ids=[1, 2, 3])) == 3
+    assert prompt_estimate(gen.GenerateRequest(prompt="x" * 40)) == 10
     chat = gen.GenerateRequest(messages=[gen.ChatMessage(role="user", content="y" * 36)])
-    assert prompt_tokens_estimate(chat) == math.ceil(40 / 4) + 4
+    assert prompt_estimate(chat) == math.ceil(40 / 4) + 4
 
 
 # -- admission: errors with details ----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def admitted(admission: Admission, tenant: Tenant, request: gen.GenerateRequest,  # noqa: PLR0917 (mirrors the call)
+                   budget: Callable[[], int], record: RequestRecord,
+                   span: trace.Span) -> AsyncIterator[tuple[tuple[str, str], ...]]:  # fmt: skip
+    """What the router does around one request: reserve, run, settle with what it used."""
+    routed = RoutedRequest(request, record, span, prompt_estimate(request))
+    held = await admission.reserve(tenant, routed.prompt_estimate + budget(), span)
+    try:
+        yield held.remaining.headers() if held is not None else ()
+    finally:
+        if held is not None:
+            await admission.settle(held, routed.tokens_used())
 
 
 async def test_admission_refusals_carry_retry_info_and_quota_failure() -> None:
@@ -171,10 +188,10 @@ async def test_admission_refusals_carry_retry_info_and_quota_failure() -> None:
     request = gen.GenerateRequest(model="m", prompt="hi", max_tokens=4)
     span, record = trace.INVALID_SPAN, RequestRecord(model="m")
     for _ in range(2):
-        async with admission.admitted(tenant, request, lambda: 4, record, span) as headers:
+        async with admitted(admission, tenant, request, lambda: 4, record, span) as headers:
             assert dict(headers)["x-ratelimit-limit-requests"] == "2"  # reserved
     with pytest.raises(ResourceExhausted) as info:
-        async with admission.admitted(tenant, request, lambda: 4, record, span):
+        async with admitted(admission, tenant, request, lambda: 4, record, span):
             pass
     e = info.value
     assert e.reason == "QUOTA_EXCEEDED"
@@ -183,7 +200,7 @@ async def test_admission_refusals_carry_retry_info_and_quota_failure() -> None:
     assert "requests_per_minute" in e.quota_violations[0].description
     big = Tenant(name="b", role=Role.USER, limits=TenantLimits(tokens_per_minute=10))
     with pytest.raises(InvalidArgument) as too_big:
-        async with admission.admitted(big, request, lambda: 100, record, span):
+        async with admitted(admission, big, request, lambda: 100, record, span):
             pass
     assert too_big.value.reason == "REQUEST_EXCEEDS_QUOTA"
     assert [v.field for v in too_big.value.field_violations] == ["max_tokens"]
@@ -200,7 +217,7 @@ async def test_a_cancelled_request_still_settles() -> None:
 
     async def run() -> None:
         record = RequestRecord(model="m")
-        async with admission.admitted(tenant, request, lambda: 500, record, trace.INVALID_SPAN):
+        async with admitted(admission, tenant, request, lambda: 500, record, trace.INVALID_SPAN):
             record.completion_tokens = 7
             started.set()
             await asyncio.sleep(60)
@@ -358,7 +375,7 @@ def test_new_key_prints_the_key_once_to_stderr_and_only_its_hash_to_stdout(
 )
 def test_auth_and_quota_settings_are_validated(settings: dict[str, str], field: str) -> None:
     with pytest.raises(InvalidArgument) as info:
-        RouterConfig(replicas=("a:1",), **settings).validate()  # type: ignore[arg-type]
+        RouterConfig.from_flat({"replicas": ("a:1",), **settings}).validate()
     assert [v.field for v in info.value.field_violations] == [field]
 
 
@@ -366,7 +383,7 @@ def test_the_redis_url_can_come_from_the_environment(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("MESHLLM_REDIS_URL", "redis://:pw@redis:6379/0")
     args = parse_args(["--replica", "a:1", "--no-auth", "--quota-store", "redis"])
     config = config_from_args(args)
-    assert (config.auth, config.quota_store, config.redis_url) == (
+    assert (config.auth, config.quota.store, config.redis.url) == (
         "none",
         "redis",
         "redis://:pw@redis:6379/0",
@@ -385,9 +402,9 @@ def test_the_redis_url_can_come_from_a_file(
     args = parse_args(["--replica", "a:1", "--no-auth", "--quota-store", "redis",
                        "--redis-url-file", str(path)])  # fmt: skip
     config = config_from_args(args)
-    assert (config.redis_url_file, config.redis_url) == (str(path), "")
+    assert (config.redis.url_file, config.redis.url) == (str(path), "")
     path.write_text("redis://changed:6379/0")
-    assert config.redis_address() == URL  # read once, whitespace stripped
+    assert config.redis.address() == URL  # read once, whitespace stripped
 
 
 @pytest.mark.parametrize("from_env", [False, True])
@@ -427,8 +444,8 @@ def test_a_bad_redis_url_file_is_named_but_never_shown(
         path.write_text(content)
     elif content is not None:
         path.write_bytes(content)
-    config = RouterConfig(replicas=("a:1",), auth="none", quota_store="redis",
-                          redis_url_file=str(path))  # fmt: skip
+    config = RouterConfig.from_flat({"replicas": ("a:1",), "auth": "none", "quota_store": "redis",
+                                     "redis_url_file": str(path)})  # fmt: skip
     with pytest.raises(InvalidArgument) as info:
         config.validate()
     (violation,) = info.value.field_violations

@@ -11,10 +11,11 @@ import grpc
 import pytest
 
 from meshllm.api.errors import InvalidArgument, status_name
+from meshllm.api.types import LoadReport, ReplicaState
 from meshllm.router.balancer import LeastBusy, RoundRobin, load
 from meshllm.router.config import RouterConfig, read_config_file
 from meshllm.router.discovery import join_host_port, read_replicas_file
-from meshllm.router.registry import LoadReport, Registry, Replica, ReplicaState
+from meshllm.router.registry import Registry, Replica
 
 
 class Clock:
@@ -120,8 +121,8 @@ def test_lease_counts_requests_and_tokens_until_it_ends() -> None:
 
 
 def test_config_errors_name_every_bad_field() -> None:
-    bad = RouterConfig(
-        policy="fastest", replicas=("nohost",), max_attempts=0, refresh_s=0, auth="none"
+    bad = RouterConfig.from_flat(
+        {"policy": "fastest", "replicas": ("nohost",), "max_attempts": 0, "refresh_s": 0, "auth": "none"}
     )
     with pytest.raises(InvalidArgument) as e:
         bad.validate()
@@ -131,16 +132,17 @@ def test_config_errors_name_every_bad_field() -> None:
 
 def test_config_file_is_checked_for_unknown_settings(tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
-    path.write_text('[router]\nreplicas = ["a:1", "b:2"]\npolicy = "round-robin"\n')
-    assert RouterConfig(**read_config_file(path), auth="none").validate().replicas == ("a:1", "b:2")
+    path.write_text('[router]\npolicy = "round-robin"\n[router.discovery]\nreplicas = ["a:1", "b:2"]\n')
+    settings = {**read_config_file(path), "auth": "none"}
+    assert RouterConfig.from_mapping(settings).validate().discovery.replicas == ("a:1", "b:2")
     path.write_text("[router]\nreplica = 3\n")
     with pytest.raises(InvalidArgument, match="unknown \\[router\\] settings: replica"):
         read_config_file(path)
-    path.write_text('[router]\nport = "50051"\nrefresh_s = 2\n')
+    path.write_text('[router]\nport = "50051"\n[router.discovery]\nrefresh_s = 2\n')
     with pytest.raises(InvalidArgument, match="port must be an integer"):
         read_config_file(path)
-    path.write_text("[router]\nrefresh_s = 2\n")
-    assert read_config_file(path) == {"refresh_s": 2.0}
+    path.write_text("[router.discovery]\nrefresh_s = 2\n")
+    assert read_config_file(path) == {"discovery": {"refresh_s": 2.0}}
 
 
 def test_replicas_file_skips_comments_and_bad_lines(tmp_path: Path) -> None:

@@ -235,16 +235,16 @@ def _field_errors(error: InvalidArgument) -> dict[str, str]:
 
 def test_tls_settings_are_checked_with_errors_that_name_them(certs: Certs, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        RouterConfig(tls_cert=certs.server_cert).validate()
+        RouterConfig.from_flat({"tls_cert": certs.server_cert}).validate()
     assert _field_errors(caught.value) == {"tls_key": "must be set together with tls_cert"}
     with pytest.raises(InvalidArgument) as caught:
-        RouterConfig(tls_cert="/nonexistent/server.pem", tls_key=certs.server_key).validate()
+        RouterConfig.from_flat({"tls_cert": "/nonexistent/server.pem", "tls_key": certs.server_key}).validate()
     assert _field_errors(caught.value) == {
         "tls_cert": "cannot read /nonexistent/server.pem: No such file or directory"
     }
     assert "tls_cert cannot read /nonexistent/server.pem" in caught.value.message
     with pytest.raises(InvalidArgument) as caught:
-        RouterConfig(tls_client_ca=certs.ca, replica_tls_key=certs.client_key).validate()
+        RouterConfig.from_flat({"tls_client_ca": certs.ca, "replica_tls_key": certs.client_key}).validate()
     assert _field_errors(caught.value) == {
         "tls_client_ca": "needs tls_cert and tls_key",
         "replica_tls_cert": "must be set together with replica_tls_key",
@@ -286,8 +286,8 @@ def test_tls_settings_are_checked_with_errors_that_name_them(certs: Certs, tmp_p
         == f"tls_ca: cannot read {tmp_path}/missing.pem: No such file or directory"
     )
     # Plaintext stays the default everywhere.
-    assert RouterConfig().server_tls is None
-    assert RouterConfig().replica_tls is None
+    assert RouterConfig().tls.loaded is None
+    assert RouterConfig().replica_tls.loaded is None
     assert ReplicaConfig().validate().tls is None
     assert AsyncClient("localhost:1").tls is None
     assert AsyncClient("localhost:1", tls=True).tls == ChannelTLS()
@@ -295,14 +295,14 @@ def test_tls_settings_are_checked_with_errors_that_name_them(certs: Certs, tmp_p
 
 def test_router_tls_settings_in_the_config_file(certs: Certs, tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
-    path.write_text(f'[router]\ntls_cert = "{certs.server_cert}"\ntls_key = "{certs.server_key}"\n'
-                    f'replica_tls_ca = "{certs.ca}"\n')  # fmt: skip
-    config = RouterConfig(**read_config_file(path))
-    assert config.server_tls is not None
-    assert not config.server_tls.mutual
-    assert config.replica_tls == ChannelTLS(ca=certs.ca)
-    path.write_text("[router]\ntls_client_ca = true\n")
-    with pytest.raises(InvalidArgument, match="tls_client_ca must be a string"):
+    path.write_text(f'[router.tls]\ncert = "{certs.server_cert}"\nkey = "{certs.server_key}"\n'
+                    f'[router.replica_tls]\nca = "{certs.ca}"\n')  # fmt: skip
+    config = RouterConfig.from_mapping(read_config_file(path))
+    assert config.tls.loaded is not None
+    assert not config.tls.loaded.mutual
+    assert config.replica_tls.loaded == ChannelTLS(ca=certs.ca)
+    path.write_text("[router.tls]\nclient_ca = true\n")
+    with pytest.raises(InvalidArgument, match="client_ca must be a string"):
         read_config_file(path)
 
 
@@ -314,18 +314,18 @@ def test_router_cli_tls_flags_reach_the_config(certs: Certs) -> None:
         "--replica-tls-key", certs.client_key, "--replica-tls-server-name", "replicas.internal",
     ])  # fmt: skip
     config = router_cli.config_from_args(args)
-    assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
+    assert (config.tls.cert, config.tls.key, config.tls.client_ca) == (
         certs.server_cert, certs.server_key, certs.ca
     )  # fmt: skip
-    assert config.server_tls is not None
-    assert config.server_tls.mutual
-    assert config.replica_tls == ChannelTLS(ca=certs.other_ca, cert=certs.client_cert,
+    assert config.tls.loaded is not None
+    assert config.tls.loaded.mutual
+    assert config.replica_tls.loaded == ChannelTLS(ca=certs.other_ca, cert=certs.client_cert,
                                             key=certs.client_key, server_name="replicas.internal")  # fmt: skip
     plain = router_cli.config_from_args(
         router_cli.parse_args(["--replica", "10.0.0.5:50061", "--no-auth"])
     )
-    assert plain.server_tls is None
-    assert plain.replica_tls is None
+    assert plain.tls.loaded is None
+    assert plain.replica_tls.loaded is None
 
 
 def test_replica_cli_tls_flags_reach_the_config(certs: Certs) -> None:
@@ -398,4 +398,4 @@ def test_the_health_port_flags_reach_the_configs() -> None:
     with pytest.raises(InvalidArgument, match="health_port: 70000 is out of range"):
         ReplicaConfig(health_port=70000).validate()
     with pytest.raises(InvalidArgument, match="health_port"):
-        RouterConfig(replicas=("10.0.0.5:50061",), auth="none", health_port=-1).validate()
+        RouterConfig.from_flat({"replicas": ("10.0.0.5:50061",), "auth": "none", "health_port": -1}).validate()

@@ -107,6 +107,21 @@ def model_info_from_pb(m: gen.ModelInfo) -> ModelInfo:
     )
 
 
+def response_from_chunks(chunks: list[gen.GenerateChunk]) -> gen.GenerateResponse:
+    """A whole reply from its streamed chunks (the last carries finish reason, usage, timing)."""
+    last = chunks[-1]
+    return gen.GenerateResponse(
+        text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+        request_id=last.request_id,
+        finish_reason=last.finish_reason,
+        stop_sequence=last.stop_sequence,
+        usage=last.usage,
+        timing=last.timing,
+        model=last.model,
+    )
+
+
 # -- replica control ---------------------------------------------------------------------------
 
 

@@ -10,14 +10,14 @@ from typing import Any
 
 import grpc
 
+from meshllm.api import convert
 from meshllm.api.errors import NotFound, invalid_argument
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
-from meshllm.router.admission import Admission
 from meshllm.router.auth import Authenticator
-from meshllm.router.convert import overrides_from_pb, placement_to_pb, usage_to_pb
 from meshllm.router.placement.control import Placement
+from meshllm.router.quota import QuotaStore
 from meshllm.server.serving import unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -36,34 +36,31 @@ def _replica(name: str) -> str:
 
 
 class RouterAdminService(adm_grpc.AdminServicer):
-    def __init__(self, auth: Authenticator, placement: Placement, admission: Admission) -> None:
-        self._auth, self._placement, self._admission = auth, placement, admission
+    def __init__(self, auth: Authenticator, placement: Placement, quotas: QuotaStore) -> None:
+        self._auth, self._placement, self._quotas = auth, placement, quotas
 
     def _admin(self, context: Context) -> None:
         self._auth.require_admin(self._auth.authenticate(context.invocation_metadata()))
 
-    async def _placements(self, only: str = "") -> list[adm.ModelPlacement]:
-        statuses, p = await self._placement.statuses(), self._placement
-        loaded = {s.spec.id for s in statuses if s.spec.id and s.state != rc.REPLICA_STATE_EMPTY}
-        models = [only] if only else sorted(set(p.catalog) | loaded)
-        return [
-            placement_to_pb(m, statuses, p.catalog.get(m), p.desired.get(m, 0), p.pending(m))
-            for m in models
-        ]
+    async def _one(self, model: str) -> adm.ModelPlacement:
+        (placement,) = await self._placement.placements(model)
+        return convert.placement_to_pb(placement)
 
     @unary
     async def ListModels(
         self, request: adm.AdminListModelsRequest, context: Context
     ) -> adm.AdminListModelsResponse:
         self._admin(context)
-        return adm.AdminListModelsResponse(models=await self._placements())
+        placements = await self._placement.placements()
+        return adm.AdminListModelsResponse(models=[convert.placement_to_pb(p) for p in placements])
 
     @unary
     async def ListReplicas(
         self, request: adm.ListReplicasRequest, context: Context
     ) -> adm.ListReplicasResponse:
         self._admin(context)
-        return adm.ListReplicasResponse(replicas=await self._placement.statuses())
+        statuses = await self._placement.statuses()
+        return adm.ListReplicasResponse(replicas=[convert.status_to_pb(s) for s in statuses])
 
     @unary
     async def LoadModel(
@@ -73,9 +70,9 @@ class RouterAdminService(adm_grpc.AdminServicer):
         model = _model(request.model)
         if request.overrides.id not in ("", model):
             raise invalid_argument("overrides.id", f"must be empty or {model!r}")
-        overrides = overrides_from_pb(request.overrides)
+        overrides = convert.spec_overrides_from_pb(request.overrides)
         await self._placement.load(model, request.replicas, overrides, wait=request.wait)
-        return (await self._placements(model))[0]
+        return await self._one(model)
 
     @unary
     async def UnloadModel(
@@ -84,7 +81,7 @@ class RouterAdminService(adm_grpc.AdminServicer):
         self._admin(context)
         model = _model(request.model)
         await self._placement.unload(model, _drain(request.drain_timeout_s))
-        return (await self._placements(model))[0]
+        return await self._one(model)
 
     @unary
     async def ScaleModel(
@@ -95,21 +92,22 @@ class RouterAdminService(adm_grpc.AdminServicer):
         await self._placement.scale(
             model, request.replicas, _drain(request.drain_timeout_s), wait=request.wait
         )
-        return (await self._placements(model))[0]
+        return await self._one(model)
 
     @unary
     async def DrainReplica(
         self, request: adm.DrainReplicaRequest, context: Context
     ) -> rc.ReplicaStatus:
         self._admin(context)
-        return await self._placement.drain(_replica(request.replica_id))
+        return convert.status_to_pb(await self._placement.drain(_replica(request.replica_id)))
 
     @unary
     async def UndrainReplica(
         self, request: adm.UndrainReplicaRequest, context: Context
     ) -> rc.ReplicaStatus:
         self._admin(context)
-        return await self._placement.drain(_replica(request.replica_id), undrain=True)
+        status = await self._placement.drain(_replica(request.replica_id), undrain=True)
+        return convert.status_to_pb(status)
 
     @unary
     async def GetQuotaUsage(
@@ -124,8 +122,8 @@ class RouterAdminService(adm_grpc.AdminServicer):
         names = [request.tenant] if request.tenant else sorted(tenants)
         response = adm.GetQuotaUsageResponse()
         for name in names:
-            usage = await self._admission.store.usage(name, tenants[name].limits)
-            response.usage.extend(usage_to_pb(u) for u in usage)
+            usage = await self._quotas.usage(name, tenants[name].limits)
+            response.usage.extend(convert.quota_usage_to_pb(u) for u in usage)
         return response
 
 

@@ -1,5 +1,5 @@
-"""Admission: reserve a request's quota before it is forwarded, settle it with the real token
-count when it ends (finished, failed or cancelled), and report what is left."""
+"""Admission: reserve a request's quota (a plain token count) before it is forwarded, settle it
+with the tokens it really used when it ends (finished, failed or cancelled), report what is left."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
 
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
@@ -21,7 +20,6 @@ from meshllm.api.errors import (
     Unavailable,
 )
 from meshllm.api.tracing import child_of, ending, tracer
-from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.quota import (
     Demand,
     QuotaExceeded,
@@ -30,33 +28,9 @@ from meshllm.router.quota import (
     Reservation,
 )
 from meshllm.router.tenants import Tenant
-from meshllm.server.metrics import RequestRecord
 
 log = logging.getLogger(__name__)
 Headers = tuple[tuple[str, str], ...]
-
-BYTES_PER_TOKEN = 4
-"""Prompt tokens are estimated at admission (the router has no tokenizer) from the UTF-8 size:
-BPE vocabularies average about four bytes a token on English text. Settling charges the real
-count the replica reports, so the estimate only decides how much is held meanwhile."""
-TOKENS_PER_MESSAGE = 4
-"""Chat-template tokens around each message, in the estimate."""
-
-
-def prompt_tokens_estimate(request: gen.GenerateRequest) -> int:
-    if request.token_ids:
-        return len(request.token_ids)
-    size = len(request.prompt.encode()) + len(request.instructions.encode())
-    size += sum(len(m.role.encode()) + len(m.content.encode()) for m in request.messages)
-    return math.ceil(size / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE * len(request.messages)
-
-
-def tokens_used(record: RequestRecord, prompt_estimate: int) -> int:
-    """Tokens to charge a finished request: the replica's counts (its usage carries the prompt's);
-    a request cut off before that is charged the estimate, one that produced nothing costs none."""
-    if record.prompt_tokens:
-        return record.prompt_tokens + record.completion_tokens
-    return prompt_estimate + record.completion_tokens if record.completion_tokens else 0
 
 
 class QuotaMetrics:
@@ -80,24 +54,13 @@ class Admission:
         self._last_log, self._unlogged = -math.inf, 0
         self._settling: set[asyncio.Task[None]] = set()
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, tenant: Tenant, request: gen.GenerateRequest, budget: Callable[[], int],
-                       record: RequestRecord, parent: trace.Span) -> AsyncIterator[Headers]:  # fmt: skip
-        """Hold the request's quota while the block runs (``budget``: the tokens it may
-        generate); settle from ``record``'s counts when it ends, however it ends. Yields the
-        ``x-ratelimit-*`` headers to send."""
+    async def reserve(self, tenant: Tenant, tokens: int, parent: trace.Span) -> Reservation | None:
+        """Reserve ``tokens`` (prompt estimate plus what the request may generate) of the
+        tenant's quota, or raise the refusal. None: nothing to settle (an unmetered tenant, or
+        the store is down and the policy admits unmetered)."""
         if tenant.limits.unlimited:
-            yield ()
-            return
-        estimate = prompt_tokens_estimate(request)
-        reservation = await self._reserve(tenant, Demand(estimate + budget()), parent)
-        if reservation is None:  # the store is down and the policy admits unmetered
-            yield ()
-            return
-        try:
-            yield reservation.remaining.headers()
-        finally:
-            await self._settle(reservation, tokens_used(record, estimate))
+            return None
+        return await self._reserve(tenant, Demand(tokens), parent)
 
     async def _reserve(
         self, tenant: Tenant, demand: Demand, parent: trace.Span
@@ -135,7 +98,8 @@ class Admission:
             raise Unavailable(f"quota store unavailable: requests are refused until it is back ({error})",
                               reason="QUOTA_STORE_UNAVAILABLE", retry_after=self._retry_s)  # fmt: skip
 
-    async def _settle(self, reservation: Reservation, used: int) -> None:
+    async def settle(self, reservation: Reservation, used: int) -> None:
+        """Charge ``used`` tokens and free the request's slot; a cancelled caller still settles."""
         # A task of its own: a cancelled request still settles, and its caller need not wait
         # again if it is cancelled twice.
         task = asyncio.create_task(self._settle_now(reservation, used))

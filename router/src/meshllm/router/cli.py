@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from meshllm.api.errors import InvalidArgument
 from meshllm.router.config import (
@@ -13,6 +12,8 @@ from meshllm.router.config import (
     STORE_FAILURE_POLICIES,
     RouterConfig,
     from_environment,
+    merged,
+    nest,
     read_config_file,
 )
 from meshllm.router.quota import STORES
@@ -21,20 +22,40 @@ from meshllm.router.tenants import hash_key, new_key
 from meshllm.server.logs import FORMATS
 from meshllm.server.serving import run_command
 
-# flag dest -> RouterConfig field, for flags that override the config file when given
+# flag dest -> flat setting name (config.FLAT_NAMES places it), for flags that override the file
 _OVERRIDES = {
-    "host": "host", "port": "port", "replicas_file": "replicas_file", "dns": "dns",
-    "refresh": "refresh_s", "policy": "policy", "tokens_per_request": "tokens_per_request",
-    "max_attempts": "max_attempts", "report_interval_ms": "report_interval_ms",
-    "stale_after": "stale_after_s", "drain_grace": "drain_grace_s", "metrics_port": "metrics_port",
-    "tenants_file": "tenants_file", "quota_store": "quota_store", "redis_url": "redis_url",
-    "redis_url_file": "redis_url_file", "redis_unavailable": "redis_unavailable",
-}  # fmt: skip
-_OVERRIDES |= {  # TLS (docs/tls.md) and its probe port: flag dest and field have the same name
-    name: name for name in ("tls_cert", "tls_key", "tls_client_ca", "replica_tls_ca",
-                            "replica_tls_cert", "replica_tls_key", "replica_tls_server_name",
-                            "health_port")
-}  # fmt: skip
+    "refresh": "refresh_s",
+    "stale_after": "stale_after_s",
+    "drain_grace": "drain_grace_s",
+    **{
+        name: name
+        for name in (
+            "host",
+            "port",
+            "replicas_file",
+            "dns",
+            "policy",
+            "tokens_per_request",
+            "max_attempts",
+            "report_interval_ms",
+            "metrics_port",
+            "health_port",
+            "tenants_file",
+            "quota_store",
+            "redis_url",
+            "redis_url_file",
+            "redis_unavailable",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "replica_tls_ca",
+            "replica_tls_cert",
+            "replica_tls_key",
+            "replica_tls_server_name",
+            "share_placement_counts",
+        )
+    },
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "Key tools: 'meshllm-router new-key TENANT [user|admin]', 'meshllm-router hash-key' (key on stdin).",
     )
     p.add_argument(
-        "--config", type=Path, help="TOML file with a [router] table (flags override it)"
+        "--config",
+        type=Path,
+        help="TOML file with a [router] table and its sub-tables, and [models.<id>] (flags override it)",
     )
     p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
@@ -92,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a file holding the Redis URL, e.g. a mounted Secret (instead of --redis-url)")  # fmt: skip
     p.add_argument("--redis-unavailable", choices=STORE_FAILURE_POLICIES,
                    help="when Redis is unreachable: deny requests (default) or allow them unmetered")  # fmt: skip
+    p.add_argument("--share-placement-counts", action="store_true", default=None,
+                   help="keep desired replica counts in Redis too, shared by every router using it")  # fmt: skip
     _add_tls_flags(p)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", default="text", choices=FORMATS,
@@ -116,17 +141,19 @@ def _add_tls_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
-    settings: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    for flag, name in _OVERRIDES.items():
-        if getattr(args, flag) is not None:
-            settings[name] = getattr(args, flag)
+    """The config file's settings (if any), the flags given on top, then the environment."""
+    flags = {name: getattr(args, flag) for flag, name in _OVERRIDES.items()
+             if getattr(args, flag) is not None}  # fmt: skip
     if args.no_auth:
-        settings["auth"] = "none"
+        flags["auth"] = "none"
+    settings = merged(read_config_file(args.config) if args.config else {}, nest(flags))
     settings = from_environment(settings)
     if args.replica:
-        settings["replicas"] = (*settings.get("replicas", ()), *args.replica)
-    config = RouterConfig(**settings).validate()
-    if not config.has_replica_source:
+        discovery = dict(settings.get("discovery", {}))
+        discovery["replicas"] = (*discovery.get("replicas", ()), *args.replica)
+        settings["discovery"] = discovery
+    config = RouterConfig.from_mapping(settings).validate()
+    if not config.discovery.has_source:
         raise InvalidArgument("no replicas: give --replica, --replicas-file or --dns")
     return config
 

@@ -1,13 +1,21 @@
-"""Router configuration: a frozen dataclass, loadable from a TOML file, validated once."""
+"""Router configuration: frozen sub-configs, one per component, loadable from TOML, validated once.
+
+A config file has a ``[router]`` table for the router's own settings, one sub-table per part
+(``[router.discovery]``, ``[router.quota]``, ``[router.redis]``, ``[router.placement]``,
+``[router.tls]``, ``[router.replica_tls]``) and the model catalog as ``[models.<id>]`` tables.
+Each component receives only its sub-config. Command-line flags use flat names
+(``--stale-after``, ``--redis-url``); ``FLAT_NAMES`` maps each to its place.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from meshllm.api.errors import FieldViolation, InvalidArgument, invalid_argument, invalid_fields
 from meshllm.api.tls import ChannelTLS, ServerTLS
@@ -18,15 +26,22 @@ POLICIES = ("least-busy", "round-robin")
 AUTH_MODES = ("api-key", "none")
 STORE_FAILURE_POLICIES = ("deny", "allow")
 REDIS_URL_ENV = "MESHLLM_REDIS_URL"
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", tuple: "a list of strings"}
+
+
+def flat(section: str, key: str) -> str:
+    """The flat (command-line) name of ``[router.<section>] key``, as errors name settings."""
+    return _FLAT.get((section, key), key)
+
+
+def _positive(config: object, where: str, *names: str) -> list[FieldViolation]:
+    return [FieldViolation(flat(where, n), "must be positive") for n in names
+            if getattr(config, n) <= 0]  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
-class RouterConfig:
-    """Settings of one router process. A TOML file's ``[router]`` table uses the same names."""
+class DiscoveryConfig:
+    """Where the replicas are and how the router follows them (``[router.discovery]``)."""
 
-    host: str = "0.0.0.0"
-    port: int = 50051
     replicas: tuple[str, ...] = ()
     """Static replica addresses, ``host:port``."""
     replicas_file: str = ""
@@ -35,6 +50,182 @@ class RouterConfig:
     """``name:port`` re-resolved every ``refresh_s``; every address it returns is a replica (a
     Kubernetes headless Service)."""
     refresh_s: float = 5.0
+    """How often the replicas file and DNS name (and the tenants file) are read again."""
+    report_interval_ms: int = 250
+    """Load-report period asked of each replica."""
+    stale_after_s: float = 2.0
+    """A replica whose last report is older than this gets no new work until it reports again."""
+    reconnect_max_s: float = 5.0
+    """Longest wait between attempts to reach a replica that stopped answering."""
+
+    @property
+    def has_source(self) -> bool:
+        return bool(self.replicas or self.replicas_file or self.dns)
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.replicas_file or self.dns)
+
+    def violations(self) -> list[FieldViolation]:
+        bad = [FieldViolation(flat("discovery", "replicas"), f"{a!r} is not host:port")
+               for a in self.replicas if not valid_address(a)]  # fmt: skip
+        if self.dns and not valid_address(self.dns):
+            bad.append(FieldViolation(flat("discovery", "dns"), f"{self.dns!r} is not name:port"))
+        bad += _positive(self, "discovery", "refresh_s", "stale_after_s", "reconnect_max_s")
+        if self.report_interval_ms < 1:
+            bad.append(
+                FieldViolation(flat("discovery", "report_interval_ms"), "must be at least 1")
+            )
+        return bad
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuotaConfig:
+    """Where quota counters live (``[router.quota]``)."""
+
+    store: str = "memory"
+    """``memory`` (one router) or ``redis`` (several routers enforce one global limit; needs
+    ``[router.redis]``)."""
+    unavailable: str = "deny"
+    """When the store cannot be reached: ``deny`` refuses requests (UNAVAILABLE,
+    QUOTA_STORE_UNAVAILABLE), ``allow`` admits them unmetered. Both log at ERROR and count
+    ``meshllm_router_quota_store_failures_total``."""
+    lease_s: float = 900.0
+    """Redis store: a concurrent-request slot is freed after this even if its router died
+    without settling (a request running longer stops counting against the limit)."""
+
+    def violations(self) -> list[FieldViolation]:
+        bad = []
+        if self.store not in STORES:
+            bad.append(FieldViolation(flat("quota", "store"), f"{self.store!r} is not one of {', '.join(STORES)}"))  # fmt: skip
+        if self.unavailable not in STORE_FAILURE_POLICIES:
+            bad.append(FieldViolation(flat("quota", "unavailable"), f"{self.unavailable!r} is not 'deny' or 'allow'"))  # fmt: skip
+        return bad + _positive(self, "quota", "lease_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisConfig:
+    """The Redis server routers share (``[router.redis]``): quota counters (``quota.store =
+    "redis"``) and, when ``placement.share_counts`` is on, desired replica counts."""
+
+    url: str = ""
+    """``redis://[:password@]host:port/db``; MESHLLM_REDIS_URL overrides it, which keeps a
+    password out of the config file."""
+    url_file: str = ""
+    """A file holding the URL instead (e.g. a mounted Kubernetes Secret), read once at start,
+    surrounding whitespace stripped. Set this or ``url`` (MESHLLM_REDIS_URL sets ``url``)."""
+    timeout_s: float = 0.25
+    """Longest wait for one Redis call before it counts as unreachable."""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.url or self.url_file)
+
+    @functools.cached_property
+    def _url_from_file(self) -> str:
+        """``url_file``'s content, stripped (read once). Errors name the file, never what it
+        holds: a password."""
+        path = self.url_file
+        try:
+            url = Path(path).read_bytes().decode().strip()
+        except OSError as e:
+            raise invalid_argument(
+                "redis_url_file", f"cannot read {path}: {e.strerror or e}"
+            ) from e
+        except UnicodeDecodeError:
+            raise invalid_argument("redis_url_file", f"{path} is not UTF-8 text") from None
+        if not url:
+            raise invalid_argument("redis_url_file", f"{path} is empty")
+        return url
+
+    def address(self) -> str:
+        """The URL: ``url_file``'s content when that is set, else ``url``."""
+        return self._url_from_file if self.url_file else self.url
+
+    def violations(self) -> list[FieldViolation]:
+        if self.url_file and self.url:
+            return [FieldViolation(flat("redis", "url_file"), "is set together with redis_url (or "
+                                   "MESHLLM_REDIS_URL): set one")]  # fmt: skip
+        try:
+            self.address()
+        except InvalidArgument as e:
+            return list(e.field_violations)
+        return _positive(self, "redis", "timeout_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementConfig:
+    """How the router keeps catalog models on replicas (``[router.placement]``, docs/admin.md)."""
+
+    load_timeout_s: float = 600.0
+    """Longest a replica may take to load a model before the router stops waiting for it
+    (the replica goes on; a later report shows READY or FAILED)."""
+    load_retry_s: float = 60.0
+    """After a model failed to load, how long automatic placement leaves it alone (an admin
+    ``load`` tries again at once)."""
+    unload_drain_s: float = 30.0
+    """Default time in-flight requests may finish on a replica being unloaded or scaled down."""
+    refresh_s: float = 5.0
+    """Placement looks again at least this often (it also wakes at once on every replica change):
+    what matters here is another router's change to a shared count."""
+    share_counts: bool = False
+    """Keep desired replica counts in ``[router.redis]`` too, so that a scale-down through one
+    router holds for every router sharing it and outlives restarts."""
+
+    def violations(self) -> list[FieldViolation]:
+        names = ("load_timeout_s", "load_retry_s", "unload_drain_s", "refresh_s")
+        return _positive(self, "placement", *names)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerTLSConfig:
+    """TLS for clients -> router (``[router.tls]``, docs/tls.md); all "": plaintext."""
+
+    cert: str = ""
+    """PEM certificate (chain) the router presents; with ``key`` it speaks TLS only."""
+    key: str = ""
+    """PEM private key of ``cert`` (unencrypted)."""
+    client_ca: str = ""
+    """PEM CA file; set, mutual TLS: only clients presenting a certificate signed by this CA get
+    through the handshake."""
+
+    @functools.cached_property
+    def loaded(self) -> ServerTLS | None:
+        """The settings with their files read (once); None: plaintext."""
+        if not (self.cert or self.key or self.client_ca):
+            return None
+        return ServerTLS(cert=self.cert, key=self.key, client_ca=self.client_ca, prefix="tls_")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaTLSConfig:
+    """TLS for router -> replicas (``[router.replica_tls]``); any setting turns it on."""
+
+    ca: str = ""
+    """PEM CA file that signed the replicas' certificates (unset: the system's roots)."""
+    cert: str = ""
+    """PEM client certificate for replicas that run mutual TLS (with ``key``)."""
+    key: str = ""
+    """PEM private key of ``cert`` (unencrypted)."""
+    server_name: str = ""
+    """Name to check every replica's certificate against, when replica addresses do not carry
+    it (IP addresses, pod names); "" checks each address's host."""
+
+    @functools.cached_property
+    def loaded(self) -> ChannelTLS | None:
+        """The settings with their files read (once); None: plaintext."""
+        if not (self.ca or self.cert or self.key or self.server_name):
+            return None
+        return ChannelTLS(ca=self.ca, cert=self.cert, key=self.key,
+                          server_name=self.server_name, prefix="replica_tls_")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Settings of one router process: its own in ``[router]``, each part's in a sub-table."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
     policy: str = "least-busy"
     """``least-busy`` or ``round-robin`` (kept for comparison)."""
     tokens_per_request: int = 256
@@ -42,12 +233,6 @@ class RouterConfig:
     still to generate weigh as much as one more request."""
     max_attempts: int = 3
     """Replicas tried for one request when a failure happens before its first token."""
-    report_interval_ms: int = 250
-    """Load-report period asked of each replica."""
-    stale_after_s: float = 2.0
-    """A replica whose last report is older than this gets no new work until it reports again."""
-    reconnect_max_s: float = 5.0
-    """Longest wait between attempts to reach a replica that stopped answering."""
     retry_after_s: float = 1.0
     """RetryInfo sent with UNAVAILABLE when no healthy replica serves the model."""
     drain_grace_s: float = 30.0
@@ -64,182 +249,124 @@ class RouterConfig:
     tenants_file: str = ""
     """TOML file of tenants, their key hashes, roles and quotas (see meshllm.router.tenants);
     re-read when it changes."""
-    quota_store: str = "memory"
-    """``memory`` (one router) or ``redis`` (several routers enforce one global limit)."""
-    redis_url: str = ""
-    """``redis://[:password@]host:port/db`` for the redis store; MESHLLM_REDIS_URL overrides it,
-    which keeps a password out of the config file."""
-    redis_url_file: str = ""
-    """A file holding the Redis URL instead (e.g. a mounted Kubernetes Secret), read once at
-    start, surrounding whitespace stripped. Set this or ``redis_url`` (MESHLLM_REDIS_URL sets
-    ``redis_url``, so it cannot go with this either)."""
-    redis_unavailable: str = "deny"
-    """When Redis cannot be reached: ``deny`` refuses requests (UNAVAILABLE,
-    QUOTA_STORE_UNAVAILABLE), ``allow`` admits them unmetered. Both log at ERROR and count
-    ``meshllm_router_quota_store_failures_total``."""
-    redis_timeout_s: float = 0.25
-    """Longest wait for one Redis call before it counts as unreachable."""
-    quota_lease_s: float = 900.0
-    """Redis store: a concurrent-request slot is freed after this even if its router died
-    without settling (a request running longer stops counting against the limit)."""
-
-    # Model placement (docs/admin.md). The catalog comes from the file's [models.<id>] tables.
     models: tuple[CatalogModel, ...] = ()
-    """The model catalog: what the router may place on replicas, and on how many."""
-    load_timeout_s: float = 600.0
-    """Longest a replica may take to load a model before the router stops waiting for it
-    (the replica goes on; a later report shows READY or FAILED)."""
-    load_retry_s: float = 60.0
-    """After a model failed to load, how long automatic placement leaves it alone (an admin
-    ``load`` tries again at once)."""
-    unload_drain_s: float = 30.0
-    """Default time in-flight requests may finish on a replica being unloaded or scaled down."""
+    """The model catalog (``[models.<id>]`` tables): what the router may place, and on how many."""
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
+    replica_tls: ReplicaTLSConfig = field(default_factory=ReplicaTLSConfig)
 
-    # TLS (docs/tls.md). All "" (the default): plaintext, for local development only.
-    tls_cert: str = ""
-    """PEM certificate (chain) the router presents to clients; with ``tls_key`` it speaks TLS only."""
-    tls_key: str = ""
-    """PEM private key of ``tls_cert`` (unencrypted)."""
-    tls_client_ca: str = ""
-    """PEM CA file; set, mutual TLS: only clients presenting a certificate signed by this CA get
-    through the handshake."""
-    replica_tls_ca: str = ""
-    """PEM CA file that signed the replicas' certificates; set, the router reaches replicas over
-    TLS. (Any ``replica_tls_*`` setting turns TLS to replicas on; without this one the system's
-    root certificates are trusted.)"""
-    replica_tls_cert: str = ""
-    """PEM client certificate the router presents to replicas that run mutual TLS (with
-    ``replica_tls_key``)."""
-    replica_tls_key: str = ""
-    """PEM private key of ``replica_tls_cert`` (unencrypted)."""
-    replica_tls_server_name: str = ""
-    """Name to check every replica's certificate against, when replica addresses do not carry
-    it (IP addresses, pod names); "" checks each address's host."""
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> RouterConfig:
+        """From nested settings as ``read_config_file`` returns them (sub-tables as mappings)."""
+        values = dict(settings)
+        for name, kind in SECTIONS.items():
+            if isinstance(values.get(name), Mapping):
+                values[name] = kind(**values[name])
+        return cls(**values)
 
-    @functools.cached_property
-    def server_tls(self) -> ServerTLS | None:
-        """TLS for clients → router, with its files read (once per config); None: plaintext."""
-        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
-            return None
-        return ServerTLS(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca)
-
-    @functools.cached_property
-    def replica_tls(self) -> ChannelTLS | None:
-        """TLS for router → replicas, with its files read (once per config); None: plaintext."""
-        if not (self.replica_tls_ca or self.replica_tls_cert or self.replica_tls_key
-                or self.replica_tls_server_name):  # fmt: skip
-            return None
-        return ChannelTLS(ca=self.replica_tls_ca, cert=self.replica_tls_cert,
-                          key=self.replica_tls_key, server_name=self.replica_tls_server_name,
-                          prefix="replica_tls_")  # fmt: skip
-
-    @functools.cached_property
-    def _redis_url_from_file(self) -> str:
-        """``redis_url_file``'s content, stripped (read once per config). Errors name the file,
-        never what it holds: a password."""
-        path = self.redis_url_file
-        try:
-            url = Path(path).read_bytes().decode().strip()
-        except OSError as e:
-            raise invalid_argument(
-                "redis_url_file", f"cannot read {path}: {e.strerror or e}"
-            ) from e
-        except UnicodeDecodeError:
-            raise invalid_argument("redis_url_file", f"{path} is not UTF-8 text") from None
-        if not url:
-            raise invalid_argument("redis_url_file", f"{path} is empty")
-        return url
-
-    def redis_address(self) -> str:
-        """The Redis URL of the redis store: ``redis_url_file``'s content when that is set, else
-        ``redis_url`` (validate() refuses both)."""
-        return self._redis_url_from_file if self.redis_url_file else self.redis_url
-
-    def _tls_violations(self) -> list[FieldViolation]:
-        bad: list[FieldViolation] = []
-        for settings in ("server_tls", "replica_tls"):
-            try:
-                getattr(self, settings)  # reads and checks the PEM files
-            except InvalidArgument as e:
-                bad.extend(e.field_violations)
-        return bad
+    @classmethod
+    def from_flat(cls, settings: Mapping[str, Any]) -> RouterConfig:
+        """From flat names, as the command line gives them (``FLAT_NAMES``)."""
+        return cls.from_mapping(nest(settings))
 
     def validate(self) -> RouterConfig:
         bad: list[FieldViolation] = []
-        if not 0 <= self.port <= 65535:
-            bad.append(FieldViolation("port", f"{self.port} is out of range"))
-        if self.health_port is not None and not 0 <= self.health_port <= 65535:
-            bad.append(FieldViolation("health_port", f"{self.health_port} is out of range"))
+        for name in ("port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                bad.append(FieldViolation(name, f"{value} is out of range"))
         if self.policy not in POLICIES:
-            bad.append(
-                FieldViolation("policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
-            )
-        for address in self.replicas:
-            if not valid_address(address):
-                bad.append(FieldViolation("replicas", f"{address!r} is not host:port"))
-        if self.dns and not valid_address(self.dns):
-            bad.append(FieldViolation("dns", f"{self.dns!r} is not name:port"))
-        for name in ("refresh_s", "stale_after_s", "reconnect_max_s", "retry_after_s",
-                     "load_timeout_s", "load_retry_s", "unload_drain_s"):  # fmt: skip
-            if getattr(self, name) <= 0:
-                bad.append(FieldViolation(name, "must be positive"))
-        for name in ("tokens_per_request", "max_attempts", "report_interval_ms"):
-            if getattr(self, name) < 1:
-                bad.append(FieldViolation(name, "must be at least 1"))
-        bad += self._auth_problems()
+            bad.append(FieldViolation("policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}"))  # fmt: skip
+        bad += [FieldViolation(n, "must be at least 1") for n in ("tokens_per_request", "max_attempts")
+                if getattr(self, n) < 1]  # fmt: skip
+        bad += _positive(self, "", "retry_after_s")
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
-        bad.extend(self._tls_violations())
+        bad += self._auth_violations()
+        for part in (self.discovery, self.quota, self.placement):
+            bad += part.violations()
+        if self.quota.store == "redis" or self.placement.share_counts or self.redis.configured:
+            bad += self._redis_violations()
+        for tls in (self.tls, self.replica_tls):
+            try:
+                _ = tls.loaded  # reads and checks the PEM files
+            except InvalidArgument as e:
+                bad.extend(e.field_violations)
         bad.extend(catalog_violations(self.models))
         if bad:
             raise invalid_fields("invalid router config", bad)
         return self
 
-    def _auth_problems(self) -> list[FieldViolation]:
-        bad: list[FieldViolation] = []
+    def _auth_violations(self) -> list[FieldViolation]:
         if self.auth not in AUTH_MODES:
-            bad.append(
-                FieldViolation("auth", f"{self.auth!r} is not one of {', '.join(AUTH_MODES)}")
-            )
-        elif self.auth == "api-key" and not self.tenants_file:
-            bad.append(FieldViolation("tenants_file", "is required with auth = 'api-key' "
-                                      "(or set auth = 'none' for local development)"))  # fmt: skip
-        elif self.auth == "none" and self.tenants_file:
-            bad.append(FieldViolation("tenants_file", "is ignored with auth = 'none': remove one"))
-        if self.quota_store not in STORES:
-            bad.append(
-                FieldViolation(
-                    "quota_store", f"{self.quota_store!r} is not one of {', '.join(STORES)}"
-                )
-            )
-        elif self.quota_store == "redis" and not (self.redis_url or self.redis_url_file):
-            bad.append(FieldViolation("redis_url", "or redis_url_file is required with "
-                                      "quota_store = 'redis'"))  # fmt: skip
-        bad += self._redis_url_file_problems()
-        if self.redis_unavailable not in STORE_FAILURE_POLICIES:
-            bad.append(
-                FieldViolation(
-                    "redis_unavailable", f"{self.redis_unavailable!r} is not 'deny' or 'allow'"
-                )
-            )
-        for name in ("redis_timeout_s", "quota_lease_s"):
-            if getattr(self, name) <= 0:
-                bad.append(FieldViolation(name, "must be positive"))
-        return bad
-
-    def _redis_url_file_problems(self) -> list[FieldViolation]:
-        if self.redis_url_file and self.redis_url:
-            return [FieldViolation("redis_url_file", "is set together with redis_url (or "
-                                   "MESHLLM_REDIS_URL): set one")]  # fmt: skip
-        try:
-            self.redis_address()  # reads redis_url_file when it is set
-        except InvalidArgument as e:
-            return list(e.field_violations)
+            return [FieldViolation("auth", f"{self.auth!r} is not one of {', '.join(AUTH_MODES)}")]
+        if self.auth == "api-key" and not self.tenants_file:
+            return [FieldViolation("tenants_file", "is required with auth = 'api-key' "
+                                   "(or set auth = 'none' for local development)")]  # fmt: skip
+        if self.auth == "none" and self.tenants_file:
+            return [FieldViolation("tenants_file", "is ignored with auth = 'none': remove one")]
         return []
 
-    @property
-    def has_replica_source(self) -> bool:
-        return bool(self.replicas or self.replicas_file or self.dns)
+    def _redis_violations(self) -> list[FieldViolation]:
+        if not self.redis.configured:
+            users = [u for u, on in (("quota.store = 'redis'", self.quota.store == "redis"),
+                                     ("placement.share_counts", self.placement.share_counts)) if on]  # fmt: skip
+            return [FieldViolation(flat("redis", "url"), f"or redis_url_file is required with {' and '.join(users)}")]  # fmt: skip
+        return self.redis.violations()
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "discovery": DiscoveryConfig,
+    "quota": QuotaConfig,
+    "redis": RedisConfig,
+    "placement": PlacementConfig,
+    "tls": ServerTLSConfig,
+    "replica_tls": ReplicaTLSConfig,
+}
+"""``[router.<name>]`` sub-tables and the config each becomes."""
+
+FLAT_NAMES: dict[str, tuple[str, str]] = {
+    **{n: ("discovery", n) for n in ("replicas", "replicas_file", "dns", "refresh_s",
+                                     "report_interval_ms", "stale_after_s", "reconnect_max_s")},
+    "quota_store": ("quota", "store"), "redis_unavailable": ("quota", "unavailable"),
+    "quota_lease_s": ("quota", "lease_s"),
+    "redis_url": ("redis", "url"), "redis_url_file": ("redis", "url_file"),
+    "redis_timeout_s": ("redis", "timeout_s"),
+    **{n: ("placement", n) for n in ("load_timeout_s", "load_retry_s", "unload_drain_s")},
+    "placement_refresh_s": ("placement", "refresh_s"),
+    "share_placement_counts": ("placement", "share_counts"),
+    **{f"tls_{n}": ("tls", n) for n in ("cert", "key", "client_ca")},
+    **{f"replica_tls_{n}": ("replica_tls", n) for n in ("ca", "cert", "key", "server_name")},
+}  # fmt: skip
+"""Flat name (a command-line flag's) -> (sub-table, setting); other flat names are ``[router]``'s.
+Errors name settings by these names."""
+_FLAT = {place: name for name, place in FLAT_NAMES.items()}
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat settings into the nested shape of ``RouterConfig.from_mapping``."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        section, key = FLAT_NAMES.get(name, ("", name))
+        if section:
+            out.setdefault(section, {})[key] = value
+        else:
+            out[name] = value
+    return out
+
+
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` (nested) on top of ``base`` (nested), one level of sub-tables deep."""
+    out = dict(base)
+    for name, value in overrides.items():
+        if name in SECTIONS and isinstance(value, Mapping):
+            out[name] = {**out.get(name, {}), **value}
+        else:
+            out[name] = value
+    return out
 
 
 def valid_address(address: str) -> bool:
@@ -248,45 +375,73 @@ def valid_address(address: str) -> bool:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """RouterConfig settings from a TOML file: its ``[router]`` table, with names and types
-    checked, and its ``[models.<id>]`` tables as the catalog (``models``)."""
+    """Nested settings from a TOML file: ``[router]`` and its sub-tables, names and types
+    checked, and the ``[models.<id>]`` tables as the catalog (``models``)."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise InvalidArgument(f"cannot read router config {path}: {e}") from e
-    if unknown_tables := sorted(set(data) - {"router", "models"}):
-        raise InvalidArgument(f"{path}: unknown tables {', '.join(unknown_tables)}; a router config "
-                              "has [router] and [models.<id>] tables",
-                              field_violations=[FieldViolation(k, "unknown table") for k in unknown_tables])  # fmt: skip
+    if unknown := sorted(set(data) - {"router", "models"}):
+        raise InvalidArgument(f"{path}: unknown tables {', '.join(unknown)}; a router config "
+                              "has [router] (with its sub-tables) and [models.<id>] tables",
+                              field_violations=[FieldViolation(k, "unknown table") for k in unknown])  # fmt: skip
     table = data.get("router", {})
     if not isinstance(table, dict):
         raise InvalidArgument(f"{path}: [router] must be a table")
-    known = {f.name for f in fields(RouterConfig)} - {"models"}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise InvalidArgument(f"{path}: unknown [router] settings: {', '.join(unknown)}",
-                              field_violations=[FieldViolation(k, "unknown setting") for k in unknown])  # fmt: skip
-    defaults = RouterConfig()
-    for key, value in table.items():
-        default = getattr(defaults, key)
-        expected = int if default is None else type(default)  # None: an optional port
-        if expected is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            table[key] = tuple(value)
-        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-            table[key] = float(value)
-        elif type(value) is not expected:
-            what = _TYPE_NAMES[expected]
-            raise InvalidArgument(f"{path}: [router] {key} must be {what}, not {value!r}",
-                                  field_violations=[FieldViolation(key, f"must be {what}")])  # fmt: skip
+    settings = _typed(path, "router", table, RouterConfig, skip=set(SECTIONS))
+    for name, kind in SECTIONS.items():
+        if name in table:
+            if not isinstance(table[name], dict):
+                raise InvalidArgument(f"{path}: [router.{name}] must be a table")
+            settings[name] = _typed(path, f"router.{name}", table[name], kind)
     if "models" in data:
-        table["models"] = parse_catalog(data["models"], str(path))
-    return table
-
-
-def from_environment(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings the environment overrides (the one place the router reads MESHLLM_ variables):
-    MESHLLM_REDIS_URL sets ``redis_url`` (with ``redis_url_file`` also set, validate() asks to
-    set one)."""
-    if url := os.environ.get(REDIS_URL_ENV):
-        settings = {**settings, "redis_url": url}
+        settings["models"] = parse_catalog(data["models"], str(path))
     return settings
+
+
+_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (float, int),
+                                       "bool": (bool,), "int | None": (int,)}  # fmt: skip
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "int | None": "an integer", "tuple[str, ...]": "a list of strings"}  # fmt: skip
+
+
+def _typed(path: Path, where: str, table: Mapping[str, Any], kind: type[Any],
+           skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
+    """One table's settings, each checked against the dataclass field of the same name."""
+    types = {f.name: str(f.type) for f in fields(kind) if f.name not in skip and f.name != "models"}
+    if unknown := sorted(set(table) - types.keys() - set(skip)):
+        moved = [f"{k} is now {FLAT_NAMES[k][1]} in [router.{FLAT_NAMES[k][0]}]"
+                 for k in unknown if k in FLAT_NAMES and where == "router"]  # fmt: skip
+        hint = f" ({'; '.join(moved)})" if moved else ""
+        raise InvalidArgument(f"{path}: unknown [{where}] settings: {', '.join(unknown)}{hint}",
+                              field_violations=[FieldViolation(f"{where}.{k}", "unknown setting") for k in unknown])  # fmt: skip
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in skip:
+            continue
+        expected = types[key]
+        if (
+            expected == "tuple[str, ...]"
+            and isinstance(value, list)
+            and all(isinstance(v, str) for v in value)
+        ):
+            out[key] = tuple(value)
+        elif (
+            expected in _KINDS
+            and isinstance(value, _KINDS[expected])
+            and (expected == "bool" or not isinstance(value, bool))
+        ):
+            out[key] = float(cast(float, value)) if expected == "float" else value
+        else:
+            what = _TYPE_NAMES[expected]
+            raise InvalidArgument(f"{path}: [{where}] {key} must be {what}, not {value!r}",
+                                  field_violations=[FieldViolation(f"{where}.{key}", f"must be {what}")])  # fmt: skip
+    return out
+
+
+def from_environment(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested settings the environment overrides (the one place the router reads MESHLLM_
+    variables): MESHLLM_REDIS_URL sets ``redis.url``."""
+    if url := os.environ.get(REDIS_URL_ENV):
+        return merged(settings, {"redis": {"url": url}})
+    return dict(settings)

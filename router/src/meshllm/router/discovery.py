@@ -8,7 +8,7 @@ import logging
 import socket
 from pathlib import Path
 
-from meshllm.router.config import RouterConfig, valid_address
+from meshllm.router.config import DiscoveryConfig, valid_address
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Discovery:
     """The current replica addresses; a failed lookup keeps that source's last good answer, so a
     DNS hiccup never empties the mesh."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: DiscoveryConfig) -> None:
         self._config = config
         self._file: set[str] = set()
         self._dns: set[str] = set()
@@ -64,4 +64,4 @@ class Discovery:
 
     @property
     def dynamic(self) -> bool:
-        return bool(self._config.replicas_file or self._config.dns)
+        return self._config.dynamic

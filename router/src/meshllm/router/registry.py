@@ -2,50 +2,50 @@
 
 from __future__ import annotations
 
-import enum
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-
-class ReplicaState(enum.Enum):
-    UNKNOWN = "unknown"
-    EMPTY = "empty"
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    UNLOADING = "unloading"
-    FAILED = "failed"
+from meshllm.api.spec import ModelSpec
+from meshllm.api.types import HOSTING, LoadReport, ModelInfo, ReplicaState
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class ServedModel:
-    """The model a replica hosts, from its status (spec)."""
+    """The model a replica serves: its spec (from its status) and its resolved limits (from its
+    ListModels)."""
 
-    id: str
-    engine: str
-    context_length: int
-    max_tokens_limit: int
-    default_max_tokens: int
+    spec: ModelSpec
+    info: ModelInfo
 
-
-@dataclass(frozen=True, kw_only=True)
-class LoadReport:
-    """One load report of a replica (``ReplicaControl.WatchLoad``)."""
-
-    replica_id: str
-    state: ReplicaState
-    model: str
-    queued: int
-    running: int
-    tokens_in_flight: int
-    tokens_per_second: float
-    device: str = ""
+    @property
+    def id(self) -> str:
+        return self.spec.id
 
 
-HOSTING = frozenset({ReplicaState.LOADING, ReplicaState.READY, ReplicaState.DRAINING})
-"""States in which a replica holds (or is about to hold) its reported model."""
+class Changes:
+    """Wakes whoever waits for the registry to change (a report, an ejection, a request ending).
+    A fresh event per change: a waiter that checks its condition and then waits loses nothing,
+    as nothing runs between the two."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until ``predicate()`` holds (True) or ``timeout_s`` passed (False)."""
+        try:
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can lose a cancel on 3.11
+                while not predicate():
+                    await self._event.wait()
+        except TimeoutError:
+            return predicate()
+        return True
 
 
 @dataclass(eq=False, kw_only=True)
@@ -135,17 +135,21 @@ class Registry:
     stale_after_s: float
     clock: Callable[[], float] = time.monotonic
     replicas: dict[str, Replica] = field(default_factory=dict)
+    changes: Changes = field(default_factory=Changes)
+    """Notified on every change of what the router knows of a replica."""
 
     def add(self, address: str) -> Replica:
         replica = self.replicas.get(address)
         if replica is None or replica.removed:
             replica = self.replicas[address] = Replica(address=address)
+            self.changes.notify()
         return replica
 
     def remove(self, address: str) -> Replica | None:
         replica = self.replicas.pop(address, None)
         if replica is not None:
             replica.removed = True
+            self.changes.notify()
         return replica
 
     def update(self, replica: Replica, report: LoadReport) -> None:
@@ -155,6 +159,12 @@ class Registry:
         replica.replica_id, replica.connected, replica.last_error = report.replica_id, True, ""
         if replica.claim and (report.model == replica.claim or report.state != ReplicaState.EMPTY):
             replica.claim = ""  # the replica took the load (or something else): reports rule
+        self.changes.notify()
+
+    def eject(self, replica: Replica, reason: str) -> None:
+        """Stop sending work to ``replica`` until it reports again."""
+        replica.eject(reason)
+        self.changes.notify()
 
     def candidates(self, model: str, exclude: Iterable[Replica] = ()) -> list[Replica]:
         now, skip = self.clock(), set(map(id, exclude))
@@ -191,3 +201,4 @@ class Registry:
         finally:
             replica.inflight -= 1
             replica.inflight_tokens -= lease.tokens
+            self.changes.notify()

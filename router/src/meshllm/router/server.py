@@ -25,9 +25,10 @@ from meshllm.router.config import RouterConfig
 from meshllm.router.discovery import Discovery
 from meshllm.router.forward import Forwarder
 from meshllm.router.metrics import router_metrics
+from meshllm.router.picking import Picker
 from meshllm.router.placement.control import Placement
 from meshllm.router.placement.desired import RedisCounts
-from meshllm.router.pool import ReplicaPool
+from meshllm.router.pool import LinkSettings, ReplicaPool
 from meshllm.router.quota import make_store
 from meshllm.router.quota.redis_store import RedisQuotaStore
 from meshllm.router.registry import Registry
@@ -54,20 +55,19 @@ class RouterServer:
     """
 
     def __init__(self, config: RouterConfig) -> None:
-        self.config = config.validate()
+        self.config = c = config.validate()
         self.port = 0
-        self.registry = Registry(stale_after_s=self.config.stale_after_s)
-        self.pool = ReplicaPool(self.config, self.registry, self._on_change)
-        self.policy = make_policy(self.config.policy, self.config.tokens_per_request)
-        self._discovery = Discovery(self.config)
-        self._tenants = TenantsFile(Path(config.tenants_file)) if config.auth == "api-key" else None
-        self._store = make_store(self.config.quota_store, redis_url=self.config.redis_address(),
-                                 concurrency_retry_s=self.config.retry_after_s,
-                                 lease_s=self.config.quota_lease_s, timeout_s=self.config.redis_timeout_s)  # fmt: skip
-        counts = (
-            RedisCounts(self._store.redis) if isinstance(self._store, RedisQuotaStore) else None
-        )
-        self.placement = Placement(self.config, self.registry, self.pool, counts)
+        self.registry = Registry(stale_after_s=c.discovery.stale_after_s)
+        links = LinkSettings(discovery=c.discovery, tls=c.replica_tls.loaded,
+                             max_message_bytes=c.max_message_bytes, drain_grace_s=c.drain_grace_s)  # fmt: skip
+        self.pool = ReplicaPool(links, self.registry, self._on_change)
+        self.policy = make_policy(c.policy, c.tokens_per_request)
+        self._discovery = Discovery(c.discovery)
+        self._tenants = TenantsFile(Path(c.tenants_file)) if c.auth == "api-key" else None
+        self._store = make_store(c.quota.store, redis_url=c.redis.address(),
+                                 concurrency_retry_s=c.retry_after_s, lease_s=c.quota.lease_s,
+                                 timeout_s=c.redis.timeout_s)  # fmt: skip
+        self.placement = Placement(c.placement, c.models, self.registry, self.pool, self._counts())
         self._health = HealthServicer()
         self._stopped = False
         self.metrics_port: int | None = None
@@ -79,21 +79,32 @@ class RouterServer:
         self._refresher: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
 
+    def _counts(self) -> RedisCounts | None:
+        """Desired replica counts in Redis when placement shares them (else this router's)."""
+        if not self.config.placement.share_counts:
+            return None
+        if isinstance(self._store, RedisQuotaStore):
+            return RedisCounts(self._store.redis)  # one connection pool per router
+        return RedisCounts.connect(self.config.redis.address(), self.config.redis.timeout_s)
+
     async def start(self) -> int:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
-        tls = self.config.server_tls
+        tls = self.config.tls.loaded
         self.port = listen(server, self.config.host, self.config.port, tls)
         prometheus, metrics = router_metrics(self.registry, self.config.tokens_per_request)
         self.auth = Authenticator(self._tenants.tenants if self._tenants else None, prometheus)
-        self.admission = Admission(self._store, self.config.redis_unavailable,
-                                   self.config.retry_after_s, QuotaMetrics(prometheus))  # fmt: skip
-        forwarder = Forwarder(self.config, self.registry, self.pool, policy=self.policy,
-                              metrics=metrics, admission=self.admission)  # fmt: skip
+        c = self.config
+        self.admission = Admission(self._store, c.quota.unavailable, c.retry_after_s,
+                                   QuotaMetrics(prometheus))  # fmt: skip
+        picker = Picker(self.registry, self.pool, self.policy,
+                        catalog=frozenset(m.id for m in c.models), retry_after_s=c.retry_after_s)  # fmt: skip
+        forwarder = Forwarder(self.registry, picker, metrics=metrics, admission=self.admission,
+                              max_attempts=c.max_attempts, retry_after_s=c.retry_after_s)  # fmt: skip
         gen_grpc.add_GenerationServicer_to_server(
             RouterGenerationService(forwarder, self.registry, self.auth), server
         )
         adm_grpc.add_AdminServicer_to_server(
-            RouterAdminService(self.auth, self.placement, self.admission), server
+            RouterAdminService(self.auth, self.placement, self._store), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -117,7 +128,7 @@ class RouterServer:
             )
         log.info("router listening on %s (%s, %d replica addresses, %s; to replicas: %s)",
                  self.port, self.config.policy, len(self.pool.links), tls_mode(tls, self.health_port),
-                 "TLS" if self.config.replica_tls else "plaintext")  # fmt: skip
+                 "TLS" if self.config.replica_tls.loaded else "plaintext")  # fmt: skip
         self._log_access()
         return self.port
 
@@ -127,11 +138,11 @@ class RouterServer:
                         "quota; use this for local development only")  # fmt: skip
         else:
             log.info("%d tenants from %s; quota store: %s", len(self._tenants.tenants),
-                     self._tenants.path, getattr(self._store, "url", self.config.quota_store))  # fmt: skip
+                     self._tenants.path, getattr(self._store, "url", self.config.quota.store))  # fmt: skip
 
     async def _refresh(self) -> None:
         while True:
-            await asyncio.sleep(self.config.refresh_s)
+            await asyncio.sleep(self.config.discovery.refresh_s)
             if self._discovery.dynamic:
                 self.pool.sync(await self._discovery.addresses())
             if self._tenants is not None and (tenants := self._tenants.reload()) is not None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
+from meshllm.api import convert
+from meshllm.api.types import ModelInfo
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.router.admission import Headers
 from meshllm.router.auth import Authenticator
-from meshllm.router.convert import model_info_to_pb
-from meshllm.router.forward import Call, Forwarder
-from meshllm.router.registry import Registry
+from meshllm.router.forward import Forwarder
+from meshllm.router.registry import Registry, Replica
+from meshllm.router.request import Call
 from meshllm.server.serving import streaming, unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -56,6 +59,17 @@ class RouterGenerationService(gen_grpc.GenerationServicer):
     ) -> gen.ListModelsResponse:
         self._auth.authenticate(context.invocation_metadata())
         ready = self._registry.ready_models()
-        return gen.ListModelsResponse(
-            models=[model_info_to_pb(model, ready[model]) for model in sorted(ready)]
+        models = [convert.model_info_to_pb(listed(m, ready[m])) for m in sorted(ready)]
+        return gen.ListModelsResponse(models=models)
+
+
+def listed(model: str, replicas: list[Replica]) -> ModelInfo:
+    """A model as the mesh serves it: its limits as a replica resolved them, and how many serve it."""
+    served = next(
+        (r.served for r in replicas if r.served is not None and r.served.id == model), None
+    )
+    if served is None:
+        return ModelInfo(
+            id=model, engine="", context_length=0, max_tokens_limit=0, ready_replicas=len(replicas)
         )
+    return replace(served.info, ready_replicas=len(replicas))

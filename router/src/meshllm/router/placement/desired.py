@@ -1,7 +1,6 @@
 """Where routers keep each model's desired replica count once an admin changed it.
 
-One router keeps it in memory. Routers that share Redis (``quota_store = "redis"``) keep it there
-too, so that a scale-down through one router is not undone by the others' placement, and a
+One router keeps it in memory. Routers with ``placement.share_counts`` keep it in Redis too, so that a scale-down through one router is not undone by the others' placement, and a
 restarted router keeps it. An admin's count lasts until the catalog's ``desired_replicas`` for
 that model changes: a new catalog is a newer decision than an old admin call.
 """
@@ -61,12 +60,19 @@ class LocalCounts:
 class RedisCounts:
     """A Redis hash shared by every router; when Redis cannot be reached, this router goes on
     with its own view (logged at most once a minute). It borrows the quota store's client:
-    one connection pool per router, closed by its owner."""
+    one connection pool per router, closed by its owner (``connect`` makes one of its own)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self._redis = redis
+    def __init__(self, redis: aioredis.Redis, *, owned: bool = False) -> None:
+        self._redis, self._owned = redis, owned
         self._local = LocalCounts()
         self._warned_at = 0.0
+
+    @classmethod
+    def connect(cls, url: str, timeout_s: float) -> RedisCounts:
+        """With a client of its own (the quota store does not use Redis)."""
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
+                                         socket_connect_timeout=timeout_s, retry_on_timeout=False)  # fmt: skip
+        return cls(client, owned=True)
 
     async def read(self) -> dict[str, tuple[int, int]]:
         try:
@@ -96,4 +102,5 @@ class RedisCounts:
             log.error(message)
 
     async def close(self) -> None:
-        pass  # the client is the quota store's
+        if self._owned:
+            await self._redis.aclose()

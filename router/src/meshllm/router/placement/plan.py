@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from meshllm.api.types import ReplicaState
 from meshllm.router.placement.catalog import CatalogModel
-from meshllm.router.registry import Replica, ReplicaState
+from meshllm.router.registry import Replica
 
 IDLE = frozenset({ReplicaState.EMPTY, ReplicaState.FAILED})
 # Freed first when scaling down: replicas not serving yet, then those already draining, then the

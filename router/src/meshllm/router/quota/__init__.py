@@ -3,7 +3,6 @@
 from meshllm.router.quota.limits import (
     LIMITS,
     Demand,
-    LimitUsage,
     Remaining,
     Reservation,
     TenantLimits,
@@ -21,7 +20,6 @@ __all__ = [
     "LIMITS",
     "STORES",
     "Demand",
-    "LimitUsage",
     "QuotaExceeded",
     "QuotaStore",
     "QuotaStoreUnavailable",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from meshllm.api.types import QuotaUsage
 from meshllm.router.quota.limits import (
     CONCURRENT_REQUESTS,
     DAY_S,
@@ -16,7 +17,6 @@ from meshllm.router.quota.limits import (
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
     Demand,
-    LimitUsage,
     Remaining,
     Reservation,
     TenantLimits,
@@ -161,20 +161,20 @@ def settle(ledger: TenantLedger, reservation: Reservation, used_tokens: int, now
         ledger.day_tokens = max(0, ledger.day_tokens - refund)
 
 
-def usage(ledger: TenantLedger, tenant: str, limits: TenantLimits, now: float) -> list[LimitUsage]:
+def usage(ledger: TenantLedger, tenant: str, limits: TenantLimits, now: float) -> list[QuotaUsage]:
     """Each set limit of the tenant: used, limit and seconds until it is whole again."""
     ledger.roll(now)
-    out: list[LimitUsage] = []
+    out: list[QuotaUsage] = []
     for name, cap, bucket in ((REQUESTS_PER_MINUTE, limits.requests_per_minute, ledger.requests),
                               (TOKENS_PER_MINUTE, limits.tokens_per_minute, ledger.tokens)):  # fmt: skip
         if cap is not None:
             b = Bucket.at(bucket, cap, now)
-            out.append(LimitUsage(tenant=tenant, limit=name, used=max(0, math.ceil(cap - b.level)),
+            out.append(QuotaUsage(tenant=tenant, limit=name, used=max(0, math.ceil(cap - b.level)),
                                   limit_value=cap, resets_in_s=b.wait_s(cap, cap)))  # fmt: skip
     if (cap := limits.concurrent_requests) is not None:
-        out.append(LimitUsage(tenant=tenant, limit=CONCURRENT_REQUESTS, used=len(ledger.leases),
+        out.append(QuotaUsage(tenant=tenant, limit=CONCURRENT_REQUESTS, used=len(ledger.leases),
                               limit_value=cap, resets_in_s=0.0))  # fmt: skip
     if (cap := limits.tokens_per_day) is not None:
-        out.append(LimitUsage(tenant=tenant, limit=TOKENS_PER_DAY, used=ledger.day_tokens,
+        out.append(QuotaUsage(tenant=tenant, limit=TOKENS_PER_DAY, used=ledger.day_tokens,
                               limit_value=cap, resets_in_s=until_next_day(now)))  # fmt: skip
     return out

@@ -91,14 +91,3 @@ class Reservation:
     """Identifies the concurrent-request slot."""
     limits: TenantLimits
     remaining: Remaining
-
-
-@dataclass(frozen=True, kw_only=True)
-class LimitUsage:
-    """One limit of one tenant right now (``Admin.GetQuotaUsage``)."""
-
-    tenant: str
-    limit: str
-    used: int
-    limit_value: int
-    resets_in_s: float

@@ -7,8 +7,9 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 
+from meshllm.api.types import QuotaUsage
 from meshllm.router.quota import ledger
-from meshllm.router.quota.limits import Demand, LimitUsage, Reservation, TenantLimits
+from meshllm.router.quota.limits import Demand, Reservation, TenantLimits
 from meshllm.router.quota.store import QuotaExceeded
 
 
@@ -34,7 +35,7 @@ class MemoryQuotaStore:
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
         ledger.settle(self._ledgers[reservation.tenant], reservation, used_tokens, self._clock())
 
-    async def usage(self, tenant: str, limits: TenantLimits) -> list[LimitUsage]:
+    async def usage(self, tenant: str, limits: TenantLimits) -> list[QuotaUsage]:
         return ledger.usage(self._ledgers[tenant], tenant, limits, self._clock())
 
     async def close(self) -> None:

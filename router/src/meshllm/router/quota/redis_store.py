@@ -18,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from meshllm.api.types import QuotaUsage
 from meshllm.router.quota import ledger
 from meshllm.router.quota.limits import (
     Demand,
-    LimitUsage,
     Remaining,
     Reservation,
     TenantLimits,
@@ -97,7 +97,7 @@ class RedisQuotaStore:
                 reservation.tokens - used_tokens, reservation.lease, today]  # fmt: skip
         await self._call(lambda: self._settle(keys=(tpm, leases, day_key), args=args))
 
-    async def usage(self, tenant: str, limits: TenantLimits) -> list[LimitUsage]:
+    async def usage(self, tenant: str, limits: TenantLimits) -> list[QuotaUsage]:
         now = self._clock()
         rpm, tpm, leases, day_key = self._keys(tenant, ledger.day_of(now))
 

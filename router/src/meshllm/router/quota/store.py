@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from meshllm.router.quota.limits import Demand, LimitUsage, Reservation, TenantLimits, Violation
+from meshllm.api.types import QuotaUsage
+from meshllm.router.quota.limits import Demand, Reservation, TenantLimits, Violation
 
 
 class QuotaExceeded(Exception):
@@ -32,7 +33,7 @@ class QuotaStore(Protocol):
         """The request ended having used ``used_tokens``: free its slot, give back the rest."""
         ...
 
-    async def usage(self, tenant: str, limits: TenantLimits) -> list[LimitUsage]: ...
+    async def usage(self, tenant: str, limits: TenantLimits) -> list[QuotaUsage]: ...
 
     async def close(self) -> None: ...
 

@@ -1,0 +1,65 @@
+"""Choosing the replica for the next attempt, or explaining why there is none. No I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
+from meshllm.api.types import ReplicaState
+from meshllm.router.balancer import Policy
+from meshllm.router.placement import plan
+from meshllm.router.pool import ReplicaLink, ReplicaPool
+from meshllm.router.registry import Registry, Replica, ServedModel
+
+
+class Picker:
+    """The policy's pick among the replicas that serve a model, skipping those already tried."""
+
+    def __init__(self, registry: Registry, pool: ReplicaPool, policy: Policy, *,
+                 catalog: frozenset[str], retry_after_s: float) -> None:  # fmt: skip
+        self._registry, self._pool, self._policy = registry, pool, policy
+        self._catalog, self._retry_s = catalog, retry_after_s
+
+    def pick(self, model: str, tried: Sequence[Replica]) -> ReplicaLink:
+        """The replica for the next attempt, or the error that explains why there is none."""
+        while True:
+            candidates = self._registry.candidates(model, exclude=tried)
+            if not candidates:
+                raise self.no_replica(model, tried)
+            replica = self._policy.pick(candidates)
+            link = self._pool.link(replica)
+            if link is not None:
+                return link
+            tried = [*tried, replica]  # removed between listing and picking
+
+    def served(self, model: str) -> ServedModel | None:
+        """The model as some replica serving it now reports it (before one is picked)."""
+        for replica in self._registry.ready_models().get(model, ()):
+            if replica.served is not None:
+                return replica.served
+        return None
+
+    def no_replica(self, model: str, tried: Sequence[Replica]) -> MeshError:
+        where = {"model": model}
+        if tried:
+            names = ", ".join(r.name for r in tried)
+            return Unavailable(
+                f"no replica could take the request for {model!r}: {len(tried)} tried ({names})",
+                reason="NO_HEALTHY_REPLICA", retry_after=self._retry_s, metadata=where,
+            )  # fmt: skip
+        held = plan.hosting(self._registry.replicas.values(), model)
+        states = {ReplicaState.LOADING if r.claim else r.state for r in held}
+        if ReplicaState.LOADING in states:
+            return Unavailable(f"model {model!r} is still loading", reason="MODEL_LOADING",
+                               retry_after=self._retry_s, metadata=where)  # fmt: skip
+        if not states and model in self._catalog:
+            return FailedPrecondition(
+                f"model {model!r} is in the catalog but loaded on no replica; an admin can load "
+                f"it (meshllm admin load {model})", reason="MODEL_NOT_LOADED", metadata=where,
+            )  # fmt: skip
+        ready = self._registry.ready_models()
+        if not states and (ready or self._catalog) and not self._registry.knows(model):
+            available = sorted({*ready, *self._catalog})
+            return NotFound(f"unknown model {model!r}; available: {', '.join(available)}")
+        return Unavailable(f"no healthy replica serves {model!r} now", reason="NO_HEALTHY_REPLICA",
+                           retry_after=self._retry_s, metadata=where)  # fmt: skip

@@ -1,0 +1,120 @@
+"""One request through the router: its server span, metrics record and quota reservation, begun
+and ended together, with one status."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from meshllm.api.errors import invalid_argument
+from meshllm.api.spec import DEFAULT_MAX_TOKENS
+from meshllm.api.tracing import end_with_error, extract, tracer
+from meshllm.api.types import prompt_tokens_estimate
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.router.admission import Admission, Headers
+from meshllm.router.metrics import RouterMetrics
+from meshllm.router.registry import ServedModel
+from meshllm.router.tenants import Tenant
+from meshllm.server.metrics import RequestRecord
+
+TimeRemaining = Callable[[], float | None]
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the service layer knows of one incoming call."""
+
+    tenant: Tenant
+    time_remaining: TimeRemaining
+    metadata: grpc.aio.Metadata | None
+    send_headers: Callable[[Headers], Awaitable[None]]
+    """Sends the initial metadata (quota left) before the first reply message."""
+
+
+def budget(request: gen.GenerateRequest, served: ServedModel | None) -> int:
+    """Tokens the request may generate: its max_tokens, else the default of the model ``served``
+    (as a replica reported it)."""
+    if request.HasField("max_tokens"):
+        return request.max_tokens
+    return served.spec.max_tokens_default if served is not None else DEFAULT_MAX_TOKENS
+
+
+def prompt_estimate(request: gen.GenerateRequest) -> int:
+    messages = ((m.role, m.content) for m in request.messages)
+    return prompt_tokens_estimate(prompt=request.prompt, messages=messages,
+                                  instructions=request.instructions, token_ids=len(request.token_ids))  # fmt: skip
+
+
+@dataclass
+class RoutedRequest:
+    """The counts of one request as its reply passes through; they settle its quota."""
+
+    request: gen.GenerateRequest
+    record: RequestRecord
+    span: trace.Span
+    prompt_estimate: int
+
+    def streamed(self, chunk: gen.GenerateChunk) -> None:
+        self.record.tokens(len(chunk.token_ids))
+        if chunk.HasField("usage"):
+            self.record.prompt_tokens = chunk.usage.prompt_tokens
+            self.record.replica = chunk.timing.replica
+
+    def answered(self, response: gen.GenerateResponse) -> None:
+        self.record.replica = response.timing.replica
+        self.record.prompt_tokens = response.usage.prompt_tokens
+        self.record.completion_tokens = response.usage.completion_tokens
+
+    def tokens_used(self) -> int:
+        """Tokens to charge: the replica's counts (its usage carries the prompt's); a request cut
+        off before that is charged the estimate, one that produced nothing costs none."""
+        r = self.record
+        if r.prompt_tokens:
+            return r.prompt_tokens + r.completion_tokens
+        return self.prompt_estimate + r.completion_tokens if r.completion_tokens else 0
+
+
+def _end_span(span: trace.Span, record: RequestRecord) -> None:
+    span.set_attribute("meshllm.request_id", record.request_id)
+    span.set_attribute("meshllm.completion_tokens", record.completion_tokens)
+    end_with_error(span, record.code)
+
+
+@contextlib.asynccontextmanager
+async def routed(
+    name: str,
+    request: gen.GenerateRequest,
+    call: Call,
+    *,
+    metrics: RouterMetrics,
+    admission: Admission,
+    served: Callable[[str], ServedModel | None],
+) -> AsyncIterator[RoutedRequest]:
+    """Track ``request`` (span, metrics, access log) and hold its tenant's quota while the block
+    runs; settle with the tokens it used, however it ends."""
+    span = tracer.start_span(name, context=extract(call.metadata), kind=SpanKind.SERVER,
+                             attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name})  # fmt: skip
+    with metrics.track(request.model, on_end=functools.partial(_end_span, span)) as record:
+        record.tenant = call.tenant.name
+        if not request.model:
+            raise invalid_argument("model", "must name a model (ListModels shows them)")
+        request.request_id = request.request_id or uuid.uuid4().hex
+        record.request_id = request.request_id
+        routed = RoutedRequest(request, record, span, prompt_estimate(request))
+        held = None
+        if not call.tenant.limits.unlimited:  # no registry scan for an unmetered tenant
+            tokens = routed.prompt_estimate + budget(request, served(request.model))
+            held = await admission.reserve(call.tenant, tokens, span)
+        try:
+            await call.send_headers(held.remaining.headers() if held is not None else ())
+            yield routed
+        finally:
+            if held is not None:
+                await admission.settle(held, routed.tokens_used())

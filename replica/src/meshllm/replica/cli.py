@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from meshllm.replica.config import ModelSpec, ReplicaConfig
+from meshllm.api.spec import DEFAULT_ENGINE, ModelSpec
+from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.engines import engine_names
 from meshllm.replica.server import serve
 from meshllm.server.logs import FORMATS
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model-id", default="", help="id clients use (default: 'demo'/'bench' or the folder name)"
     )
-    p.add_argument("--engine", default="ctranslate2", choices=engine_names())
+    p.add_argument("--engine", default=DEFAULT_ENGINE, choices=engine_names())
     p.add_argument(
         "--compute-type", default="", help="e.g. int8, float16, float32 (default: the engine's)"
     )

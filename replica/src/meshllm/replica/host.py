@@ -4,56 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
-from meshllm.replica.config import ModelSpec, ReplicaConfig
-from meshllm.replica.memory import DeviceMemory, device_memory
-from meshllm.replica.model import LoadedModel, ModelInfo
+from meshllm.api.spec import ModelSpec
+from meshllm.api.types import LoadReport, ModelInfo, ReplicaState, ReplicaStatus
+from meshllm.replica.config import ReplicaConfig
+from meshllm.replica.memory import device_memory
+from meshllm.replica.model import LoadedModel
 from meshllm.replica.types import Chunk, GenerationRequest
 
 log = logging.getLogger(__name__)
 
 
-class ReplicaState(enum.Enum):
-    EMPTY = "empty"
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoadReport:
-    replica_id: str
-    state: ReplicaState
-    model: str
-    queued: int
-    running: int
-    tokens_in_flight: int
-    tokens_per_second: float
-    cache_utilization: float
-    requests_total: int
-    tokens_total: int
-    timestamp_ms: int
-    device: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReplicaStatusInfo:
-    replica_id: str
-    state: ReplicaState
-    spec: ModelSpec | None
-    device: str
-    error: str
-    load: LoadReport
-    memory: DeviceMemory
+def package_version() -> str:
+    """This replica's ``meshllm-replica`` version, reported in its status."""
+    try:
+        return version("meshllm-replica")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class ThroughputMeter:
@@ -84,6 +57,7 @@ class Replica:
     def __init__(self, config: ReplicaConfig, name: str) -> None:
         self.config = config
         self.name = name
+        self.version = package_version()
         self.state = ReplicaState.EMPTY
         self.spec: ModelSpec | None = None
         self.error = ""
@@ -290,8 +264,14 @@ class Replica:
             device=self.config.device,
         )
 
-    def status(self) -> ReplicaStatusInfo:
-        return ReplicaStatusInfo(
-            replica_id=self.name, state=self.state, spec=self.spec, device=self.config.device,
-            error=self.error, load=self.load_report(), memory=device_memory(self.config.device),
-        )  # fmt: skip
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(
+            replica_id=self.name,
+            state=self.state,
+            spec=self.spec,
+            device=self.config.device,
+            error=self.error,
+            load=self.load_report(),
+            memory=device_memory(self.config.device),
+            version=self.version,
+        )

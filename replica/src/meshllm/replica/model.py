@@ -5,37 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.api.errors import FailedPrecondition, Internal, ResourceExhausted
-from meshllm.replica.config import BUILTIN_MODELS, ModelSpec
+from meshllm.api.spec import BUILTIN_MODELS, DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_QUEUED, ModelSpec
+from meshllm.api.types import FinishReason, ModelInfo, Timing, Usage
 from meshllm.replica.engines import Engine, EngineSettings, TokenStream, create_engine
 from meshllm.replica.stops import StopMatcher
 from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
-from meshllm.replica.types import (
-    ChatMessage,
-    Chunk,
-    FinishReason,
-    GenerationRequest,
-    PreparedRequest,
-    Timing,
-    Usage,
-)
+from meshllm.replica.types import ChatMessage, Chunk, GenerationRequest, PreparedRequest
 from meshllm.replica.validation import Limits, check_input, input_chars, resolve_sampling
 
-DEFAULT_CONTEXT = 2048
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_MAX_QUEUED = 1024
 _BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    id: str
-    engine: str
-    context_length: int
-    max_tokens_limit: int
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -79,12 +60,12 @@ class LoadedModel:
         context = spec.context_length or (
             int(cfg_len)
             if isinstance(cfg_len, int | float) and 0 < cfg_len < 10**7
-            else DEFAULT_CONTEXT
+            else DEFAULT_CONTEXT_LENGTH
         )
         limit = min(spec.max_tokens_limit or context, context)
         limits = Limits(
             context_length=context,
-            default_max_tokens=min(spec.default_max_tokens or DEFAULT_MAX_TOKENS, limit),
+            default_max_tokens=min(spec.max_tokens_default, limit),
             max_tokens_limit=limit,
             vocab_size=tokenizer.vocab_size,
             max_input_chars=max_input_chars,
@@ -108,8 +89,12 @@ class LoadedModel:
         )
 
     def info(self) -> ModelInfo:
-        return ModelInfo(self.spec.id, self.spec.engine, self.limits.context_length,
-                         self.limits.max_tokens_limit)  # fmt: skip
+        return ModelInfo(
+            id=self.spec.id,
+            engine=self.spec.engine,
+            context_length=self.limits.context_length,
+            max_tokens_limit=self.limits.max_tokens_limit,
+        )
 
     async def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Validate and tokenize; raises InvalidArgument with field violations."""

@@ -11,12 +11,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from meshllm.api.tls import tls_mode
+from meshllm.api.types import ReplicaState
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.control import ReplicaControlService
-from meshllm.replica.host import Replica, ReplicaState
+from meshllm.replica.host import Replica
 from meshllm.replica.metrics import replica_metrics
 from meshllm.replica.service import GenerationService
 from meshllm.server.metrics import serve_metrics

@@ -10,12 +10,13 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from meshllm.api.convert import model_info_to_pb
 from meshllm.api.tracing import child_of, end_with_error, extract, tracer
+from meshllm.api.types import Timing, Usage
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica import convert
 from meshllm.replica.host import Replica
-from meshllm.replica.types import Timing, Usage
 from meshllm.server.metrics import RequestMetrics, RequestRecord
 from meshllm.server.serving import streaming, unary
 
@@ -84,6 +85,4 @@ class GenerationService(gen_grpc.GenerationServicer):
     async def ListModels(
         self, request: gen.ListModelsRequest, context: Context
     ) -> gen.ListModelsResponse:
-        return gen.ListModelsResponse(
-            models=[convert.model_info_to_pb(m) for m in self._replica.models()]
-        )
+        return gen.ListModelsResponse(models=[model_info_to_pb(m) for m in self._replica.models()])

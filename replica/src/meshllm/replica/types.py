@@ -1,16 +1,11 @@
-"""Domain objects of a generation request, free of protobuf (converted in ``convert.py``)."""
+"""Domain objects of a generation request on the replica, free of protobuf (converted in
+``convert.py``); the vocabulary shared with router and client is in ``meshllm.api.types``."""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-    ERROR = "error"
+from meshllm.api.types import FinishReason, Timing, Usage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,28 +71,6 @@ class PreparedRequest:
     priority: int = 0
     coalesce_tokens: int = 0
     coalesce_ms: int = 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True, kw_only=True)
-class Timing:
-    """Milliseconds, measured on the replica."""
-
-    queue_wait_ms: float
-    time_to_first_token_ms: float
-    decode_ms: float
-    total_ms: float
-    tokens_per_second: float
-    replica: str
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshllm.api.errors import FailedPrecondition, FieldViolation, invalid_fields
+from meshllm.api.types import FinishReason
 from meshllm.replica.engines.base import EngineSettings
-from meshllm.replica.types import FinishReason, SamplingParams
+from meshllm.replica.types import SamplingParams
 
 PAGE_SIZE = 256
 """Tokens per page of ExLlamaV3's paged cache; its size must be a multiple of this."""

@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshllm.api.types import FinishReason
 from meshllm.replica.engines.base import EngineSettings
 from meshllm.replica.engines.exllamav3_jobs import JobSpec, cache_utilization, job_spec, read_result
 from meshllm.replica.engines.queue import BatchQueue
 from meshllm.replica.engines.stream import TokenStream
-from meshllm.replica.types import EngineStats, FinishReason, SamplingParams
+from meshllm.replica.types import EngineStats, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -59,8 +59,10 @@ class ReplicaConfig:
 
     def validate(self) -> ReplicaConfig:
         if not _DEVICE.match(self.device):
-            raise InvalidArgument(f"device: {self.device!r} is not 'cpu' or 'cuda:N'",
-                                  field_violations=[FieldViolation("device", "not cpu or cuda:N")])  # fmt: skip
+            raise InvalidArgument(
+                f"device: {self.device!r} is not 'cpu' or 'cuda:N'",
+                field_violations=[FieldViolation("device", "not cpu or cuda:N")],
+            )
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port: {self.port} is out of range")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:

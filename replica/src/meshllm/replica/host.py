@@ -96,7 +96,8 @@ class Replica:
             else:
                 loaded = self.spec.id if self.spec else "?"
                 raise FailedPrecondition(
-                    f"replica hosts {loaded!r} ({self.state.value}); unload it before loading {spec.id!r}",
+                    f"replica hosts {loaded!r} ({self.state.value}); "
+                    f"unload it before loading {spec.id!r}",
                     reason="REPLICA_BUSY",
                 )
         if wait and task is not None:
@@ -106,10 +107,14 @@ class Replica:
         started = time.perf_counter()
         try:
             model = await asyncio.to_thread(
-                LoadedModel.load, spec, device=self.config.device, replica_name=self.name,
-                max_input_chars=self.config.max_input_chars, batch_window_ms=self.config.batch_window_ms,
+                LoadedModel.load,
+                spec,
+                device=self.config.device,
+                replica_name=self.name,
+                max_input_chars=self.config.max_input_chars,
+                batch_window_ms=self.config.batch_window_ms,
                 default_coalesce_ms=self.config.default_coalesce_ms,
-            )  # fmt: skip
+            )
             await model.engine.start()
         except Exception as e:  # any load failure leaves the replica idle, with the reason
             self.error = e.message if isinstance(e, MeshError) else f"{type(e).__name__}: {e}"
@@ -161,8 +166,11 @@ class Replica:
         if self.state == ReplicaState.READY:
             return
         if self.state != ReplicaState.DRAINING or self._unloading or self._shutting_down:
-            why = ("an unload is under way" if self._unloading else "the replica is shutting down"
-                   if self._shutting_down else f"the replica is {self.state.value}")  # fmt: skip
+            why = f"the replica is {self.state.value}"
+            if self._unloading:
+                why = "an unload is under way"
+            elif self._shutting_down:
+                why = "the replica is shutting down"
             raise FailedPrecondition(f"cannot undrain: {why}", reason="REPLICA_NOT_DRAINED")
         await self._set_state(ReplicaState.READY)
 
@@ -236,8 +244,11 @@ class Replica:
                 f"model {model_id!r} is still loading", reason="MODEL_LOADING", retry_after=1.0
             )
         if state in (ReplicaState.DRAINING, ReplicaState.UNLOADING):
-            raise Unavailable("replica is draining; retry on another replica", reason="REPLICA_DRAINING",
-                              retry_after=1.0)  # fmt: skip
+            raise Unavailable(
+                "replica is draining; retry on another replica",
+                reason="REPLICA_DRAINING",
+                retry_after=1.0,
+            )
         raise FailedPrecondition(
             f"no model is loaded on this replica (asked for {model_id!r})",
             reason="MODEL_NOT_LOADED",

@@ -36,8 +36,16 @@ def resolve_model_dir(path: str) -> Path:
 class LoadedModel:
     """One model on one device. Build with :meth:`load` (blocking: run it in a thread)."""
 
-    def __init__(self, spec: ModelSpec, tokenizer: ModelTokenizer, engine: Engine,
-                 limits: Limits, replica_name: str, *, default_coalesce_ms: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokenizer: ModelTokenizer,
+        engine: Engine,
+        limits: Limits,
+        replica_name: str,
+        *,
+        default_coalesce_ms: int = 0,
+    ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.engine = engine
@@ -47,8 +55,16 @@ class LoadedModel:
         self.default_coalesce_ms = default_coalesce_ms
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, device: str, replica_name: str,
-             max_input_chars: int, batch_window_ms: float, default_coalesce_ms: int = 0) -> LoadedModel:  # fmt: skip
+    def load(
+        cls,
+        spec: ModelSpec,
+        *,
+        device: str,
+        replica_name: str,
+        max_input_chars: int,
+        batch_window_ms: float,
+        default_coalesce_ms: int = 0,
+    ) -> LoadedModel:
         folder = resolve_model_dir(spec.path)
         try:
             tokenizer = ModelTokenizer(folder, spec.chat_template)
@@ -104,11 +120,15 @@ class LoadedModel:
         else:
             ids = self._tokenize(req)
         sampling = resolve_sampling(req, self.limits, len(ids))
+        asked = req.coalesce_tokens or req.coalesce_ms
         return PreparedRequest(
-            request_id=req.request_id, prompt_ids=tuple(ids), sampling=sampling,
-            priority=req.priority, coalesce_tokens=req.coalesce_tokens,
-            coalesce_ms=req.coalesce_ms if req.coalesce_tokens or req.coalesce_ms else self.default_coalesce_ms,
-        )  # fmt: skip
+            request_id=req.request_id,
+            prompt_ids=tuple(ids),
+            sampling=sampling,
+            priority=req.priority,
+            coalesce_tokens=req.coalesce_tokens,
+            coalesce_ms=req.coalesce_ms if asked else self.default_coalesce_ms,
+        )
 
     def _tokenize(self, req: GenerationRequest) -> list[int]:
         if req.token_ids:
@@ -174,8 +194,15 @@ class LoadedModel:
             replica=self.replica_name,
         )
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=stream.generated)
-        return Chunk(text=text, token_ids=tuple(ids), finish_reason=reason, stop_sequence=stop, usage=usage,
-                     timing=timing, model=self.spec.id)  # fmt: skip
+        return Chunk(
+            text=text,
+            token_ids=tuple(ids),
+            finish_reason=reason,
+            stop_sequence=stop,
+            usage=usage,
+            timing=timing,
+            model=self.spec.id,
+        )
 
     async def close(self) -> None:
         await self.engine.close()

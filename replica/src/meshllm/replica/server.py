@@ -68,8 +68,12 @@ class ReplicaServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for name, status in (("", SERVING), (CONTROL, SERVING), (GENERATION, NOT_SERVING)):
             await self._health.set(name, status)
-        names = (GENERATION, CONTROL, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)  # fmt: skip
+        names = (
+            GENERATION,
+            CONTROL,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         await self._on_state(ReplicaState.EMPTY)
         await server.start()
@@ -82,8 +86,13 @@ class ReplicaServer:
             self._metrics_http, self.metrics_port = serve_metrics(
                 registry, self.config.host, self.config.metrics_port
             )
-        log.info("replica %s listening on %s (device %s, %s)", replica.name, self.port,
-                 self.config.device, tls_mode(tls, self.health_port))  # fmt: skip
+        log.info(
+            "replica %s listening on %s (device %s, %s)",
+            replica.name,
+            self.port,
+            self.config.device,
+            tls_mode(tls, self.health_port),
+        )
         if self.config.model is not None:
             await replica.load(self.config.model, wait=False)
         return self.port

@@ -32,10 +32,16 @@ def engine_spans(parent: trace.Span, timing: Timing, usage: Usage) -> None:
     tracer.start_span("meshllm.replica/queue", context=child_of(parent), start_time=admitted).end(
         end_time=started
     )
-    engine = tracer.start_span("meshllm.engine/generate", context=child_of(parent), start_time=started,
-                               attributes={"meshllm.time_to_first_token_ms": timing.time_to_first_token_ms,
-                                           "meshllm.completion_tokens": usage.completion_tokens,
-                                           "meshllm.prompt_tokens": usage.prompt_tokens})  # fmt: skip
+    engine = tracer.start_span(
+        "meshllm.engine/generate",
+        context=child_of(parent),
+        start_time=started,
+        attributes={
+            "meshllm.time_to_first_token_ms": timing.time_to_first_token_ms,
+            "meshllm.completion_tokens": usage.completion_tokens,
+            "meshllm.prompt_tokens": usage.prompt_tokens,
+        },
+    )
     engine.end(end_time=now)
 
 
@@ -48,9 +54,15 @@ class GenerationService(gen_grpc.GenerationServicer):
     ) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
         spec = self._replica.spec
-        span = tracer.start_span("meshllm.replica/generate", context=extract(context.invocation_metadata()),
-                                 kind=SpanKind.SERVER, attributes={"meshllm.request_id": req.request_id,
-                                                                   "meshllm.replica": self._replica.name})  # fmt: skip
+        span = tracer.start_span(
+            "meshllm.replica/generate",
+            context=extract(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+            attributes={
+                "meshllm.request_id": req.request_id,
+                "meshllm.replica": self._replica.name,
+            },
+        )
 
         def end_span(record: RequestRecord) -> None:
             end_with_error(span, record.code)

@@ -27,7 +27,8 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can share one engine batch (max_tokens and stop are per item)."""
+        """Requests with equal keys can share one engine batch (max_tokens and stop are per
+        item)."""
         if self.greedy:
             return ("greedy", self.repetition_penalty, self.seed)
         return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)

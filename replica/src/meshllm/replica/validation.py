@@ -34,8 +34,8 @@ def input_chars(req: GenerationRequest) -> int:
 def check_input(req: GenerationRequest, limits: Limits) -> None:
     """Exactly one input kind, within size limits."""
     bad: list[FieldViolation] = []
-    given = [n for n, v in (("prompt", req.prompt), ("messages", req.messages),
-                            ("token_ids", req.token_ids)) if v]  # fmt: skip
+    inputs = {"prompt": req.prompt, "messages": req.messages, "token_ids": req.token_ids}
+    given = [name for name, value in inputs.items() if value]
     if not given:
         bad.append(
             FieldViolation("prompt", "empty input: set one of prompt, messages or token_ids")
@@ -107,9 +107,12 @@ def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int)
         bad.append(FieldViolation("stream_options.coalesce_ms", f"at most {MAX_COALESCE_MS}"))
     room = limits.context_length - prompt_tokens
     if room <= 0:
-        bad.append(FieldViolation(
-            "prompt", f"prompt is {prompt_tokens} tokens; the model's context is {limits.context_length}"
-        ))  # fmt: skip
+        bad.append(
+            FieldViolation(
+                "prompt",
+                f"prompt is {prompt_tokens} tokens; the model's context is {limits.context_length}",
+            )
+        )
     max_tokens = req.max_tokens
     if max_tokens is None:
         max_tokens = max(1, min(limits.default_max_tokens, room))
@@ -121,9 +124,13 @@ def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int)
             )
         )
     elif room > 0 and max_tokens > room:
-        bad.append(FieldViolation(
-            "max_tokens", f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context ({limits.context_length})"
-        ))  # fmt: skip
+        bad.append(
+            FieldViolation(
+                "max_tokens",
+                f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) "
+                f"exceeds the context ({limits.context_length})",
+            )
+        )
     _raise(bad)
     return SamplingParams(
         temperature=1.0 if t is None else t,

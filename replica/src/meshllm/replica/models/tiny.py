@@ -57,13 +57,23 @@ class TinyModelRecipe:
 
 
 DEMO = TinyModelRecipe(
-    name="demo", d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=192,
+    name="demo",
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn_dim=192,
     quantization="float32",
-)  # fmt: skip
+)
 BENCH = TinyModelRecipe(
-    name="bench", d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, ffn_dim=768,
+    name="bench",
+    d_model=256,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    ffn_dim=768,
     quantization="int8",
-)  # fmt: skip
+)
 RECIPES = {r.name: r for r in (DEMO, BENCH)}
 
 

@@ -71,9 +71,13 @@ class TinyLlamaRecipe:
 TINY_LLAMA = TinyLlamaRecipe()
 # For benchmarks on a GPU: 4 layers, head size 128, grouped-query attention, 13 M parameters.
 BENCH_LLAMA = TinyLlamaRecipe(
-    name="bench-llama", hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=4,
+    name="bench-llama",
+    hidden_size=512,
+    intermediate_size=1536,
+    num_layers=4,
+    num_heads=4,
     num_kv_heads=2,
-)  # fmt: skip
+)
 
 
 def ensure_tiny_llama(recipe: TinyLlamaRecipe = TINY_LLAMA, cache_dir: Path | None = None) -> Path:
@@ -184,10 +188,18 @@ def write_ct2_twin(recipe: TinyLlamaRecipe, folder: Path, quantization: str = "f
 
     w = {name: t.astype(np.float32) for name, t in llama_weights(recipe).items()}
     spec = transformer_spec.TransformerDecoderModelSpec.from_config(
-        recipe.num_layers, recipe.num_heads, activation=common_spec.Activation.SWISH,
-        pre_norm=True, ffn_glu=True, rms_norm=True, rotary_dim=0, rotary_interleave=False,
-        rotary_base=recipe.rope_theta, num_heads_kv=recipe.num_kv_heads, head_dim=recipe.head_dim,
-    )  # fmt: skip
+        recipe.num_layers,
+        recipe.num_heads,
+        activation=common_spec.Activation.SWISH,
+        pre_norm=True,
+        ffn_glu=True,
+        rms_norm=True,
+        rotary_dim=0,
+        rotary_interleave=False,
+        rotary_base=recipe.rope_theta,
+        num_heads_kv=recipe.num_kv_heads,
+        head_dim=recipe.head_dim,
+    )
     dec = spec.decoder
     dec.scale_embeddings = False
     dec.embeddings.weight = w["model.embed_tokens.weight"]

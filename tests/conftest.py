@@ -17,9 +17,10 @@ import grpc
 import pytest
 import redis
 
+from meshllm.api.spec import ModelSpec
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
-from meshllm.replica.config import ModelSpec, ReplicaConfig
+from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.models.tiny import DEMO, ensure_model
 from meshllm.replica.models.tiny_llama import ensure_tiny_llama
 from meshllm.replica.server import ReplicaServer

@@ -9,10 +9,10 @@ import pytest
 from conftest import StartReplica, demo_spec, stub
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshllm.api.convert import spec_to_pb
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
-from meshllm.replica.convert import spec_to_pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -28,10 +28,11 @@ from conftest import StartReplica, collect, stub
 from safetensors.numpy import load_file
 
 from meshllm.api.errors import FailedPrecondition, InvalidArgument
+from meshllm.api.spec import ModelSpec
+from meshllm.api.types import FinishReason
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
-from meshllm.replica.config import ModelSpec
 from meshllm.replica.engines import EngineSettings, create_engine, registry
 from meshllm.replica.engines.exllamav3_jobs import (
     PAGE_SIZE,
@@ -61,7 +62,7 @@ from meshllm.replica.models.tiny_llama import (
     write_tiny_llama,
 )
 from meshllm.replica.tokenizer import ModelTokenizer
-from meshllm.replica.types import FinishReason, SamplingParams
+from meshllm.replica.types import SamplingParams
 
 EOS = special_token_id(EOS_TOKEN)
 BYTES_END = len(vocabulary())  # byte tokens are ids len(SPECIALS) .. BYTES_END - 1

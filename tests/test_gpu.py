@@ -19,8 +19,8 @@ import grpc
 import pytest
 from conftest import StartReplica, collect, demo_spec, stub
 
+from meshllm.api.spec import ModelSpec
 from meshllm.api.v1 import generation_pb2 as gen
-from meshllm.replica.config import ModelSpec
 from meshllm.replica.engines import Engine
 from meshllm.replica.server import ReplicaServer
 from meshllm.replica.types import EngineStats
@@ -93,6 +93,7 @@ async def test_ctranslate2_on_cuda_streams_concurrently(
     assert ids(results[3]) == ids(alone)
     assert server.replica is not None
     status = server.replica.status()
+    assert status.memory is not None
     expected = "nvml" if importlib.util.find_spec("pynvml") else "process"
     assert status.memory.source == expected and status.memory.total_bytes > 0
 
@@ -141,6 +142,7 @@ async def test_exllamav3_streams_concurrently_and_reports_cache_use(
     assert 0.0 < busiest <= 1.0
     assert (after.running, after.queued, after.cache_utilization) == (0, 0, 0.0)
     status = server.replica.status()
+    assert status.memory is not None
     expected = "nvml" if importlib.util.find_spec("pynvml") else "process"
     assert status.memory.source == expected
 

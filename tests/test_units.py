@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from meshllm.api.errors import InvalidArgument
+from meshllm.api.types import FinishReason
 from meshllm.replica.engines.queue import BatchQueue
 from meshllm.replica.engines.stream import TokenStream
 from meshllm.replica.host import ThroughputMeter
 from meshllm.replica.stops import StopMatcher
 from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
-from meshllm.replica.types import ChatMessage, FinishReason, GenerationRequest, SamplingParams
+from meshllm.replica.types import ChatMessage, GenerationRequest, SamplingParams
 from meshllm.replica.validation import Limits, check_input, resolve_sampling
 
 LIMITS = Limits(context_length=100, default_max_tokens=16, max_tokens_limit=64, vocab_size=261,

@@ -4,7 +4,8 @@ Public API: :class:`Replica` (the model host), :class:`ReplicaConfig`, :class:`M
 and :func:`serve` to run the gRPC server.
 """
 
-from meshllm.replica.config import ModelSpec, ReplicaConfig
+from meshllm.api.spec import ModelSpec
+from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.host import Replica
 from meshllm.replica.server import serve
 

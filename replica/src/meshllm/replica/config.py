@@ -5,56 +5,13 @@ from __future__ import annotations
 import functools
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from meshllm.api.errors import FieldViolation, InvalidArgument, invalid_fields
+from meshllm.api.errors import FieldViolation, InvalidArgument
+from meshllm.api.spec import ModelSpec
 from meshllm.api.tls import ServerTLS
 
-BUILTIN_MODELS = ("demo", "bench")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """What to load and how; 0 / "" mean "the engine's or the model's default"."""
-
-    id: str
-    """Id clients use in ``GenerateRequest.model``."""
-    path: str
-    """Model folder, or ``demo`` / ``bench`` for the built-in generated models."""
-    engine: str = "ctranslate2"
-    compute_type: str = ""
-    context_length: int = 0
-    """Prompt plus completion tokens; default from tokenizer_config.json, else 2048."""
-    default_max_tokens: int = 0
-    """max_tokens when a request leaves it unset (default 256)."""
-    max_tokens_limit: int = 0
-    """Largest accepted max_tokens (default: the context length)."""
-    max_batch_size: int = 0
-    inter_threads: int = 0
-    intra_threads: int = 0
-    chat_template: str = ""
-    max_queued: int = 0
-    """Admitted-but-waiting requests beyond which new ones get RESOURCE_EXHAUSTED (default 1024)."""
-    options: dict[str, str] = field(default_factory=dict)
-
-    def validate(self) -> ModelSpec:
-        bad: list[FieldViolation] = []
-        if not self.id:
-            bad.append(FieldViolation("spec.id", "must not be empty"))
-        if not self.path:
-            bad.append(FieldViolation("spec.path", "must not be empty"))
-        if not self.engine:
-            bad.append(FieldViolation("spec.engine", "must not be empty"))
-        for name in ("context_length", "default_max_tokens", "max_tokens_limit", "max_batch_size",
-                     "inter_threads", "intra_threads", "max_queued"):  # fmt: skip
-            if getattr(self, name) < 0:
-                bad.append(FieldViolation(f"spec.{name}", "must not be negative"))
-        if self.max_tokens_limit and self.default_max_tokens > self.max_tokens_limit:
-            bad.append(FieldViolation("spec.default_max_tokens", "is above max_tokens_limit"))
-        if bad:
-            raise invalid_fields("invalid model spec", bad)
-        return self
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,8 +59,10 @@ class ReplicaConfig:
 
     def validate(self) -> ReplicaConfig:
         if not _DEVICE.match(self.device):
-            raise InvalidArgument(f"device: {self.device!r} is not 'cpu' or 'cuda:N'",
-                                  field_violations=[FieldViolation("device", "not cpu or cuda:N")])  # fmt: skip
+            raise InvalidArgument(
+                f"device: {self.device!r} is not 'cpu' or 'cuda:N'",
+                field_violations=[FieldViolation("device", "not cpu or cuda:N")],
+            )
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port: {self.port} is out of range")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:

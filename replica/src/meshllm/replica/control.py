@@ -3,38 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import grpc
 
+from meshllm.api.convert import load_report_to_pb, spec_from_pb, status_to_pb
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
-from meshllm.replica import convert
 from meshllm.replica.host import Replica
 from meshllm.server.serving import streaming, unary
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _version() -> str:
-    try:
-        return version("meshllm-replica")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 class ReplicaControlService(rc_grpc.ReplicaControlServicer):
     def __init__(self, replica: Replica) -> None:
         self._replica = replica
-        self._version = _version()
 
     def _status(self) -> rc.ReplicaStatus:
-        return convert.status_to_pb(self._replica.status(), self._version)
+        return status_to_pb(self._replica.status())
 
     @unary
     async def LoadModel(self, request: rc.LoadModelRequest, context: Context) -> rc.ReplicaStatus:
-        await self._replica.load(convert.spec_from_pb(request.spec), wait=request.wait)
+        await self._replica.load(spec_from_pb(request.spec), wait=request.wait)
         return self._status()
 
     @unary
@@ -65,5 +56,5 @@ class ReplicaControlService(rc_grpc.ReplicaControlServicer):
         interval = (request.interval_ms or self._replica.config.report_interval_ms) / 1000.0
         seen = self._replica.state_changes
         while True:
-            yield convert.load_report_to_pb(self._replica.load_report())
+            yield load_report_to_pb(self._replica.load_report())
             seen = await self._replica.wait_change(interval, since=seen)

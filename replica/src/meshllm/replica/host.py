@@ -4,56 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
-from meshllm.replica.config import ModelSpec, ReplicaConfig
-from meshllm.replica.memory import DeviceMemory, device_memory
-from meshllm.replica.model import LoadedModel, ModelInfo
+from meshllm.api.spec import ModelSpec
+from meshllm.api.types import LoadReport, ModelInfo, ReplicaState, ReplicaStatus
+from meshllm.replica.config import ReplicaConfig
+from meshllm.replica.memory import device_memory
+from meshllm.replica.model import LoadedModel
 from meshllm.replica.types import Chunk, GenerationRequest
 
 log = logging.getLogger(__name__)
 
 
-class ReplicaState(enum.Enum):
-    EMPTY = "empty"
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoadReport:
-    replica_id: str
-    state: ReplicaState
-    model: str
-    queued: int
-    running: int
-    tokens_in_flight: int
-    tokens_per_second: float
-    cache_utilization: float
-    requests_total: int
-    tokens_total: int
-    timestamp_ms: int
-    device: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReplicaStatusInfo:
-    replica_id: str
-    state: ReplicaState
-    spec: ModelSpec | None
-    device: str
-    error: str
-    load: LoadReport
-    memory: DeviceMemory
+def package_version() -> str:
+    """This replica's ``meshllm-replica`` version, reported in its status."""
+    try:
+        return version("meshllm-replica")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class ThroughputMeter:
@@ -84,6 +57,7 @@ class Replica:
     def __init__(self, config: ReplicaConfig, name: str) -> None:
         self.config = config
         self.name = name
+        self.version = package_version()
         self.state = ReplicaState.EMPTY
         self.spec: ModelSpec | None = None
         self.error = ""
@@ -122,7 +96,8 @@ class Replica:
             else:
                 loaded = self.spec.id if self.spec else "?"
                 raise FailedPrecondition(
-                    f"replica hosts {loaded!r} ({self.state.value}); unload it before loading {spec.id!r}",
+                    f"replica hosts {loaded!r} ({self.state.value}); "
+                    f"unload it before loading {spec.id!r}",
                     reason="REPLICA_BUSY",
                 )
         if wait and task is not None:
@@ -132,10 +107,14 @@ class Replica:
         started = time.perf_counter()
         try:
             model = await asyncio.to_thread(
-                LoadedModel.load, spec, device=self.config.device, replica_name=self.name,
-                max_input_chars=self.config.max_input_chars, batch_window_ms=self.config.batch_window_ms,
+                LoadedModel.load,
+                spec,
+                device=self.config.device,
+                replica_name=self.name,
+                max_input_chars=self.config.max_input_chars,
+                batch_window_ms=self.config.batch_window_ms,
                 default_coalesce_ms=self.config.default_coalesce_ms,
-            )  # fmt: skip
+            )
             await model.engine.start()
         except Exception as e:  # any load failure leaves the replica idle, with the reason
             self.error = e.message if isinstance(e, MeshError) else f"{type(e).__name__}: {e}"
@@ -187,8 +166,11 @@ class Replica:
         if self.state == ReplicaState.READY:
             return
         if self.state != ReplicaState.DRAINING or self._unloading or self._shutting_down:
-            why = ("an unload is under way" if self._unloading else "the replica is shutting down"
-                   if self._shutting_down else f"the replica is {self.state.value}")  # fmt: skip
+            why = f"the replica is {self.state.value}"
+            if self._unloading:
+                why = "an unload is under way"
+            elif self._shutting_down:
+                why = "the replica is shutting down"
             raise FailedPrecondition(f"cannot undrain: {why}", reason="REPLICA_NOT_DRAINED")
         await self._set_state(ReplicaState.READY)
 
@@ -262,8 +244,11 @@ class Replica:
                 f"model {model_id!r} is still loading", reason="MODEL_LOADING", retry_after=1.0
             )
         if state in (ReplicaState.DRAINING, ReplicaState.UNLOADING):
-            raise Unavailable("replica is draining; retry on another replica", reason="REPLICA_DRAINING",
-                              retry_after=1.0)  # fmt: skip
+            raise Unavailable(
+                "replica is draining; retry on another replica",
+                reason="REPLICA_DRAINING",
+                retry_after=1.0,
+            )
         raise FailedPrecondition(
             f"no model is loaded on this replica (asked for {model_id!r})",
             reason="MODEL_NOT_LOADED",
@@ -290,8 +275,14 @@ class Replica:
             device=self.config.device,
         )
 
-    def status(self) -> ReplicaStatusInfo:
-        return ReplicaStatusInfo(
-            replica_id=self.name, state=self.state, spec=self.spec, device=self.config.device,
-            error=self.error, load=self.load_report(), memory=device_memory(self.config.device),
-        )  # fmt: skip
+    def status(self) -> ReplicaStatus:
+        return ReplicaStatus(
+            replica_id=self.name,
+            state=self.state,
+            spec=self.spec,
+            device=self.config.device,
+            error=self.error,
+            load=self.load_report(),
+            memory=device_memory(self.config.device),
+            version=self.version,
+        )

@@ -4,21 +4,13 @@ else the process's resident set (also on CUDA when NVML is missing: ``source`` s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import psutil
 
+from meshllm.api.types import DeviceMemory
 from meshllm.replica.settings import cuda_visible_devices
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DeviceMemory:
-    device: str
-    used_bytes: int
-    total_bytes: int
-    source: str
 
 
 def device_memory(device: str) -> DeviceMemory:
@@ -66,8 +58,9 @@ def _nvml(device: str) -> DeviceMemory | None:
             else pynvml.nvmlDeviceGetHandleByIndex(target)
         )
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        return DeviceMemory(device=device, used_bytes=int(info.used), total_bytes=int(info.total),
-                            source="nvml")  # fmt: skip
+        return DeviceMemory(
+            device=device, used_bytes=int(info.used), total_bytes=int(info.total), source="nvml"
+        )
     except Exception as e:  # no NVML library or no driver: fall back to process memory
         log.debug("NVML unavailable for %s: %s", device, e)
         return None

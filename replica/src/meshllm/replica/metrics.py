@@ -12,8 +12,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from meshllm.replica.host import Replica, ReplicaState
+from meshllm.api.types import ReplicaState
+from meshllm.replica.host import Replica
 from meshllm.server.metrics import RequestMetrics, on_loop
+
+REPORTED_STATES = tuple(s for s in ReplicaState if s is not ReplicaState.UNKNOWN)
+"""The states a replica can be in: ``UNKNOWN`` is the router's word for one not heard from."""
 
 
 class LoadCollector(Collector):
@@ -37,7 +41,7 @@ class LoadCollector(Collector):
         state = GaugeMetricFamily(
             "meshllm_replica_state", "1 for the replica's current state.", labels=["state"]
         )
-        for s in ReplicaState:
+        for s in REPORTED_STATES:
             state.add_metric([s.value], 1.0 if s == report.state else 0.0)
         yield state
 

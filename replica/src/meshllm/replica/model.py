@@ -5,37 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from meshllm.api.errors import FailedPrecondition, Internal, ResourceExhausted
-from meshllm.replica.config import BUILTIN_MODELS, ModelSpec
+from meshllm.api.spec import BUILTIN_MODELS, DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_QUEUED, ModelSpec
+from meshllm.api.types import FinishReason, ModelInfo, Timing, Usage
 from meshllm.replica.engines import Engine, EngineSettings, TokenStream, create_engine
 from meshllm.replica.stops import StopMatcher
 from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
-from meshllm.replica.types import (
-    ChatMessage,
-    Chunk,
-    FinishReason,
-    GenerationRequest,
-    PreparedRequest,
-    Timing,
-    Usage,
-)
+from meshllm.replica.types import ChatMessage, Chunk, GenerationRequest, PreparedRequest
 from meshllm.replica.validation import Limits, check_input, input_chars, resolve_sampling
 
-DEFAULT_CONTEXT = 2048
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_MAX_QUEUED = 1024
 _BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    id: str
-    engine: str
-    context_length: int
-    max_tokens_limit: int
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -55,8 +36,16 @@ def resolve_model_dir(path: str) -> Path:
 class LoadedModel:
     """One model on one device. Build with :meth:`load` (blocking: run it in a thread)."""
 
-    def __init__(self, spec: ModelSpec, tokenizer: ModelTokenizer, engine: Engine,
-                 limits: Limits, replica_name: str, *, default_coalesce_ms: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokenizer: ModelTokenizer,
+        engine: Engine,
+        limits: Limits,
+        replica_name: str,
+        *,
+        default_coalesce_ms: int = 0,
+    ) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.engine = engine
@@ -66,8 +55,16 @@ class LoadedModel:
         self.default_coalesce_ms = default_coalesce_ms
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, device: str, replica_name: str,
-             max_input_chars: int, batch_window_ms: float, default_coalesce_ms: int = 0) -> LoadedModel:  # fmt: skip
+    def load(
+        cls,
+        spec: ModelSpec,
+        *,
+        device: str,
+        replica_name: str,
+        max_input_chars: int,
+        batch_window_ms: float,
+        default_coalesce_ms: int = 0,
+    ) -> LoadedModel:
         folder = resolve_model_dir(spec.path)
         try:
             tokenizer = ModelTokenizer(folder, spec.chat_template)
@@ -79,12 +76,12 @@ class LoadedModel:
         context = spec.context_length or (
             int(cfg_len)
             if isinstance(cfg_len, int | float) and 0 < cfg_len < 10**7
-            else DEFAULT_CONTEXT
+            else DEFAULT_CONTEXT_LENGTH
         )
         limit = min(spec.max_tokens_limit or context, context)
         limits = Limits(
             context_length=context,
-            default_max_tokens=min(spec.default_max_tokens or DEFAULT_MAX_TOKENS, limit),
+            default_max_tokens=min(spec.max_tokens_default, limit),
             max_tokens_limit=limit,
             vocab_size=tokenizer.vocab_size,
             max_input_chars=max_input_chars,
@@ -108,8 +105,12 @@ class LoadedModel:
         )
 
     def info(self) -> ModelInfo:
-        return ModelInfo(self.spec.id, self.spec.engine, self.limits.context_length,
-                         self.limits.max_tokens_limit)  # fmt: skip
+        return ModelInfo(
+            id=self.spec.id,
+            engine=self.spec.engine,
+            context_length=self.limits.context_length,
+            max_tokens_limit=self.limits.max_tokens_limit,
+        )
 
     async def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Validate and tokenize; raises InvalidArgument with field violations."""
@@ -119,11 +120,15 @@ class LoadedModel:
         else:
             ids = self._tokenize(req)
         sampling = resolve_sampling(req, self.limits, len(ids))
+        asked = req.coalesce_tokens or req.coalesce_ms
         return PreparedRequest(
-            request_id=req.request_id, prompt_ids=tuple(ids), sampling=sampling,
-            priority=req.priority, coalesce_tokens=req.coalesce_tokens,
-            coalesce_ms=req.coalesce_ms if req.coalesce_tokens or req.coalesce_ms else self.default_coalesce_ms,
-        )  # fmt: skip
+            request_id=req.request_id,
+            prompt_ids=tuple(ids),
+            sampling=sampling,
+            priority=req.priority,
+            coalesce_tokens=req.coalesce_tokens,
+            coalesce_ms=req.coalesce_ms if asked else self.default_coalesce_ms,
+        )
 
     def _tokenize(self, req: GenerationRequest) -> list[int]:
         if req.token_ids:
@@ -189,8 +194,15 @@ class LoadedModel:
             replica=self.replica_name,
         )
         usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=stream.generated)
-        return Chunk(text=text, token_ids=tuple(ids), finish_reason=reason, stop_sequence=stop, usage=usage,
-                     timing=timing, model=self.spec.id)  # fmt: skip
+        return Chunk(
+            text=text,
+            token_ids=tuple(ids),
+            finish_reason=reason,
+            stop_sequence=stop,
+            usage=usage,
+            timing=timing,
+            model=self.spec.id,
+        )
 
     async def close(self) -> None:
         await self.engine.close()

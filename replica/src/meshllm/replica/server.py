@@ -11,12 +11,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from meshllm.api.tls import tls_mode
+from meshllm.api.types import ReplicaState
 from meshllm.api.v1 import generation_pb2, replica_control_pb2
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.control import ReplicaControlService
-from meshllm.replica.host import Replica, ReplicaState
+from meshllm.replica.host import Replica
 from meshllm.replica.metrics import replica_metrics
 from meshllm.replica.service import GenerationService
 from meshllm.server.metrics import serve_metrics
@@ -67,8 +68,12 @@ class ReplicaServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for name, status in (("", SERVING), (CONTROL, SERVING), (GENERATION, NOT_SERVING)):
             await self._health.set(name, status)
-        names = (GENERATION, CONTROL, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)  # fmt: skip
+        names = (
+            GENERATION,
+            CONTROL,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         await self._on_state(ReplicaState.EMPTY)
         await server.start()
@@ -81,8 +86,13 @@ class ReplicaServer:
             self._metrics_http, self.metrics_port = serve_metrics(
                 registry, self.config.host, self.config.metrics_port
             )
-        log.info("replica %s listening on %s (device %s, %s)", replica.name, self.port,
-                 self.config.device, tls_mode(tls, self.health_port))  # fmt: skip
+        log.info(
+            "replica %s listening on %s (device %s, %s)",
+            replica.name,
+            self.port,
+            self.config.device,
+            tls_mode(tls, self.health_port),
+        )
         if self.config.model is not None:
             await replica.load(self.config.model, wait=False)
         return self.port

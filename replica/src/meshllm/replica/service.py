@@ -10,12 +10,13 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from meshllm.api.convert import model_info_to_pb
 from meshllm.api.tracing import child_of, end_with_error, extract, tracer
+from meshllm.api.types import Timing, Usage
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica import convert
 from meshllm.replica.host import Replica
-from meshllm.replica.types import Timing, Usage
 from meshllm.server.metrics import RequestMetrics, RequestRecord
 from meshllm.server.serving import streaming, unary
 
@@ -31,10 +32,16 @@ def engine_spans(parent: trace.Span, timing: Timing, usage: Usage) -> None:
     tracer.start_span("meshllm.replica/queue", context=child_of(parent), start_time=admitted).end(
         end_time=started
     )
-    engine = tracer.start_span("meshllm.engine/generate", context=child_of(parent), start_time=started,
-                               attributes={"meshllm.time_to_first_token_ms": timing.time_to_first_token_ms,
-                                           "meshllm.completion_tokens": usage.completion_tokens,
-                                           "meshllm.prompt_tokens": usage.prompt_tokens})  # fmt: skip
+    engine = tracer.start_span(
+        "meshllm.engine/generate",
+        context=child_of(parent),
+        start_time=started,
+        attributes={
+            "meshllm.time_to_first_token_ms": timing.time_to_first_token_ms,
+            "meshllm.completion_tokens": usage.completion_tokens,
+            "meshllm.prompt_tokens": usage.prompt_tokens,
+        },
+    )
     engine.end(end_time=now)
 
 
@@ -47,9 +54,15 @@ class GenerationService(gen_grpc.GenerationServicer):
     ) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
         spec = self._replica.spec
-        span = tracer.start_span("meshllm.replica/generate", context=extract(context.invocation_metadata()),
-                                 kind=SpanKind.SERVER, attributes={"meshllm.request_id": req.request_id,
-                                                                   "meshllm.replica": self._replica.name})  # fmt: skip
+        span = tracer.start_span(
+            "meshllm.replica/generate",
+            context=extract(context.invocation_metadata()),
+            kind=SpanKind.SERVER,
+            attributes={
+                "meshllm.request_id": req.request_id,
+                "meshllm.replica": self._replica.name,
+            },
+        )
 
         def end_span(record: RequestRecord) -> None:
             end_with_error(span, record.code)
@@ -84,6 +97,4 @@ class GenerationService(gen_grpc.GenerationServicer):
     async def ListModels(
         self, request: gen.ListModelsRequest, context: Context
     ) -> gen.ListModelsResponse:
-        return gen.ListModelsResponse(
-            models=[convert.model_info_to_pb(m) for m in self._replica.models()]
-        )
+        return gen.ListModelsResponse(models=[model_info_to_pb(m) for m in self._replica.models()])

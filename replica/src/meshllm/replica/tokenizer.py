@@ -60,7 +60,8 @@ class ModelTokenizer:
         self._template = env.from_string(template)
 
     def encode(self, text: str) -> list[int]:
-        """Encode a plain prompt, adding BOS and other specials as the tokenizer's post-processor does."""
+        """Encode a plain prompt, adding BOS and other specials as the tokenizer's post-processor
+        does."""
         ids: list[int] = self._tok.encode(text, add_special_tokens=True).ids
         return ids
 

@@ -1,16 +1,11 @@
-"""Domain objects of a generation request, free of protobuf (converted in ``convert.py``)."""
+"""Domain objects of a generation request on the replica, free of protobuf (converted in
+``convert.py``); the vocabulary shared with router and client is in ``meshllm.api.types``."""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-    ERROR = "error"
+from meshllm.api.types import FinishReason, Timing, Usage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +27,8 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     def batch_key(self) -> tuple[object, ...]:
-        """Requests with equal keys can share one engine batch (max_tokens and stop are per item)."""
+        """Requests with equal keys can share one engine batch (max_tokens and stop are per
+        item)."""
         if self.greedy:
             return ("greedy", self.repetition_penalty, self.seed)
         return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
@@ -76,28 +72,6 @@ class PreparedRequest:
     priority: int = 0
     coalesce_tokens: int = 0
     coalesce_ms: int = 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True, kw_only=True)
-class Timing:
-    """Milliseconds, measured on the replica."""
-
-    queue_wait_ms: float
-    time_to_first_token_ms: float
-    decode_ms: float
-    total_ms: float
-    tokens_per_second: float
-    replica: str
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,8 +34,8 @@ def input_chars(req: GenerationRequest) -> int:
 def check_input(req: GenerationRequest, limits: Limits) -> None:
     """Exactly one input kind, within size limits."""
     bad: list[FieldViolation] = []
-    given = [n for n, v in (("prompt", req.prompt), ("messages", req.messages),
-                            ("token_ids", req.token_ids)) if v]  # fmt: skip
+    inputs = {"prompt": req.prompt, "messages": req.messages, "token_ids": req.token_ids}
+    given = [name for name, value in inputs.items() if value]
     if not given:
         bad.append(
             FieldViolation("prompt", "empty input: set one of prompt, messages or token_ids")
@@ -73,58 +73,10 @@ def check_input(req: GenerationRequest, limits: Limits) -> None:
 
 def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int) -> SamplingParams:
     """Apply defaults and check ranges; max_tokens left unset is clamped to the context left."""
-    bad: list[FieldViolation] = []
-
-    def check(name: str, value: float | None, ok: bool, rule: str) -> None:
-        if value is not None and (not math.isfinite(value) or not ok):
-            bad.append(FieldViolation(name, f"{value} is out of range: {rule}"))
-
-    t, k, p, rp = req.temperature, req.top_k, req.top_p, req.repetition_penalty
-    check("temperature", t, t is not None and 0.0 <= t <= 10.0, "0 <= temperature <= 10")
-    check(
-        "top_k",
-        k,
-        k is not None and 0 <= k <= limits.vocab_size,
-        f"0 <= top_k <= {limits.vocab_size}",
-    )
-    check("top_p", p, p is not None and 0.0 < p <= 1.0, "0 < top_p <= 1")
-    check(
-        "repetition_penalty",
-        rp,
-        rp is not None and 0.0 < rp <= 10.0,
-        "0 < repetition_penalty <= 10",
-    )
-    if len(req.stop) > MAX_STOP_STRINGS:
-        bad.append(FieldViolation("stop", f"at most {MAX_STOP_STRINGS} stop strings"))
-    for i, s in enumerate(req.stop):
-        if not s or len(s) > MAX_STOP_CHARS:
-            bad.append(FieldViolation(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
-    if not 0 <= req.coalesce_tokens <= MAX_COALESCE_TOKENS:
-        bad.append(
-            FieldViolation("stream_options.coalesce_tokens", f"at most {MAX_COALESCE_TOKENS}")
-        )
-    if not 0 <= req.coalesce_ms <= MAX_COALESCE_MS:
-        bad.append(FieldViolation("stream_options.coalesce_ms", f"at most {MAX_COALESCE_MS}"))
-    room = limits.context_length - prompt_tokens
-    if room <= 0:
-        bad.append(FieldViolation(
-            "prompt", f"prompt is {prompt_tokens} tokens; the model's context is {limits.context_length}"
-        ))  # fmt: skip
-    max_tokens = req.max_tokens
-    if max_tokens is None:
-        max_tokens = max(1, min(limits.default_max_tokens, room))
-    elif max_tokens < 1 or max_tokens > limits.max_tokens_limit:
-        bad.append(
-            FieldViolation(
-                "max_tokens",
-                f"{max_tokens} is out of range: 1 <= max_tokens <= {limits.max_tokens_limit}",
-            )
-        )
-    elif room > 0 and max_tokens > room:
-        bad.append(FieldViolation(
-            "max_tokens", f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context ({limits.context_length})"
-        ))  # fmt: skip
+    bad = _sampling_violations(req, limits) + _stream_violations(req)
+    max_tokens = _max_tokens(req, limits, prompt_tokens, bad)
     _raise(bad)
+    t, k, p, rp = req.temperature, req.top_k, req.top_p, req.repetition_penalty
     return SamplingParams(
         temperature=1.0 if t is None else t,
         top_k=k or 0,
@@ -134,6 +86,63 @@ def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int)
         stop=req.stop,
         seed=req.seed,
     )
+
+
+def _sampling_violations(req: GenerationRequest, limits: Limits) -> list[FieldViolation]:
+    bad: list[FieldViolation] = []
+
+    def check(name: str, value: float | None, ok: bool, rule: str) -> None:
+        if value is not None and (not math.isfinite(value) or not ok):
+            bad.append(FieldViolation(name, f"{value} is out of range: {rule}"))
+
+    t, k, p, rp = req.temperature, req.top_k, req.top_p, req.repetition_penalty
+    check("temperature", t, t is not None and 0.0 <= t <= 10.0, "0 <= temperature <= 10")
+    vocab = limits.vocab_size
+    check("top_k", k, k is not None and 0 <= k <= vocab, f"0 <= top_k <= {vocab}")
+    check("top_p", p, p is not None and 0.0 < p <= 1.0, "0 < top_p <= 1")
+    rule = "0 < repetition_penalty <= 10"
+    check("repetition_penalty", rp, rp is not None and 0.0 < rp <= 10.0, rule)
+    return bad
+
+
+def _stream_violations(req: GenerationRequest) -> list[FieldViolation]:
+    """Stop strings and stream options."""
+    bad: list[FieldViolation] = []
+    if len(req.stop) > MAX_STOP_STRINGS:
+        bad.append(FieldViolation("stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+    for i, s in enumerate(req.stop):
+        if not s or len(s) > MAX_STOP_CHARS:
+            bad.append(FieldViolation(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters"))
+    if not 0 <= req.coalesce_tokens <= MAX_COALESCE_TOKENS:
+        field = "stream_options.coalesce_tokens"
+        bad.append(FieldViolation(field, f"at most {MAX_COALESCE_TOKENS}"))
+    if not 0 <= req.coalesce_ms <= MAX_COALESCE_MS:
+        bad.append(FieldViolation("stream_options.coalesce_ms", f"at most {MAX_COALESCE_MS}"))
+    return bad
+
+
+def _max_tokens(
+    req: GenerationRequest, limits: Limits, prompt_tokens: int, bad: list[FieldViolation]
+) -> int:
+    """The request's max_tokens, or the default clamped to the room the prompt leaves; what
+    does not fit is added to ``bad``."""
+    context = limits.context_length
+    room = context - prompt_tokens
+    if room <= 0:
+        why = f"prompt is {prompt_tokens} tokens; the model's context is {context}"
+        bad.append(FieldViolation("prompt", why))
+    max_tokens = req.max_tokens
+    if max_tokens is None:
+        return max(1, min(limits.default_max_tokens, room))
+    if max_tokens < 1 or max_tokens > limits.max_tokens_limit:
+        why = f"{max_tokens} is out of range: 1 <= max_tokens <= {limits.max_tokens_limit}"
+        bad.append(FieldViolation("max_tokens", why))
+    elif room > 0 and max_tokens > room:
+        why = (
+            f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) exceeds the context ({context})"
+        )
+        bad.append(FieldViolation("max_tokens", why))
+    return max_tokens
 
 
 def _raise(bad: list[FieldViolation]) -> None:

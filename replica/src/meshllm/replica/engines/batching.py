@@ -13,10 +13,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from meshllm.api.types import FinishReason
 from meshllm.replica.engines.base import EngineSettings
 from meshllm.replica.engines.queue import BatchQueue
 from meshllm.replica.engines.stream import TokenStream
-from meshllm.replica.types import EngineStats, FinishReason, SamplingParams
+from meshllm.replica.types import EngineStats, SamplingParams
 
 log = logging.getLogger(__name__)
 

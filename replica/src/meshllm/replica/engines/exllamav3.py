@@ -53,16 +53,29 @@ class ExLlamaV3Engine(GeneratorLoop):
         try:
             self._model.load(device=self._device)
             self._generator_obj: Any = Generator(
-                model=self._model, cache=self._cache, tokenizer=Tokenizer.from_config(config),
-                max_batch_size=opts.max_jobs, max_chunk_size=opts.max_chunk_size,
-            )  # fmt: skip
+                model=self._model,
+                cache=self._cache,
+                tokenizer=Tokenizer.from_config(config),
+                max_batch_size=opts.max_jobs,
+                max_chunk_size=opts.max_chunk_size,
+            )
         except BaseException:
             self.release()
             raise
-        log.info("exllamav3: %s on %s, cache %d tokens (%s)", settings.model_dir, self._device,
-                 opts.cache_tokens, f"K{opts.cache_bits[0]}V{opts.cache_bits[1]}" if opts.cache_bits else "FP16")  # fmt: skip
-        super().__init__(settings, self._generator_obj, _make_job, max_jobs=opts.max_jobs,
-                         cache_pages=self._cache_pages)  # fmt: skip
+        log.info(
+            "exllamav3: %s on %s, cache %d tokens (%s)",
+            settings.model_dir,
+            self._device,
+            opts.cache_tokens,
+            f"K{opts.cache_bits[0]}V{opts.cache_bits[1]}" if opts.cache_bits else "FP16",
+        )
+        super().__init__(
+            settings,
+            self._generator_obj,
+            _make_job,
+            max_jobs=opts.max_jobs,
+            cache_pages=self._cache_pages,
+        )
 
     def prepare_thread(self) -> None:
         torch.cuda.set_device(self._device)  # the current device is per thread in torch

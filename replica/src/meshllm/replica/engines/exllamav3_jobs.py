@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshllm.api.errors import FailedPrecondition, FieldViolation, invalid_fields
+from meshllm.api.types import FinishReason
 from meshllm.replica.engines.base import EngineSettings
-from meshllm.replica.types import FinishReason, SamplingParams
+from meshllm.replica.types import SamplingParams
 
 PAGE_SIZE = 256
 """Tokens per page of ExLlamaV3's paged cache; its size must be a multiple of this."""
@@ -64,17 +65,33 @@ def parse_options(settings: EngineSettings) -> ExLlamaV3Options:
     bad: list[FieldViolation] = []
     opts = settings.options
     for key in sorted(set(opts) - set(OPTIONS)):
-        bad.append(FieldViolation(f"options.{key}", f"unknown; exllamav3 knows {', '.join(OPTIONS)}"))  # fmt: skip
+        bad.append(
+            FieldViolation(f"options.{key}", f"unknown; exllamav3 knows {', '.join(OPTIONS)}")
+        )
     if settings.compute_type not in ("", "default"):
-        bad.append(FieldViolation("compute_type", "not used by exllamav3: the model folder's "
-                                  "quantization decides (use options.cache_quant for the cache)"))  # fmt: skip
+        bad.append(
+            FieldViolation(
+                "compute_type",
+                "not used by exllamav3: the model folder's "
+                "quantization decides (use options.cache_quant for the cache)",
+            )
+        )
     context = round_up_pages(settings.context_length or 1)
     cache = _int_option(opts, "cache_size", max(MIN_CACHE_TOKENS, context), bad)
     if cache is not None and (cache <= 0 or cache % PAGE_SIZE):
-        bad.append(FieldViolation("options.cache_size", f"{cache} is not a positive multiple of {PAGE_SIZE}"))  # fmt: skip
+        bad.append(
+            FieldViolation(
+                "options.cache_size", f"{cache} is not a positive multiple of {PAGE_SIZE}"
+            )
+        )
     elif cache is not None and cache < context:
-        bad.append(FieldViolation("options.cache_size", f"{cache} tokens cannot hold one request of the "
-                                  f"full context ({settings.context_length}); raise it or lower the context length"))  # fmt: skip
+        bad.append(
+            FieldViolation(
+                "options.cache_size",
+                f"{cache} tokens cannot hold one request of the "
+                f"full context ({settings.context_length}); raise it or lower the context length",
+            )
+        )
     chunk = _int_option(opts, "max_chunk_size", DEFAULT_MAX_CHUNK, bad)
     if chunk is not None and chunk <= 0:
         bad.append(FieldViolation("options.max_chunk_size", f"{chunk} is not positive"))
@@ -83,9 +100,12 @@ def parse_options(settings: EngineSettings) -> ExLlamaV3Options:
         raise invalid_fields("invalid exllamav3 settings", bad)
     assert cache is not None and chunk is not None  # None only together with a violation
     return ExLlamaV3Options(
-        device_index=int(settings.device.partition(":")[2] or 0), cache_tokens=cache,
-        cache_bits=bits, max_chunk_size=chunk, max_jobs=settings.max_batch_size or DEFAULT_MAX_JOBS,
-    )  # fmt: skip
+        device_index=int(settings.device.partition(":")[2] or 0),
+        cache_tokens=cache,
+        cache_bits=bits,
+        max_chunk_size=chunk,
+        max_jobs=settings.max_batch_size or DEFAULT_MAX_JOBS,
+    )
 
 
 def parse_cache_quant(value: str, bad: list[FieldViolation]) -> tuple[int, int] | None:
@@ -96,7 +116,12 @@ def parse_cache_quant(value: str, bad: list[FieldViolation]) -> tuple[int, int] 
     if len(parts) in (1, 2) and all(p.isdigit() and int(p) in CACHE_BITS for p in parts):
         k = int(parts[0])
         return k, int(parts[-1])
-    bad.append(FieldViolation("options.cache_quant", f"{value!r} is not 'BITS' or 'KEY_BITS,VALUE_BITS' with bits from 2 to 8"))  # fmt: skip
+    bad.append(
+        FieldViolation(
+            "options.cache_quant",
+            f"{value!r} is not 'BITS' or 'KEY_BITS,VALUE_BITS' with bits from 2 to 8",
+        )
+    )
     return None
 
 
@@ -162,15 +187,18 @@ def job_spec(
         *sorted(set(stop_token_ids)),
     )
     return JobSpec(
-        identifier=identifier, input_ids=tuple(prompt_ids), max_new_tokens=sampling.max_tokens,
-        stop_conditions=stops, seed=sampling.seed,
+        identifier=identifier,
+        input_ids=tuple(prompt_ids),
+        max_new_tokens=sampling.max_tokens,
+        stop_conditions=stops,
+        seed=sampling.seed,
         sampler=SamplerSpec(
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_k=0 if sampling.greedy else sampling.top_k,
             top_p=1.0 if sampling.greedy else sampling.top_p,
             repetition_penalty=sampling.repetition_penalty,
         ),
-    )  # fmt: skip
+    )
 
 
 # -- result dict -> event ---------------------------------------------------------------------
@@ -201,18 +229,25 @@ def read_result(result: Mapping[str, Any]) -> JobEvent:
     """Map one result dict; works on tensors (``tolist``) and on plain lists alike."""
     ids = token_list(result.get("token_ids"))
     if not result.get("eos"):
-        return JobEvent(identifier=result.get("identifier"), stage=str(result.get("stage", "")),
-                        token_ids=ids, text=str(result.get("text", "")))  # fmt: skip
+        return JobEvent(
+            identifier=result.get("identifier"),
+            stage=str(result.get("stage", "")),
+            token_ids=ids,
+            text=str(result.get("text", "")),
+        )
     held = result.get("held") or {}
     eos_reason = str(result.get("eos_reason", ""))
     return JobEvent(
-        identifier=result.get("identifier"), stage=str(result.get("stage", "")),
-        token_ids=ids + token_list(held.get("token_ids")), text=str(result.get("text", "")),
-        finish_reason=finish_reason(eos_reason), eos_reason=eos_reason,
+        identifier=result.get("identifier"),
+        stage=str(result.get("stage", "")),
+        token_ids=ids + token_list(held.get("token_ids")),
+        text=str(result.get("text", "")),
+        finish_reason=finish_reason(eos_reason),
+        eos_reason=eos_reason,
         stop_string=str(result.get("eos_triggering_string", "")),
         prompt_tokens=int(result.get("prompt_tokens", 0)),
         completion_tokens=int(result.get("new_tokens", 0)),
-    )  # fmt: skip
+    )
 
 
 def finish_reason(eos_reason: str) -> FinishReason:

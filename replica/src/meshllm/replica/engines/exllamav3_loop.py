@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshllm.api.types import FinishReason
 from meshllm.replica.engines.base import EngineSettings
 from meshllm.replica.engines.exllamav3_jobs import JobSpec, cache_utilization, job_spec, read_result
 from meshllm.replica.engines.queue import BatchQueue
 from meshllm.replica.engines.stream import TokenStream
-from meshllm.replica.types import EngineStats, FinishReason, SamplingParams
+from meshllm.replica.types import EngineStats, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,12 @@ class GeneratorLoop:
         left = sum(r.stream.max_tokens - r.stream.generated for r in requests)
         used, total = self._pages
         return EngineStats(
-            queued=len(requests) - running, running=running, tokens_in_flight=left,
+            queued=len(requests) - running,
+            running=running,
+            tokens_in_flight=left,
             cache_utilization=cache_utilization(used, total),
             extra={"cache_pages_used": float(used), "cache_pages_total": float(total)},
-        )  # fmt: skip
+        )
 
     async def close(self) -> None:
         if self._closed:
@@ -230,8 +233,13 @@ class GeneratorLoop:
                 wants_no_more = True
                 break
         if event.finish_reason is not None:
-            log.debug("job %s ended (%s): %d prompt + %d new tokens", event.identifier,
-                      event.eos_reason, event.prompt_tokens, event.completion_tokens)  # fmt: skip
+            log.debug(
+                "job %s ended (%s): %d prompt + %d new tokens",
+                event.identifier,
+                event.eos_reason,
+                event.prompt_tokens,
+                event.completion_tokens,
+            )
             self._end(request, event.finish_reason, cancel_job=False)
         elif wants_no_more:
             reason = FinishReason.CANCELLED if stream.cancelled else FinishReason.STOP

@@ -7,7 +7,7 @@ import contextlib
 import threading
 import time
 
-from meshllm.replica.types import FinishReason
+from meshllm.api.types import FinishReason
 
 _NEVER = 1 << 30
 

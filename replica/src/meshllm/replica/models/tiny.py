@@ -57,13 +57,23 @@ class TinyModelRecipe:
 
 
 DEMO = TinyModelRecipe(
-    name="demo", d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=192,
+    name="demo",
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn_dim=192,
     quantization="float32",
-)  # fmt: skip
+)
 BENCH = TinyModelRecipe(
-    name="bench", d_model=256, num_layers=4, num_heads=8, num_kv_heads=2, ffn_dim=768,
+    name="bench",
+    d_model=256,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=2,
+    ffn_dim=768,
     quantization="int8",
-)  # fmt: skip
+)
 RECIPES = {r.name: r for r in (DEMO, BENCH)}
 
 
@@ -101,31 +111,66 @@ def build_once(target: Path, marker: str, write: Callable[[Path], None]) -> Path
 
 def write_model(recipe: TinyModelRecipe, folder: Path) -> None:
     """Write a CTranslate2 model plus ``tokenizer.json`` and ``tokenizer_config.json``."""
+    tokens = vocabulary()
+    spec = llama_decoder_spec(recipe.num_layers, recipe.num_heads, recipe.num_kv_heads)
+    _fill_weights(spec.decoder, recipe, len(tokens))
+    save_ct2_model(
+        spec,
+        folder,
+        tokens=tokens,
+        quantization=recipe.quantization,
+        context_length=recipe.context_length,
+    )
+
+
+def llama_decoder_spec(
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    *,
+    rope_theta: float = 10000.0,
+    head_dim: int | None = None,
+) -> Any:
+    """An empty CTranslate2 Llama-style decoder (pre-norm RMSNorm, SwiGLU, rotary embeddings,
+    grouped-query attention) for the caller to fill with weights."""
     from ctranslate2.specs import common_spec, transformer_spec
 
-    tokens = vocabulary()
-    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
-        recipe.num_layers,
-        recipe.num_heads,
+    return transformer_spec.TransformerDecoderModelSpec.from_config(
+        num_layers,
+        num_heads,
         activation=common_spec.Activation.SWISH,
         pre_norm=True,
         ffn_glu=True,
         rms_norm=True,
         rotary_dim=0,
         rotary_interleave=False,
-        num_heads_kv=recipe.num_kv_heads,
+        rotary_base=rope_theta,
+        num_heads_kv=num_kv_heads,
+        head_dim=head_dim,
     )
-    _fill_weights(spec.decoder, recipe, len(tokens))
+
+
+def save_ct2_model(
+    spec: Any,
+    folder: Path,
+    *,
+    tokens: list[str],
+    quantization: str,
+    context_length: int,
+    reserved: int = 0,
+) -> None:
+    """Finish a filled decoder spec with the byte vocabulary (plus ``reserved`` special tokens
+    at its end) and write it, quantized, with its tokenizer files."""
     spec.register_vocabulary(tokens)
     spec.config.bos_token = BOS_TOKEN
     spec.config.eos_token = EOS_TOKEN
     spec.config.unk_token = UNK_TOKEN
     spec.config.layer_norm_epsilon = 1e-5
     spec.validate()
-    spec.optimize(quantization=recipe.quantization)
+    spec.optimize(quantization=quantization)
     folder.mkdir(parents=True, exist_ok=True)
     spec.save(str(folder))
-    write_tokenizer_files(folder, recipe.context_length)
+    write_tokenizer_files(folder, context_length, reserved=reserved)
 
 
 def _fill_weights(dec: Any, recipe: TinyModelRecipe, vocab_size: int) -> None:

@@ -25,13 +25,18 @@ from meshllm.replica.models.byte_tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     SPECIALS,
-    UNK_TOKEN,
     reserved_token,
     special_token_id,
     vocabulary,
     write_tokenizer_files,
 )
-from meshllm.replica.models.tiny import build_once, default_cache_dir, readable_bias
+from meshllm.replica.models.tiny import (
+    build_once,
+    default_cache_dir,
+    llama_decoder_spec,
+    readable_bias,
+    save_ct2_model,
+)
 
 _BUILD_VERSION = 1  # bump when the recipe's output changes so cached folders are rebuilt
 WEIGHTS_FILE = "model.safetensors"
@@ -71,9 +76,13 @@ class TinyLlamaRecipe:
 TINY_LLAMA = TinyLlamaRecipe()
 # For benchmarks on a GPU: 4 layers, head size 128, grouped-query attention, 13 M parameters.
 BENCH_LLAMA = TinyLlamaRecipe(
-    name="bench-llama", hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=4,
+    name="bench-llama",
+    hidden_size=512,
+    intermediate_size=1536,
+    num_layers=4,
+    num_heads=4,
     num_kv_heads=2,
-)  # fmt: skip
+)
 
 
 def ensure_tiny_llama(recipe: TinyLlamaRecipe = TINY_LLAMA, cache_dir: Path | None = None) -> Path:
@@ -180,14 +189,14 @@ def token_bias(vocab_size: int) -> np.ndarray:
 def write_ct2_twin(recipe: TinyLlamaRecipe, folder: Path, quantization: str = "float32") -> None:
     """The same Llama as a CTranslate2 model, so both engines can run the very same weights
     (a like-for-like engine benchmark, and an independent implementation to check against)."""
-    from ctranslate2.specs import common_spec, transformer_spec
-
     w = {name: t.astype(np.float32) for name, t in llama_weights(recipe).items()}
-    spec = transformer_spec.TransformerDecoderModelSpec.from_config(
-        recipe.num_layers, recipe.num_heads, activation=common_spec.Activation.SWISH,
-        pre_norm=True, ffn_glu=True, rms_norm=True, rotary_dim=0, rotary_interleave=False,
-        rotary_base=recipe.rope_theta, num_heads_kv=recipe.num_kv_heads, head_dim=recipe.head_dim,
-    )  # fmt: skip
+    spec = llama_decoder_spec(
+        recipe.num_layers,
+        recipe.num_heads,
+        recipe.num_kv_heads,
+        rope_theta=recipe.rope_theta,
+        head_dim=recipe.head_dim,
+    )
     dec = spec.decoder
     dec.scale_embeddings = False
     dec.embeddings.weight = w["model.embed_tokens.weight"]
@@ -206,15 +215,12 @@ def write_ct2_twin(recipe: TinyLlamaRecipe, folder: Path, quantization: str = "f
         ffn.linear_0_noact.weight = w[f"{p}.mlp.up_proj.weight"]
         ffn.linear_1.weight = w[f"{p}.mlp.down_proj.weight"]
     reserved = recipe.vocab_size - len(vocabulary())
-    spec.register_vocabulary([*vocabulary(), *(reserved_token(i) for i in range(reserved))])
-    spec.config.bos_token, spec.config.eos_token, spec.config.unk_token = (
-        BOS_TOKEN,
-        EOS_TOKEN,
-        UNK_TOKEN,
+    tokens = [*vocabulary(), *(reserved_token(i) for i in range(reserved))]
+    save_ct2_model(
+        spec,
+        folder,
+        tokens=tokens,
+        quantization=quantization,
+        context_length=recipe.context_length,
+        reserved=reserved,
     )
-    spec.config.layer_norm_epsilon = 1e-5
-    spec.validate()
-    spec.optimize(quantization=quantization)
-    folder.mkdir(parents=True, exist_ok=True)
-    spec.save(str(folder))
-    write_tokenizer_files(folder, recipe.context_length, reserved=reserved)

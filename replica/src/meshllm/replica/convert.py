@@ -48,17 +48,3 @@ def chunk_to_pb(chunk: Chunk, request_id: str) -> gen.GenerateChunk:
     if chunk.timing is not None:
         out.timing.CopyFrom(timing_to_pb(chunk.timing))
     return out
-
-
-def response_from_chunks(chunks: list[gen.GenerateChunk]) -> gen.GenerateResponse:
-    last = chunks[-1]
-    return gen.GenerateResponse(
-        text="".join(c.text for c in chunks),
-        token_ids=[t for c in chunks for t in c.token_ids],
-        request_id=last.request_id,
-        finish_reason=last.finish_reason,
-        stop_sequence=last.stop_sequence,
-        usage=last.usage,
-        timing=last.timing,
-        model=last.model,
-    )

@@ -10,6 +10,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from meshllm.api import convert as api_convert
 from meshllm.api.convert import model_info_to_pb
 from meshllm.api.tracing import child_of, end_with_error, extract, tracer
 from meshllm.api.types import Timing, Usage
@@ -91,7 +92,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         self, request: gen.GenerateRequest, context: Context
     ) -> gen.GenerateResponse:
         chunks = [c async for c in self._chunks(request, context)]
-        return convert.response_from_chunks(chunks)
+        return api_convert.response_from_chunks(chunks)
 
     @unary
     async def ListModels(

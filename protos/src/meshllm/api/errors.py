@@ -154,10 +154,19 @@ class Internal(MeshError):
 _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     cls.code: cls
     for cls in (
-        InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Unauthenticated,
-        PermissionDenied, Unavailable, DeadlineExceeded, Cancelled, Aborted, Internal,
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unauthenticated,
+        PermissionDenied,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Aborted,
+        Internal,
     )
-}  # fmt: skip
+}
 
 
 def invalid_argument(field: str, description: str) -> InvalidArgument:

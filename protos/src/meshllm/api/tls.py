@@ -43,8 +43,12 @@ class ServerTLS:
         elif self.client_ca:
             _fail(p + "client_ca", f"needs {p}cert and {p}key")
         else:
-            _raise([FieldViolation(p + "cert", "must be set for TLS"),
-                    FieldViolation(p + "key", "must be set for TLS")])  # fmt: skip
+            _raise(
+                [
+                    FieldViolation(p + "cert", "must be set for TLS"),
+                    FieldViolation(p + "key", "must be set for TLS"),
+                ]
+            )
         cert, key = _load_pair(self.cert, self.key, p)
         ca = _load_ca(self.client_ca, p + "client_ca") if self.client_ca else None
         object.__setattr__(self, "_pem", (cert, key, ca))

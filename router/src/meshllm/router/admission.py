@@ -35,11 +35,18 @@ Headers = tuple[tuple[str, str], ...]
 
 class QuotaMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.rejections = Counter("meshllm_router_quota_rejections", "Requests refused by a tenant's quota, by tenant and limit.",
-                                  ["tenant", "limit"], registry=registry)  # fmt: skip
-        self.store_failures = Counter("meshllm_router_quota_store_failures",
-                                      "Quota store calls that failed (Redis unreachable or slow), by operation and what the router did.",
-                                      ["operation", "outcome"], registry=registry)  # fmt: skip
+        self.rejections = Counter(
+            "meshllm_router_quota_rejections",
+            "Requests refused by a tenant's quota, by tenant and limit.",
+            ["tenant", "limit"],
+            registry=registry,
+        )
+        self.store_failures = Counter(
+            "meshllm_router_quota_store_failures",
+            "Quota store calls that failed (Redis unreachable or slow), by operation and what the router did.",
+            ["operation", "outcome"],
+            registry=registry,
+        )
 
 
 class Admission:
@@ -47,8 +54,14 @@ class Admission:
     (UNAVAILABLE, reason QUOTA_STORE_UNAVAILABLE); ``allow`` admits them unmetered. Either way
     every failure is counted and logged at ERROR (at most one line per ``log_every_s``)."""
 
-    def __init__(self, store: QuotaStore, on_store_failure: str, retry_after_s: float,
-                 metrics: QuotaMetrics, log_every_s: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: QuotaStore,
+        on_store_failure: str,
+        retry_after_s: float,
+        metrics: QuotaMetrics,
+        log_every_s: float = 5.0,
+    ) -> None:
         self.store, self._policy, self._retry_s = store, on_store_failure, retry_after_s
         self._metrics, self._log_every_s = metrics, log_every_s
         self._last_log, self._unlogged = -math.inf, 0
@@ -65,8 +78,11 @@ class Admission:
     async def _reserve(
         self, tenant: Tenant, demand: Demand, parent: trace.Span
     ) -> Reservation | None:
-        span = tracer.start_span("meshllm.router/quota", context=child_of(parent),
-                                 attributes={"meshllm.tenant": tenant.name, "meshllm.reserved_tokens": demand.tokens})  # fmt: skip
+        span = tracer.start_span(
+            "meshllm.router/quota",
+            context=child_of(parent),
+            attributes={"meshllm.tenant": tenant.name, "meshllm.reserved_tokens": demand.tokens},
+        )
         with ending(span):
             try:
                 reservation = await self.store.reserve(tenant.name, tenant.limits, demand)
@@ -89,14 +105,22 @@ class Admission:
         self._metrics.store_failures.labels(operation, outcome).inc()
         now = time.monotonic()
         if now - self._last_log >= self._log_every_s:
-            log.error("quota store unreachable (%s): %s; %s (%d more failures since the last line)",
-                      error, operation, _CONSEQUENCE[outcome], self._unlogged)  # fmt: skip
+            log.error(
+                "quota store unreachable (%s): %s; %s (%d more failures since the last line)",
+                error,
+                operation,
+                _CONSEQUENCE[outcome],
+                self._unlogged,
+            )
             self._last_log, self._unlogged = now, 0
         else:
             self._unlogged += 1
         if outcome == "denied":
-            raise Unavailable(f"quota store unavailable: requests are refused until it is back ({error})",
-                              reason="QUOTA_STORE_UNAVAILABLE", retry_after=self._retry_s)  # fmt: skip
+            raise Unavailable(
+                f"quota store unavailable: requests are refused until it is back ({error})",
+                reason="QUOTA_STORE_UNAVAILABLE",
+                retry_after=self._retry_s,
+            )
 
     async def settle(self, reservation: Reservation, used: int) -> None:
         """Charge ``used`` tokens and free the request's slot; a cancelled caller still settles."""
@@ -135,12 +159,18 @@ def _refusal(e: QuotaExceeded, demand: Demand) -> InvalidArgument | ResourceExha
     if never:
         return InvalidArgument(
             f"the request can never fit tenant {e.tenant!r}'s quota: {never[0].message}; "
-            f"lower max_tokens or the prompt", reason="REQUEST_EXCEEDS_QUOTA", metadata=metadata,
-            field_violations=[FieldViolation("max_tokens", v.message) for v in never], quota_violations=quota,
-        )  # fmt: skip
+            f"lower max_tokens or the prompt",
+            reason="REQUEST_EXCEEDS_QUOTA",
+            metadata=metadata,
+            field_violations=[FieldViolation("max_tokens", v.message) for v in never],
+            quota_violations=quota,
+        )
     retry = max(v.retry_after_s or 0.0 for v in e.violations)
     return ResourceExhausted(
         f"tenant {e.tenant!r} is over quota: {'; '.join(v.message for v in e.violations)}; "
-        f"retry in {retry:.2f}s", reason="QUOTA_EXCEEDED", retry_after=retry,
-        quota_violations=quota, metadata=metadata,
-    )  # fmt: skip
+        f"retry in {retry:.2f}s",
+        reason="QUOTA_EXCEEDED",
+        retry_after=retry,
+        quota_violations=quota,
+        metadata=metadata,
+    )

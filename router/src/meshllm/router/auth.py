@@ -27,8 +27,12 @@ class Authenticator:
         self._entries: tuple[tuple[bytes, Tenant], ...] = ()
         self.tenants: dict[str, Tenant] = {}
         self.use(tenants or ())
-        self._failures = Counter("meshllm_router_auth_failures", "Calls refused by authentication or authorization, by reason.",
-                                 ["reason"], registry=registry)  # fmt: skip
+        self._failures = Counter(
+            "meshllm_router_auth_failures",
+            "Calls refused by authentication or authorization, by reason.",
+            ["reason"],
+            registry=registry,
+        )
 
     def use(self, tenants: Sequence[Tenant]) -> None:
         """Replace the tenants (a reloaded file); calls already admitted keep theirs."""
@@ -40,14 +44,18 @@ class Authenticator:
             return ANONYMOUS
         values = [v for k, v in metadata or () if k == "authorization"]
         if not values:
-            raise self._refuse("missing", Unauthenticated(
-                "missing API key: send metadata 'authorization: Bearer <key>'"))  # fmt: skip
+            raise self._refuse(
+                "missing",
+                Unauthenticated("missing API key: send metadata 'authorization: Bearer <key>'"),
+            )
         scheme, _, key = (
             values[0] if isinstance(values[0], str) else values[0].decode()
         ).partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise self._refuse("malformed", Unauthenticated(
-                "malformed authorization metadata: expected 'Bearer <key>'"))  # fmt: skip
+            raise self._refuse(
+                "malformed",
+                Unauthenticated("malformed authorization metadata: expected 'Bearer <key>'"),
+            )
         tenant = self._match(hashlib.sha256(key.strip().encode()).digest())
         if tenant is None:
             raise self._refuse("invalid", Unauthenticated("invalid API key"))
@@ -64,8 +72,12 @@ class Authenticator:
 
     def require_admin(self, tenant: Tenant) -> None:
         if tenant.role is not Role.ADMIN:
-            raise self._refuse("forbidden", PermissionDenied(
-                f"tenant {tenant.name!r} has role {tenant.role.value!r}; the Admin service needs role 'admin'"))  # fmt: skip
+            raise self._refuse(
+                "forbidden",
+                PermissionDenied(
+                    f"tenant {tenant.name!r} has role {tenant.role.value!r}; the Admin service needs role 'admin'"
+                ),
+            )
 
     def _refuse(self, reason: str, error: MeshError) -> MeshError:
         self._failures.labels(reason).inc()

@@ -25,9 +25,10 @@ def load(replica: Replica, tokens_per_request: int) -> float:
     interval neither hides this router's new requests nor keeps finished ones alive.
     """
     return (
-        replica.inflight + replica.others_requests
+        replica.inflight
+        + replica.others_requests
         + (replica.inflight_tokens + replica.others_tokens) / tokens_per_request
-    )  # fmt: skip
+    )
 
 
 class LeastBusy:

@@ -71,15 +71,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
-    p.add_argument("--replica", action="append", default=[], metavar="HOST:PORT",
-                   help="a replica address (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a replica address (repeatable)",
+    )
     p.add_argument("--replicas-file", help="file with one HOST:PORT per line, re-read periodically")
-    p.add_argument("--dns", metavar="NAME:PORT",
-                   help="re-resolved periodically; each address is a replica (headless Service)")  # fmt: skip
+    p.add_argument(
+        "--dns",
+        metavar="NAME:PORT",
+        help="re-resolved periodically; each address is a replica (headless Service)",
+    )
     p.add_argument("--refresh", type=float, help="seconds between file/DNS refreshes (default 5)")
     p.add_argument("--policy", choices=POLICIES, help="routing policy (default least-busy)")
-    p.add_argument("--tokens-per-request", type=int,
-                   help="tokens in flight that weigh as much as one request (default 256)")  # fmt: skip
+    p.add_argument(
+        "--tokens-per-request",
+        type=int,
+        help="tokens in flight that weigh as much as one request (default 256)",
+    )
     p.add_argument(
         "--max-attempts", type=int, help="replicas tried before the first token (default 3)"
     )
@@ -101,49 +112,89 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="serve Prometheus /metrics on this HTTP port (default: off)",
     )
-    p.add_argument("--health-port", type=int, help="also answer grpc.health.v1 (only) in "
-                   "plaintext on this port, for probes that cannot speak TLS (default: off)")  # fmt: skip
+    p.add_argument(
+        "--health-port",
+        type=int,
+        help="also answer grpc.health.v1 (only) in "
+        "plaintext on this port, for probes that cannot speak TLS (default: off)",
+    )
     p.add_argument("--tenants-file", help="TOML file of tenants, key hashes and quotas")
-    p.add_argument("--no-auth", action="store_true",
-                   help="no API keys: every caller is an admin (local development only)")  # fmt: skip
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no API keys: every caller is an admin (local development only)",
+    )
     p.add_argument(
         "--quota-store", choices=STORES, help="where quota counters live (default memory)"
     )
-    p.add_argument("--redis-url", help="redis://host:port/db for --quota-store redis "
-                   "(or MESHLLM_REDIS_URL, to keep a password out of the command line)")  # fmt: skip
-    p.add_argument("--redis-url-file", metavar="PATH",
-                   help="a file holding the Redis URL, e.g. a mounted Secret (instead of --redis-url)")  # fmt: skip
-    p.add_argument("--redis-unavailable", choices=STORE_FAILURE_POLICIES,
-                   help="when Redis is unreachable: deny requests (default) or allow them unmetered")  # fmt: skip
-    p.add_argument("--share-placement-counts", action="store_true", default=None,
-                   help="keep desired replica counts in Redis too, shared by every router using it")  # fmt: skip
+    p.add_argument(
+        "--redis-url",
+        help="redis://host:port/db for --quota-store redis "
+        "(or MESHLLM_REDIS_URL, to keep a password out of the command line)",
+    )
+    p.add_argument(
+        "--redis-url-file",
+        metavar="PATH",
+        help="a file holding the Redis URL, e.g. a mounted Secret (instead of --redis-url)",
+    )
+    p.add_argument(
+        "--redis-unavailable",
+        choices=STORE_FAILURE_POLICIES,
+        help="when Redis is unreachable: deny requests (default) or allow them unmetered",
+    )
+    p.add_argument(
+        "--share-placement-counts",
+        action="store_true",
+        default=None,
+        help="keep desired replica counts in Redis too, shared by every router using it",
+    )
     _add_tls_flags(p)
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", default="text", choices=FORMATS,
-                   help="json: one object per line, with request fields (default text)")  # fmt: skip
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="json: one object per line, with request fields (default text)",
+    )
     return p.parse_args(argv)
 
 
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TLS", "default: plaintext, for local development only (docs/tls.md)")
-    g.add_argument("--tls-cert", metavar="PEM",
-                   help="serve clients over TLS with this certificate (with --tls-key)")  # fmt: skip
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve clients over TLS with this certificate (with --tls-key)",
+    )
     g.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    g.add_argument("--tls-client-ca", metavar="PEM",
-                   help="mutual TLS: accept only clients with a certificate signed by this CA")  # fmt: skip
-    g.add_argument("--replica-tls-ca", metavar="PEM",
-                   help="reach replicas over TLS, trusting this CA")  # fmt: skip
-    g.add_argument("--replica-tls-cert", metavar="PEM",
-                   help="client certificate for replicas that run mutual TLS (with --replica-tls-key)")  # fmt: skip
+    g.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="mutual TLS: accept only clients with a certificate signed by this CA",
+    )
+    g.add_argument(
+        "--replica-tls-ca", metavar="PEM", help="reach replicas over TLS, trusting this CA"
+    )
+    g.add_argument(
+        "--replica-tls-cert",
+        metavar="PEM",
+        help="client certificate for replicas that run mutual TLS (with --replica-tls-key)",
+    )
     g.add_argument("--replica-tls-key", metavar="PEM", help="private key of --replica-tls-cert")
-    g.add_argument("--replica-tls-server-name", metavar="NAME",
-                   help="check replicas' certificates against this name (default: each address's host)")  # fmt: skip
+    g.add_argument(
+        "--replica-tls-server-name",
+        metavar="NAME",
+        help="check replicas' certificates against this name (default: each address's host)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """The config file's settings (if any), the flags given on top, then the environment."""
-    flags = {name: getattr(args, flag) for flag, name in _OVERRIDES.items()
-             if getattr(args, flag) is not None}  # fmt: skip
+    flags = {
+        name: getattr(args, flag)
+        for flag, name in _OVERRIDES.items()
+        if getattr(args, flag) is not None
+    }
     if args.no_auth:
         flags["auth"] = "none"
     settings = merged(read_config_file(args.config) if args.config else {}, nest(flags))

@@ -34,8 +34,9 @@ def flat(section: str, key: str) -> str:
 
 
 def _positive(config: object, where: str, *names: str) -> list[FieldViolation]:
-    return [FieldViolation(flat(where, n), "must be positive") for n in names
-            if getattr(config, n) <= 0]  # fmt: skip
+    return [
+        FieldViolation(flat(where, n), "must be positive") for n in names if getattr(config, n) <= 0
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,8 +68,11 @@ class DiscoveryConfig:
         return bool(self.replicas_file or self.dns)
 
     def violations(self) -> list[FieldViolation]:
-        bad = [FieldViolation(flat("discovery", "replicas"), f"{a!r} is not host:port")
-               for a in self.replicas if not valid_address(a)]  # fmt: skip
+        bad = [
+            FieldViolation(flat("discovery", "replicas"), f"{a!r} is not host:port")
+            for a in self.replicas
+            if not valid_address(a)
+        ]
         if self.dns and not valid_address(self.dns):
             bad.append(FieldViolation(flat("discovery", "dns"), f"{self.dns!r} is not name:port"))
         bad += _positive(self, "discovery", "refresh_s", "stale_after_s", "reconnect_max_s")
@@ -97,9 +101,17 @@ class QuotaConfig:
     def violations(self) -> list[FieldViolation]:
         bad = []
         if self.store not in STORES:
-            bad.append(FieldViolation(flat("quota", "store"), f"{self.store!r} is not one of {', '.join(STORES)}"))  # fmt: skip
+            bad.append(
+                FieldViolation(
+                    flat("quota", "store"), f"{self.store!r} is not one of {', '.join(STORES)}"
+                )
+            )
         if self.unavailable not in STORE_FAILURE_POLICIES:
-            bad.append(FieldViolation(flat("quota", "unavailable"), f"{self.unavailable!r} is not 'deny' or 'allow'"))  # fmt: skip
+            bad.append(
+                FieldViolation(
+                    flat("quota", "unavailable"), f"{self.unavailable!r} is not 'deny' or 'allow'"
+                )
+            )
         return bad + _positive(self, "quota", "lease_s")
 
 
@@ -144,8 +156,12 @@ class RedisConfig:
 
     def violations(self) -> list[FieldViolation]:
         if self.url_file and self.url:
-            return [FieldViolation(flat("redis", "url_file"), "is set together with redis_url (or "
-                                   "MESHLLM_REDIS_URL): set one")]  # fmt: skip
+            return [
+                FieldViolation(
+                    flat("redis", "url_file"),
+                    "is set together with redis_url (or MESHLLM_REDIS_URL): set one",
+                )
+            ]
         try:
             self.address()
         except InvalidArgument as e:
@@ -216,8 +232,13 @@ class ReplicaTLSConfig:
         """The settings with their files read (once); None: plaintext."""
         if not (self.ca or self.cert or self.key or self.server_name):
             return None
-        return ChannelTLS(ca=self.ca, cert=self.cert, key=self.key,
-                          server_name=self.server_name, prefix="replica_tls_")  # fmt: skip
+        return ChannelTLS(
+            ca=self.ca,
+            cert=self.cert,
+            key=self.key,
+            server_name=self.server_name,
+            prefix="replica_tls_",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,9 +300,14 @@ class RouterConfig:
             if value is not None and not 0 <= value <= 65535:
                 bad.append(FieldViolation(name, f"{value} is out of range"))
         if self.policy not in POLICIES:
-            bad.append(FieldViolation("policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}"))  # fmt: skip
-        bad += [FieldViolation(n, "must be at least 1") for n in ("tokens_per_request", "max_attempts")
-                if getattr(self, n) < 1]  # fmt: skip
+            bad.append(
+                FieldViolation("policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
+            )
+        bad += [
+            FieldViolation(n, "must be at least 1")
+            for n in ("tokens_per_request", "max_attempts")
+            if getattr(self, n) < 1
+        ]
         bad += _positive(self, "", "retry_after_s")
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
@@ -304,17 +330,33 @@ class RouterConfig:
         if self.auth not in AUTH_MODES:
             return [FieldViolation("auth", f"{self.auth!r} is not one of {', '.join(AUTH_MODES)}")]
         if self.auth == "api-key" and not self.tenants_file:
-            return [FieldViolation("tenants_file", "is required with auth = 'api-key' "
-                                   "(or set auth = 'none' for local development)")]  # fmt: skip
+            return [
+                FieldViolation(
+                    "tenants_file",
+                    "is required with auth = 'api-key' "
+                    "(or set auth = 'none' for local development)",
+                )
+            ]
         if self.auth == "none" and self.tenants_file:
             return [FieldViolation("tenants_file", "is ignored with auth = 'none': remove one")]
         return []
 
     def _redis_violations(self) -> list[FieldViolation]:
         if not self.redis.configured:
-            users = [u for u, on in (("quota.store = 'redis'", self.quota.store == "redis"),
-                                     ("placement.share_counts", self.placement.share_counts)) if on]  # fmt: skip
-            return [FieldViolation(flat("redis", "url"), f"or redis_url_file is required with {' and '.join(users)}")]  # fmt: skip
+            users = [
+                u
+                for u, on in (
+                    ("quota.store = 'redis'", self.quota.store == "redis"),
+                    ("placement.share_counts", self.placement.share_counts),
+                )
+                if on
+            ]
+            return [
+                FieldViolation(
+                    flat("redis", "url"),
+                    f"or redis_url_file is required with {' and '.join(users)}",
+                )
+            ]
         return self.redis.violations()
 
 
@@ -329,18 +371,30 @@ SECTIONS: dict[str, type[Any]] = {
 """``[router.<name>]`` sub-tables and the config each becomes."""
 
 FLAT_NAMES: dict[str, tuple[str, str]] = {
-    **{n: ("discovery", n) for n in ("replicas", "replicas_file", "dns", "refresh_s",
-                                     "report_interval_ms", "stale_after_s", "reconnect_max_s")},
-    "quota_store": ("quota", "store"), "redis_unavailable": ("quota", "unavailable"),
+    **{
+        n: ("discovery", n)
+        for n in (
+            "replicas",
+            "replicas_file",
+            "dns",
+            "refresh_s",
+            "report_interval_ms",
+            "stale_after_s",
+            "reconnect_max_s",
+        )
+    },
+    "quota_store": ("quota", "store"),
+    "redis_unavailable": ("quota", "unavailable"),
     "quota_lease_s": ("quota", "lease_s"),
-    "redis_url": ("redis", "url"), "redis_url_file": ("redis", "url_file"),
+    "redis_url": ("redis", "url"),
+    "redis_url_file": ("redis", "url_file"),
     "redis_timeout_s": ("redis", "timeout_s"),
     **{n: ("placement", n) for n in ("load_timeout_s", "load_retry_s", "unload_drain_s")},
     "placement_refresh_s": ("placement", "refresh_s"),
     "share_placement_counts": ("placement", "share_counts"),
     **{f"tls_{n}": ("tls", n) for n in ("cert", "key", "client_ca")},
     **{f"replica_tls_{n}": ("replica_tls", n) for n in ("ca", "cert", "key", "server_name")},
-}  # fmt: skip
+}
 """Flat name (a command-line flag's) -> (sub-table, setting); other flat names are ``[router]``'s.
 Errors name settings by these names."""
 _FLAT = {place: name for name, place in FLAT_NAMES.items()}
@@ -382,9 +436,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise InvalidArgument(f"cannot read router config {path}: {e}") from e
     if unknown := sorted(set(data) - {"router", "models"}):
-        raise InvalidArgument(f"{path}: unknown tables {', '.join(unknown)}; a router config "
-                              "has [router] (with its sub-tables) and [models.<id>] tables",
-                              field_violations=[FieldViolation(k, "unknown table") for k in unknown])  # fmt: skip
+        raise InvalidArgument(
+            f"{path}: unknown tables {', '.join(unknown)}; a router config "
+            "has [router] (with its sub-tables) and [models.<id>] tables",
+            field_violations=[FieldViolation(k, "unknown table") for k in unknown],
+        )
     table = data.get("router", {})
     if not isinstance(table, dict):
         raise InvalidArgument(f"{path}: [router] must be a table")
@@ -399,22 +455,43 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return settings
 
 
-_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (float, int),
-                                       "bool": (bool,), "int | None": (int,)}  # fmt: skip
-_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-               "int | None": "an integer", "tuple[str, ...]": "a list of strings"}  # fmt: skip
+_KINDS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (float, int),
+    "bool": (bool,),
+    "int | None": (int,),
+}
+_TYPE_NAMES = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "int | None": "an integer",
+    "tuple[str, ...]": "a list of strings",
+}
 
 
-def _typed(path: Path, where: str, table: Mapping[str, Any], kind: type[Any],
-           skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:  # fmt: skip
+def _typed(
+    path: Path,
+    where: str,
+    table: Mapping[str, Any],
+    kind: type[Any],
+    skip: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, Any]:
     """One table's settings, each checked against the dataclass field of the same name."""
     types = {f.name: str(f.type) for f in fields(kind) if f.name not in skip and f.name != "models"}
     if unknown := sorted(set(table) - types.keys() - set(skip)):
-        moved = [f"{k} is now {FLAT_NAMES[k][1]} in [router.{FLAT_NAMES[k][0]}]"
-                 for k in unknown if k in FLAT_NAMES and where == "router"]  # fmt: skip
+        moved = [
+            f"{k} is now {FLAT_NAMES[k][1]} in [router.{FLAT_NAMES[k][0]}]"
+            for k in unknown
+            if k in FLAT_NAMES and where == "router"
+        ]
         hint = f" ({'; '.join(moved)})" if moved else ""
-        raise InvalidArgument(f"{path}: unknown [{where}] settings: {', '.join(unknown)}{hint}",
-                              field_violations=[FieldViolation(f"{where}.{k}", "unknown setting") for k in unknown])  # fmt: skip
+        raise InvalidArgument(
+            f"{path}: unknown [{where}] settings: {', '.join(unknown)}{hint}",
+            field_violations=[FieldViolation(f"{where}.{k}", "unknown setting") for k in unknown],
+        )
     out: dict[str, Any] = {}
     for key, value in table.items():
         if key in skip:
@@ -434,8 +511,10 @@ def _typed(path: Path, where: str, table: Mapping[str, Any], kind: type[Any],
             out[key] = float(cast(float, value)) if expected == "float" else value
         else:
             what = _TYPE_NAMES[expected]
-            raise InvalidArgument(f"{path}: [{where}] {key} must be {what}, not {value!r}",
-                                  field_violations=[FieldViolation(f"{where}.{key}", f"must be {what}")])  # fmt: skip
+            raise InvalidArgument(
+                f"{path}: [{where}] {key} must be {what}, not {value!r}",
+                field_violations=[FieldViolation(f"{where}.{key}", f"must be {what}")],
+            )
     return out
 
 

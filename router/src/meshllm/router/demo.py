@@ -23,8 +23,10 @@ def main(replicas: int = 2) -> None:
             for chunk in client.stream("Once upon a time", model="demo", max_tokens=48):
                 print(chunk.text, end="", flush=True)
                 if chunk.finish_reason is not None and chunk.usage and chunk.timing:
-                    print(f"\n[{chunk.finish_reason.value}; {chunk.usage.completion_tokens} tokens, "
-                          f"served by {chunk.timing.replica}]\n")  # fmt: skip
+                    print(
+                        f"\n[{chunk.finish_reason.value}; {chunk.usage.completion_tokens} tokens, "
+                        f"served by {chunk.timing.replica}]\n"
+                    )
             started = time.perf_counter()
             items = client.generate_batch(PROMPTS, model="demo", max_tokens=32, concurrency=8)
             elapsed = time.perf_counter() - started
@@ -34,8 +36,11 @@ def main(replicas: int = 2) -> None:
             f"batch: {len(ok)}/{len(items)} done in {elapsed:.2f}s, {tokens / elapsed:.0f} tokens/s"
         )
         for item in items[:3]:
-            print(f"  [{item.index}] {item.result.text[:60]!r}" if item.result
-                  else f"  [{item.index}] {item.error}")  # fmt: skip
+            print(
+                f"  [{item.index}] {item.result.text[:60]!r}"
+                if item.result
+                else f"  [{item.index}] {item.error}"
+            )
         print(f"served by: {dict(sorted(Counter(c.replica for c in ok).items()))}")
         print("stopping the mesh (router first, then replicas) ...", flush=True)
     print("done.")

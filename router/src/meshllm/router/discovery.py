@@ -58,8 +58,12 @@ class Discovery:
             try:
                 self._dns = await resolve(self._config.dns)
             except (OSError, UnicodeError) as e:
-                log.warning("cannot resolve %s: %s; keeping %d addresses", self._config.dns, e,
-                            len(self._dns))  # fmt: skip
+                log.warning(
+                    "cannot resolve %s: %s; keeping %d addresses",
+                    self._config.dns,
+                    e,
+                    len(self._dns),
+                )
         return set(self._config.replicas) | self._file | self._dns
 
     @property

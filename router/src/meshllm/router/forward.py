@@ -33,17 +33,31 @@ log = logging.getLogger(__name__)
 
 # Failures that say "this replica cannot take it now": another replica may. A caller's mistake
 # (INVALID_ARGUMENT), its deadline or its cancellation would fail the same way everywhere.
-RETRYABLE = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED,
-    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-})  # fmt: skip
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 _CALLERS_OWN = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 class Forwarder:
-    def __init__(self, registry: Registry, picker: Picker, *, metrics: RouterMetrics,
-                 admission: Admission, max_attempts: int, retry_after_s: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registry: Registry,
+        picker: Picker,
+        *,
+        metrics: RouterMetrics,
+        admission: Admission,
+        max_attempts: int,
+        retry_after_s: float,
+    ) -> None:
         self._registry, self._picker, self._metrics, self._admission = (
             registry,
             picker,
@@ -52,7 +66,9 @@ class Forwarder:
         )
         self._max_attempts, self._retry_s = max_attempts, retry_after_s
 
-    def _routed(self, name: str, request: gen.GenerateRequest, call: Call) -> contextlib.AbstractAsyncContextManager[RoutedRequest]:  # fmt: skip
+    def _routed(
+        self, name: str, request: gen.GenerateRequest, call: Call
+    ) -> contextlib.AbstractAsyncContextManager[RoutedRequest]:
         return routed(
             name,
             request,
@@ -106,11 +122,14 @@ class Forwarder:
                 if not self._retryable(e, req.request.model, tried):
                     raise last from None
 
-    async def _attempt(self, req: RoutedRequest, link: ReplicaLink, time_remaining: TimeRemaining,
-                       *, relay: bool) -> AsyncGenerator[gen.GenerateChunk]:  # fmt: skip
+    async def _attempt(
+        self, req: RoutedRequest, link: ReplicaLink, time_remaining: TimeRemaining, *, relay: bool
+    ) -> AsyncGenerator[gen.GenerateChunk]:
         replica = link.replica
-        with self._registry.lease(replica, budget(req.request, replica.served)) as lease, \
-                self._span(req.span, link) as span:  # fmt: skip
+        with (
+            self._registry.lease(replica, budget(req.request, replica.served)) as lease,
+            self._span(req.span, link) as span,
+        ):
             call = link.client.generation.GenerateStream(
                 req.request, timeout=_timeout(time_remaining()), metadata=inject(span)
             )
@@ -132,7 +151,7 @@ class Forwarder:
                     f"replica {replica.name} ended the stream without a final chunk after "
                     f"{relayed or sum(len(c.token_ids) for c in held)} tokens; the reply is incomplete",
                     reason="STREAM_INTERRUPTED",
-                )  # fmt: skip
+                )
             except grpc.aio.AioRpcError as e:
                 if relayed is None:
                     raise
@@ -144,8 +163,12 @@ class Forwarder:
     def _span(self, parent: trace.Span, link: ReplicaLink) -> Iterator[trace.Span]:
         """A span per replica tried; the replica's own spans nest under it."""
         attributes = {"meshllm.replica": link.replica.name, "net.peer.name": link.replica.address}
-        span = tracer.start_span("meshllm.router/forward", context=child_of(parent),
-                                 kind=SpanKind.CLIENT, attributes=attributes)  # fmt: skip
+        span = tracer.start_span(
+            "meshllm.router/forward",
+            context=child_of(parent),
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+        )
         with ending(span):
             yield span
 
@@ -161,7 +184,9 @@ class Forwarder:
         tried.append(link.replica)
         return link
 
-    def _failed(self, error: grpc.aio.AioRpcError, replica: Replica, relayed: int | None) -> MeshError:  # fmt: skip
+    def _failed(
+        self, error: grpc.aio.AioRpcError, replica: Replica, relayed: int | None
+    ) -> MeshError:
         """The error to give the client, or to keep as the reason when a retry also fails.
 
         ``relayed`` is None until the first chunk went out; after it, only the client's own
@@ -172,26 +197,37 @@ class Forwarder:
         down = transport_failure(mesh)  # connection refused or reset, the process gone
         if down:
             self._registry.eject(replica, f"{code.name}: {error.details()}")
-            log.warning("replica %s unreachable (%s); ejected until it reports again",
-                        replica.name, error.details())  # fmt: skip
+            log.warning(
+                "replica %s unreachable (%s); ejected until it reports again",
+                replica.name,
+                error.details(),
+            )
         if relayed is not None and code not in _CALLERS_OWN:
             return Unavailable(
                 f"replica {replica.name} failed after streaming {relayed} tokens "
                 f"({code.name}: {error.details()}); the reply is incomplete",
-                reason="STREAM_INTERRUPTED", metadata={"replica": replica.name, "tokens_streamed": str(relayed)},
-            )  # fmt: skip
+                reason="STREAM_INTERRUPTED",
+                metadata={"replica": replica.name, "tokens_streamed": str(relayed)},
+            )
         if down:
-            return Unavailable(f"replica {replica.name}: {code.name}: {error.details()}",
-                               reason="REPLICA_FAILED", retry_after=self._retry_s,
-                               metadata={"replica": replica.name})  # fmt: skip
+            return Unavailable(
+                f"replica {replica.name}: {code.name}: {error.details()}",
+                reason="REPLICA_FAILED",
+                retry_after=self._retry_s,
+                metadata={"replica": replica.name},
+            )
         return mesh
 
     def _retryable(self, error: grpc.aio.AioRpcError, model: str, tried: Sequence[Replica]) -> bool:
         if error.code() not in RETRYABLE:
             return False
         self._metrics.retries.labels(model, error.code().name).inc()
-        log.info("attempt %d on %s failed before the first token (%s); trying another replica",
-                 len(tried), tried[-1].name, error.code().name)  # fmt: skip
+        log.info(
+            "attempt %d on %s failed before the first token (%s); trying another replica",
+            len(tried),
+            tried[-1].name,
+            error.code().name,
+        )
         return True
 
 

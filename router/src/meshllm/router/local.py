@@ -103,23 +103,43 @@ class LocalMesh:
     def _spawn(self, module: str, *args: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", module, "--log-level", self.config.log_level, *args]
         return subprocess.Popen(
-            cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            cmd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 (no threads yet)
-        )  # fmt: skip
+        )
 
     def start(self) -> str:
         c = self.config
         config_file = self._router_config()
         for i in range(c.replicas):
             address = f"{c.host}:{free_port(c.host)}"
-            proc = self._spawn("meshllm.replica", "--host", c.host, "--port", address.rsplit(":", 1)[1],
-                               "--replica-id", f"replica-{i}", *c.replica_args)  # fmt: skip
+            proc = self._spawn(
+                "meshllm.replica",
+                "--host",
+                c.host,
+                "--port",
+                address.rsplit(":", 1)[1],
+                "--replica-id",
+                f"replica-{i}",
+                *c.replica_args,
+            )
             self.replicas.append((address, proc))
         port = c.port or free_port(c.host)
         replica_flags = [flag for address, _ in self.replicas for flag in ("--replica", address)]
-        self.router = self._spawn("meshllm.router", "--config", str(config_file), "--host", c.host,
-                                  "--port", str(port), "--policy", c.policy, *self._auth_flags(),
-                                  *replica_flags)  # fmt: skip
+        self.router = self._spawn(
+            "meshllm.router",
+            "--config",
+            str(config_file),
+            "--host",
+            c.host,
+            "--port",
+            str(port),
+            "--policy",
+            c.policy,
+            *self._auth_flags(),
+            *replica_flags,
+        )
         self.address = f"{c.host}:{port}"
         self._wait_ready()
         return self.address
@@ -134,8 +154,10 @@ class LocalMesh:
         model_id = Path(model).name  # as the replica names it: "demo" for demo, a folder's name
         self._dir = tempfile.TemporaryDirectory(prefix="meshllm-up-")
         path = Path(self._dir.name) / "router.toml"
-        path.write_text(f"[models.{json.dumps(model_id)}]\npath = {json.dumps(model)}\n"
-                        f"desired_replicas = {self.config.replicas}\n")  # fmt: skip
+        path.write_text(
+            f"[models.{json.dumps(model_id)}]\npath = {json.dumps(model)}\n"
+            f"desired_replicas = {self.config.replicas}\n"
+        )
         self.catalog = read_config_file(path)["models"]
         return path
 

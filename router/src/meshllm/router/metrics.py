@@ -28,13 +28,22 @@ class ReplicaLoadCollector(Collector):
     def _families(self) -> list[GaugeMetricFamily]:
         labels = ["replica", "address", "model"]
         families = {
-            "inflight": GaugeMetricFamily("meshllm_router_replica_inflight_requests",
-                                          "Requests this router has in flight on the replica.", labels=labels),
-            "load": GaugeMetricFamily("meshllm_router_replica_load",
-                                      "The least-busy load score of the replica.", labels=labels),
-            "available": GaugeMetricFamily("meshllm_router_replica_available",
-                                           "1 while the replica takes new work.", labels=labels),
-        }  # fmt: skip
+            "inflight": GaugeMetricFamily(
+                "meshllm_router_replica_inflight_requests",
+                "Requests this router has in flight on the replica.",
+                labels=labels,
+            ),
+            "load": GaugeMetricFamily(
+                "meshllm_router_replica_load",
+                "The least-busy load score of the replica.",
+                labels=labels,
+            ),
+            "available": GaugeMetricFamily(
+                "meshllm_router_replica_available",
+                "1 while the replica takes new work.",
+                labels=labels,
+            ),
+        }
         now, stale = self._registry.clock(), self._registry.stale_after_s
         for r in self._registry.replicas.values():
             model = r.report.model if r.report is not None else ""
@@ -48,8 +57,12 @@ class ReplicaLoadCollector(Collector):
 class RouterMetrics(RequestMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry, "meshllm_router")
-        self.retries = Counter("meshllm_router_retries", "Attempts retried on another replica, by the failed attempt's code.",
-                               ["model", "code"], registry=registry)  # fmt: skip
+        self.retries = Counter(
+            "meshllm_router_retries",
+            "Attempts retried on another replica, by the failed attempt's code.",
+            ["model", "code"],
+            registry=registry,
+        )
 
 
 def router_metrics(

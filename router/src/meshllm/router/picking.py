@@ -15,8 +15,15 @@ from meshllm.router.registry import Registry, Replica, ServedModel
 class Picker:
     """The policy's pick among the replicas that serve a model, skipping those already tried."""
 
-    def __init__(self, registry: Registry, pool: ReplicaPool, policy: Policy, *,
-                 catalog: frozenset[str], retry_after_s: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registry: Registry,
+        pool: ReplicaPool,
+        policy: Policy,
+        *,
+        catalog: frozenset[str],
+        retry_after_s: float,
+    ) -> None:
         self._registry, self._pool, self._policy = registry, pool, policy
         self._catalog, self._retry_s = catalog, retry_after_s
 
@@ -45,21 +52,33 @@ class Picker:
             names = ", ".join(r.name for r in tried)
             return Unavailable(
                 f"no replica could take the request for {model!r}: {len(tried)} tried ({names})",
-                reason="NO_HEALTHY_REPLICA", retry_after=self._retry_s, metadata=where,
-            )  # fmt: skip
+                reason="NO_HEALTHY_REPLICA",
+                retry_after=self._retry_s,
+                metadata=where,
+            )
         held = plan.hosting(self._registry.replicas.values(), model)
         states = {ReplicaState.LOADING if r.claim else r.state for r in held}
         if ReplicaState.LOADING in states:
-            return Unavailable(f"model {model!r} is still loading", reason="MODEL_LOADING",
-                               retry_after=self._retry_s, metadata=where)  # fmt: skip
+            return Unavailable(
+                f"model {model!r} is still loading",
+                reason="MODEL_LOADING",
+                retry_after=self._retry_s,
+                metadata=where,
+            )
         if not states and model in self._catalog:
             return FailedPrecondition(
                 f"model {model!r} is in the catalog but loaded on no replica; an admin can load "
-                f"it (meshllm admin load {model})", reason="MODEL_NOT_LOADED", metadata=where,
-            )  # fmt: skip
+                f"it (meshllm admin load {model})",
+                reason="MODEL_NOT_LOADED",
+                metadata=where,
+            )
         ready = self._registry.ready_models()
         if not states and (ready or self._catalog) and not self._registry.knows(model):
             available = sorted({*ready, *self._catalog})
             return NotFound(f"unknown model {model!r}; available: {', '.join(available)}")
-        return Unavailable(f"no healthy replica serves {model!r} now", reason="NO_HEALTHY_REPLICA",
-                           retry_after=self._retry_s, metadata=where)  # fmt: skip
+        return Unavailable(
+            f"no healthy replica serves {model!r} now",
+            reason="NO_HEALTHY_REPLICA",
+            retry_after=self._retry_s,
+            metadata=where,
+        )

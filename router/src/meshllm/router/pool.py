@@ -97,8 +97,13 @@ class ReplicaLink:
             replica.served = None
         self._registry.update(replica, report)
         if before != (True, report.state, report.model):
-            log.info("replica %s at %s: %s %s", report.replica_id, replica.address,
-                     report.state.value, report.model or "(no model)")  # fmt: skip
+            log.info(
+                "replica %s at %s: %s %s",
+                report.replica_id,
+                replica.address,
+                report.state.value,
+                report.model or "(no model)",
+            )
             on_change()
 
     async def _refresh_model(self) -> None:

@@ -169,9 +169,10 @@ class Registry:
     def candidates(self, model: str, exclude: Iterable[Replica] = ()) -> list[Replica]:
         now, skip = self.clock(), set(map(id, exclude))
         return [
-            r for r in self.replicas.values()
+            r
+            for r in self.replicas.values()
             if id(r) not in skip and r.serves(model, now, self.stale_after_s)
-        ]  # fmt: skip
+        ]
 
     def find(self, name: str) -> Replica | None:
         """A replica by id (as reported) or address."""

@@ -48,8 +48,12 @@ def budget(request: gen.GenerateRequest, served: ServedModel | None) -> int:
 
 def prompt_estimate(request: gen.GenerateRequest) -> int:
     messages = ((m.role, m.content) for m in request.messages)
-    return prompt_tokens_estimate(prompt=request.prompt, messages=messages,
-                                  instructions=request.instructions, token_ids=len(request.token_ids))  # fmt: skip
+    return prompt_tokens_estimate(
+        prompt=request.prompt,
+        messages=messages,
+        instructions=request.instructions,
+        token_ids=len(request.token_ids),
+    )
 
 
 @dataclass
@@ -99,8 +103,12 @@ async def routed(
 ) -> AsyncIterator[RoutedRequest]:
     """Track ``request`` (span, metrics, access log) and hold its tenant's quota while the block
     runs; settle with the tokens it used, however it ends."""
-    span = tracer.start_span(name, context=extract(call.metadata), kind=SpanKind.SERVER,
-                             attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name})  # fmt: skip
+    span = tracer.start_span(
+        name,
+        context=extract(call.metadata),
+        kind=SpanKind.SERVER,
+        attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name},
+    )
     with metrics.track(request.model, on_end=functools.partial(_end_span, span)) as record:
         record.tenant = call.tenant.name
         if not request.model:

@@ -58,15 +58,23 @@ class RouterServer:
         self.config = c = config.validate()
         self.port = 0
         self.registry = Registry(stale_after_s=c.discovery.stale_after_s)
-        links = LinkSettings(discovery=c.discovery, tls=c.replica_tls.loaded,
-                             max_message_bytes=c.max_message_bytes, drain_grace_s=c.drain_grace_s)  # fmt: skip
+        links = LinkSettings(
+            discovery=c.discovery,
+            tls=c.replica_tls.loaded,
+            max_message_bytes=c.max_message_bytes,
+            drain_grace_s=c.drain_grace_s,
+        )
         self.pool = ReplicaPool(links, self.registry, self._on_change)
         self.policy = make_policy(c.policy, c.tokens_per_request)
         self._discovery = Discovery(c.discovery)
         self._tenants = TenantsFile(Path(c.tenants_file)) if c.auth == "api-key" else None
-        self._store = make_store(c.quota.store, redis_url=c.redis.address(),
-                                 concurrency_retry_s=c.retry_after_s, lease_s=c.quota.lease_s,
-                                 timeout_s=c.redis.timeout_s)  # fmt: skip
+        self._store = make_store(
+            c.quota.store,
+            redis_url=c.redis.address(),
+            concurrency_retry_s=c.retry_after_s,
+            lease_s=c.quota.lease_s,
+            timeout_s=c.redis.timeout_s,
+        )
         self.placement = Placement(c.placement, c.models, self.registry, self.pool, self._counts())
         self._health = HealthServicer()
         self._stopped = False
@@ -94,12 +102,24 @@ class RouterServer:
         prometheus, metrics = router_metrics(self.registry, self.config.tokens_per_request)
         self.auth = Authenticator(self._tenants.tenants if self._tenants else None, prometheus)
         c = self.config
-        self.admission = Admission(self._store, c.quota.unavailable, c.retry_after_s,
-                                   QuotaMetrics(prometheus))  # fmt: skip
-        picker = Picker(self.registry, self.pool, self.policy,
-                        catalog=frozenset(m.id for m in c.models), retry_after_s=c.retry_after_s)  # fmt: skip
-        forwarder = Forwarder(self.registry, picker, metrics=metrics, admission=self.admission,
-                              max_attempts=c.max_attempts, retry_after_s=c.retry_after_s)  # fmt: skip
+        self.admission = Admission(
+            self._store, c.quota.unavailable, c.retry_after_s, QuotaMetrics(prometheus)
+        )
+        picker = Picker(
+            self.registry,
+            self.pool,
+            self.policy,
+            catalog=frozenset(m.id for m in c.models),
+            retry_after_s=c.retry_after_s,
+        )
+        forwarder = Forwarder(
+            self.registry,
+            picker,
+            metrics=metrics,
+            admission=self.admission,
+            max_attempts=c.max_attempts,
+            retry_after_s=c.retry_after_s,
+        )
         gen_grpc.add_GenerationServicer_to_server(
             RouterGenerationService(forwarder, self.registry, self.auth), server
         )
@@ -126,19 +146,30 @@ class RouterServer:
             self._metrics_http, self.metrics_port = serve_metrics(
                 prometheus, self.config.host, self.config.metrics_port
             )
-        log.info("router listening on %s (%s, %d replica addresses, %s; to replicas: %s)",
-                 self.port, self.config.policy, len(self.pool.links), tls_mode(tls, self.health_port),
-                 "TLS" if self.config.replica_tls.loaded else "plaintext")  # fmt: skip
+        log.info(
+            "router listening on %s (%s, %d replica addresses, %s; to replicas: %s)",
+            self.port,
+            self.config.policy,
+            len(self.pool.links),
+            tls_mode(tls, self.health_port),
+            "TLS" if self.config.replica_tls.loaded else "plaintext",
+        )
         self._log_access()
         return self.port
 
     def _log_access(self) -> None:
         if self._tenants is None:
-            log.warning("AUTHENTICATION DISABLED (auth = 'none'): every caller is an admin with no "
-                        "quota; use this for local development only")  # fmt: skip
+            log.warning(
+                "AUTHENTICATION DISABLED (auth = 'none'): every caller is an admin with no "
+                "quota; use this for local development only"
+            )
         else:
-            log.info("%d tenants from %s; quota store: %s", len(self._tenants.tenants),
-                     self._tenants.path, getattr(self._store, "url", self.config.quota.store))  # fmt: skip
+            log.info(
+                "%d tenants from %s; quota store: %s",
+                len(self._tenants.tenants),
+                self._tenants.path,
+                getattr(self._store, "url", self.config.quota.store),
+            )
 
     async def _refresh(self) -> None:
         while True:

@@ -107,8 +107,12 @@ def _tenant(path: Path, i: int, entry: Any) -> Tenant:
 def _digest(path: Path, where: str, key: Any) -> bytes:
     match = _HASH.fullmatch(key) if isinstance(key, str) else None
     if match is None:
-        raise _bad(path, where, "must be 'sha256:<64 lowercase hex digits>': store the key's hash, "
-                                "never the key (meshllm-router hash-key prints it)")  # fmt: skip
+        raise _bad(
+            path,
+            where,
+            "must be 'sha256:<64 lowercase hex digits>': store the key's hash, "
+            "never the key (meshllm-router hash-key prints it)",
+        )
     return bytes.fromhex(match.group(1))
 
 

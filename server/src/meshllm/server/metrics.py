@@ -65,16 +65,38 @@ class RequestMetrics:
     histograms, and prompt and generated token counters, all by model."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
-        self.requests = Counter(f"{prefix}_requests", "Requests by model and final gRPC status code.",
-                                ["model", "code"], registry=registry)  # fmt: skip
-        self.ttft = Histogram(f"{prefix}_time_to_first_token_seconds", "Request start to the first generated token.",
-                              ["model"], registry=registry, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.duration = Histogram(f"{prefix}_request_duration_seconds", "Request start to its end, by model.",
-                                  ["model"], registry=registry, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.prompt_tokens = Counter(f"{prefix}_prompt_tokens", "Prompt tokens of finished requests.",
-                                     ["model"], registry=registry)  # fmt: skip
-        self.generated_tokens = Counter(f"{prefix}_generated_tokens", "Tokens generated (streamed) for requests.",
-                                        ["model"], registry=registry)  # fmt: skip
+        self.requests = Counter(
+            f"{prefix}_requests",
+            "Requests by model and final gRPC status code.",
+            ["model", "code"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            f"{prefix}_time_to_first_token_seconds",
+            "Request start to the first generated token.",
+            ["model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.duration = Histogram(
+            f"{prefix}_request_duration_seconds",
+            "Request start to its end, by model.",
+            ["model"],
+            registry=registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            f"{prefix}_prompt_tokens",
+            "Prompt tokens of finished requests.",
+            ["model"],
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            f"{prefix}_generated_tokens",
+            "Tokens generated (streamed) for requests.",
+            ["model"],
+            registry=registry,
+        )
 
     @contextlib.contextmanager
     def track(
@@ -107,10 +129,19 @@ class RequestMetrics:
         self.generated_tokens.labels(r.model).inc(r.completion_tokens)
         ttft_ms = round(r.first_token_s * 1000, 2) if r.first_token_s is not None else None
         tenant = {"tenant": r.tenant} if r.tenant else {}
-        log_request({"request_id": r.request_id, **tenant, "model": r.model, "replica": r.replica,
-                     "code": r.code, "prompt_tokens": r.prompt_tokens,
-                     "completion_tokens": r.completion_tokens, "ttft_ms": ttft_ms,
-                     "duration_ms": round(duration * 1000, 2)})  # fmt: skip
+        log_request(
+            {
+                "request_id": r.request_id,
+                **tenant,
+                "model": r.model,
+                "replica": r.replica,
+                "code": r.code,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "ttft_ms": ttft_ms,
+                "duration_ms": round(duration * 1000, 2),
+            }
+        )
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout_s: float = 5.0) -> T:

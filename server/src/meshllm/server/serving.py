@@ -136,8 +136,13 @@ async def serve_until_signal(server: Server, what: str) -> None:
     await server.stop()
 
 
-def run_command(prog: str, log_level: str, log_format: str, make_config: Callable[[], C],
-                serve: Callable[[C], Coroutine[Any, Any, None]]) -> None:  # fmt: skip
+def run_command(
+    prog: str,
+    log_level: str,
+    log_format: str,
+    make_config: Callable[[], C],
+    serve: Callable[[C], Coroutine[Any, Any, None]],
+) -> None:
     """The body of a server command: logging, config (errors name the field), serve, exit codes."""
     setup_logging(log_level, log_format)
     configure_from_env(prog)

@@ -64,15 +64,26 @@ class CatalogModel:
         )
         bad += required
         if self.spec.engine and self.spec.engine not in ENGINES:
-            bad.append(FieldViolation(f"{where}.engine", f"{self.spec.engine!r} is not one of {', '.join(ENGINES)}"))  # fmt: skip
+            bad.append(
+                FieldViolation(
+                    f"{where}.engine", f"{self.spec.engine!r} is not one of {', '.join(ENGINES)}"
+                )
+            )
         if self.device not in DEVICES:
-            bad.append(FieldViolation(f"{where}.device", f"{self.device!r} is not 'cpu', 'cuda' or ''"))  # fmt: skip
+            bad.append(
+                FieldViolation(f"{where}.device", f"{self.device!r} is not 'cpu', 'cuda' or ''")
+            )
         bad += [v for v in spec if v not in required]
         for name in ("desired_replicas", "max_replicas"):
             if getattr(self, name) < 0:
                 bad.append(FieldViolation(f"{where}.{name}", "must not be negative"))
         if self.max_replicas and self.desired_replicas > self.max_replicas:
-            bad.append(FieldViolation(f"{where}.desired_replicas", f"{self.desired_replicas} is above max_replicas {self.max_replicas}"))  # fmt: skip
+            bad.append(
+                FieldViolation(
+                    f"{where}.desired_replicas",
+                    f"{self.desired_replicas} is above max_replicas {self.max_replicas}",
+                )
+            )
         return bad
 
     def fits(self, device: str) -> bool:

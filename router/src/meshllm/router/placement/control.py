@@ -37,9 +37,16 @@ from meshllm.router.registry import Registry, Replica
 class Placement:
     """The reconcile loop (start/close) and the admin operations on models and replicas."""
 
-    def __init__(self, config: PlacementConfig, catalog: tuple[CatalogModel, ...],
-                 registry: Registry, clients: Clients, counts: DesiredCounts | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: PlacementConfig,
+        catalog: tuple[CatalogModel, ...],
+        registry: Registry,
+        clients: Clients,
+        counts: DesiredCounts | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config, self._registry, self._clients, self._clock = config, registry, clients, clock
         self.catalog: dict[str, CatalogModel] = {m.id: m for m in catalog}
         self.desired = {m.id: m.desired_replicas for m in catalog}
@@ -94,8 +101,9 @@ class Placement:
         for entry in self.catalog.values():
             if self._locks[entry.id].locked() or self.loads.backing_off(entry.id):
                 continue  # an admin operation on this model decides for now
-            for replica in plan.to_load(self._registry.replicas.values(), entry,
-                                        self.desired[entry.id], now, self._stale_s):  # fmt: skip
+            for replica in plan.to_load(
+                self._registry.replicas.values(), entry, self.desired[entry.id], now, self._stale_s
+            ):
                 self.loads.start(replica, entry)
 
     async def close(self) -> None:
@@ -123,10 +131,13 @@ class Placement:
         if not entry.within_limit(replicas):
             raise InvalidArgument(
                 f"replicas: {replicas} is above the catalog's max_replicas {entry.max_replicas} "
-                f"for {entry.id!r}", field_violations=[FieldViolation("replicas", f"at most {entry.max_replicas}")],
-            )  # fmt: skip
+                f"for {entry.id!r}",
+                field_violations=[FieldViolation("replicas", f"at most {entry.max_replicas}")],
+            )
 
-    async def load(self, model: str, replicas: int, overrides: Mapping[str, Any], *, wait: bool) -> None:  # fmt: skip
+    async def load(
+        self, model: str, replicas: int, overrides: Mapping[str, Any], *, wait: bool
+    ) -> None:
         """Put ``model`` on at least ``replicas`` replicas (0: its desired count, at least 1)."""
         entry = self.entry(model).with_overrides(overrides)
         want = replicas or max(entry.desired_replicas, 1)
@@ -179,8 +190,9 @@ class Placement:
         if started and all(errors):
             raise FailedPrecondition(
                 f"loading {entry.id!r} failed: " + "; ".join(errors),
-                reason="MODEL_LOAD_FAILED", metadata={"model": entry.id},
-            )  # fmt: skip
+                reason="MODEL_LOAD_FAILED",
+                metadata={"model": entry.id},
+            )
 
     async def _shrink(self, victims: list[Replica], model: str, drain_s: float) -> None:
         drain_s = drain_s or self._config.unload_drain_s
@@ -192,8 +204,11 @@ class Placement:
             for replica in victims:
                 replica.leaving = False
         if failed := [e for e in errors if e]:
-            raise Unavailable(f"unloading {model!r} failed: " + "; ".join(failed),
-                              reason="UNLOAD_FAILED", metadata={"model": model})  # fmt: skip
+            raise Unavailable(
+                f"unloading {model!r} failed: " + "; ".join(failed),
+                reason="UNLOAD_FAILED",
+                metadata={"model": model},
+            )
 
     # -- admin operations on replicas -----------------------------------------------------------
 
@@ -238,24 +253,37 @@ class Placement:
         entry = self.catalog.get(model)
         held = tuple(s for s in statuses if s.model == model and s.state != ReplicaState.EMPTY)
         return ModelPlacement(
-            model=model, configured=entry is not None, desired_replicas=self.desired.get(model, 0),
-            max_replicas=entry.max_replicas if entry else 0, replicas=held,
-            ready_replicas=sum(s.state == ReplicaState.READY for s in held), pending=self.pending(model),
-        )  # fmt: skip
+            model=model,
+            configured=entry is not None,
+            desired_replicas=self.desired.get(model, 0),
+            max_replicas=entry.max_replicas if entry else 0,
+            replicas=held,
+            ready_replicas=sum(s.state == ReplicaState.READY for s in held),
+            pending=self.pending(model),
+        )
 
     def pending(self, model: str) -> str:
         entry = self.catalog.get(model)
         if entry is None:
             return ""
         failure = self.loads.failures.get(model)
-        return plan.pending(self._registry.replicas.values(), entry, self.desired[model],
-                            self._clock(), self._stale_s, failure=failure.reason if failure else "")  # fmt: skip
+        return plan.pending(
+            self._registry.replicas.values(),
+            entry,
+            self.desired[model],
+            self._clock(),
+            self._stale_s,
+            failure=failure.reason if failure else "",
+        )
 
 
 def router_view(replica: Replica) -> ReplicaStatus:
     """What the router knows of a replica it cannot ask: its last report and served model."""
     return ReplicaStatus(
-        replica_id=replica.name, state=replica.state, error=replica.last_error,
-        spec=replica.served.spec if replica.served is not None else None, load=replica.report,
+        replica_id=replica.name,
+        state=replica.state,
+        error=replica.last_error,
+        spec=replica.served.spec if replica.served is not None else None,
+        load=replica.report,
         device=replica.device,
-    )  # fmt: skip
+    )

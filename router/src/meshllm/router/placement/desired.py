@@ -70,8 +70,9 @@ class RedisCounts:
     @classmethod
     def connect(cls, url: str, timeout_s: float) -> RedisCounts:
         """With a client of its own (the quota store does not use Redis)."""
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
-                                         socket_connect_timeout=timeout_s, retry_on_timeout=False)  # fmt: skip
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+        )
         return cls(client, owned=True)
 
     async def read(self) -> dict[str, tuple[int, int]]:
@@ -93,8 +94,12 @@ class RedisCounts:
                 Awaitable[int], self._redis.hset(KEY, model, json.dumps([count, catalog_count]))
             )
         except (RedisError, OSError) as e:
-            log.error("cannot store the desired count of %s in Redis: %s; other routers keep "
-                      "theirs and may place it again", model, e)  # fmt: skip
+            log.error(
+                "cannot store the desired count of %s in Redis: %s; other routers keep "
+                "theirs and may place it again",
+                model,
+                e,
+            )
 
     def _warn(self, message: str) -> None:
         if time.monotonic() - self._warned_at >= 60.0:

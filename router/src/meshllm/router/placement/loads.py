@@ -59,8 +59,14 @@ class Load:
 class Loads:
     """The loads under way and the last failed load of each model."""
 
-    def __init__(self, config: PlacementConfig, registry: Registry, clients: Clients,
-                 on_done: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: PlacementConfig,
+        registry: Registry,
+        clients: Clients,
+        on_done: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config, self._registry, self._clients = config, registry, clients
         self._on_done, self._clock = on_done, clock
         self.failures: dict[str, Failure] = {}
@@ -77,7 +83,9 @@ class Loads:
 
     def start(self, replica: Replica, entry: CatalogModel) -> asyncio.Task[str]:
         replica.claim = entry.id
-        task = asyncio.create_task(self._load(replica, entry), name=f"load {entry.id} on {replica.name}")  # fmt: skip
+        task = asyncio.create_task(
+            self._load(replica, entry), name=f"load {entry.id} on {replica.name}"
+        )
         self.running[replica] = Load(entry.id, task)
         task.add_done_callback(lambda _: self.running.pop(replica, None))
         log.info("loading %s on replica %s", entry.id, replica.name)
@@ -100,11 +108,16 @@ class Loads:
         self._on_done()
         return ""
 
-    def _not_loaded(self, replica: Replica, entry: CatalogModel, client: ReplicaControl,
-                    e: MeshError) -> str:  # fmt: skip
+    def _not_loaded(
+        self, replica: Replica, entry: CatalogModel, client: ReplicaControl, e: MeshError
+    ) -> str:
         if isinstance(e, DeadlineExceeded):
-            log.warning("%s still loading on %s after %.0fs; no longer waiting", entry.id,
-                        replica.name, self._config.load_timeout_s)  # fmt: skip
+            log.warning(
+                "%s still loading on %s after %.0fs; no longer waiting",
+                entry.id,
+                replica.name,
+                self._config.load_timeout_s,
+            )
             return ""
         error = f"{replica.name}: {e.code.name}: {e.message}"
         if self._clients.client(replica) is not client:  # removed: not the model's fault

@@ -29,16 +29,26 @@ def hosting(replicas: Iterable[Replica], model: str) -> list[Replica]:
     return sorted((r for r in replicas if r.model == model), key=lambda r: r.name)
 
 
-def idle(replicas: Iterable[Replica], entry: CatalogModel, now: float, stale_after_s: float) -> list[Replica]:  # fmt: skip
+def idle(
+    replicas: Iterable[Replica], entry: CatalogModel, now: float, stale_after_s: float
+) -> list[Replica]:
     """Replicas that may take ``entry`` now: usable, empty (or failed), on a fitting device."""
     return sorted(
-        (r for r in replicas
-         if usable(r, now, stale_after_s) and not r.claim and r.state in IDLE and entry.fits(r.device)),
+        (
+            r
+            for r in replicas
+            if usable(r, now, stale_after_s)
+            and not r.claim
+            and r.state in IDLE
+            and entry.fits(r.device)
+        ),
         key=lambda r: r.name,
-    )  # fmt: skip
+    )
 
 
-def to_load(replicas: Iterable[Replica], entry: CatalogModel, want: int, now: float, stale_after_s: float) -> list[Replica]:  # fmt: skip
+def to_load(
+    replicas: Iterable[Replica], entry: CatalogModel, want: int, now: float, stale_after_s: float
+) -> list[Replica]:
     """The idle replicas to load ``entry`` on so that ``want`` replicas host it (as many as there
     are)."""
     replicas = list(replicas)
@@ -55,8 +65,15 @@ def to_unload(replicas: Iterable[Replica], model: str, keep: int) -> list[Replic
     return ranked[: max(len(ranked) - keep, 0)]
 
 
-def pending(replicas: Iterable[Replica], entry: CatalogModel, want: int, now: float,
-            stale_after_s: float, *, failure: str = "") -> str:  # fmt: skip
+def pending(
+    replicas: Iterable[Replica],
+    entry: CatalogModel,
+    want: int,
+    now: float,
+    stale_after_s: float,
+    *,
+    failure: str = "",
+) -> str:
     """Why fewer than ``want`` replicas serve ``entry`` ("" when none is missing)."""
     replicas = list(replicas)
     held = hosting(replicas, entry.id)

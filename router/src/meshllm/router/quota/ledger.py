@@ -104,8 +104,13 @@ def check(
     return out
 
 
-def violation(limit: str, cap: int, demand: Demand, retry_after_s: float | None,
-              tokens_left: int | None = None) -> Violation:  # fmt: skip
+def violation(
+    limit: str,
+    cap: int,
+    demand: Demand,
+    retry_after_s: float | None,
+    tokens_left: int | None = None,
+) -> Violation:
     """One refused limit, worded the same whichever store found it (None: it never fits)."""
     unit = "day" if limit == TOKENS_PER_DAY else "minute"
     if retry_after_s is None:
@@ -139,12 +144,20 @@ def remaining(ledger: TenantLedger, limits: TenantLimits) -> Remaining:
     out = Remaining()
     if (cap := limits.requests_per_minute) is not None and ledger.requests is not None:
         level = ledger.requests.level
-        out = replace(out, limit_requests=cap, remaining_requests=max(0, math.floor(level)),
-                      reset_requests_s=ledger.requests.wait_s(cap, cap))  # fmt: skip
+        out = replace(
+            out,
+            limit_requests=cap,
+            remaining_requests=max(0, math.floor(level)),
+            reset_requests_s=ledger.requests.wait_s(cap, cap),
+        )
     if (cap := limits.tokens_per_minute) is not None and ledger.tokens is not None:
         level = ledger.tokens.level
-        out = replace(out, limit_tokens=cap, remaining_tokens=max(0, math.floor(level)),
-                      reset_tokens_s=ledger.tokens.wait_s(cap, cap))  # fmt: skip
+        out = replace(
+            out,
+            limit_tokens=cap,
+            remaining_tokens=max(0, math.floor(level)),
+            reset_tokens_s=ledger.tokens.wait_s(cap, cap),
+        )
     return out
 
 
@@ -165,16 +178,39 @@ def usage(ledger: TenantLedger, tenant: str, limits: TenantLimits, now: float) -
     """Each set limit of the tenant: used, limit and seconds until it is whole again."""
     ledger.roll(now)
     out: list[QuotaUsage] = []
-    for name, cap, bucket in ((REQUESTS_PER_MINUTE, limits.requests_per_minute, ledger.requests),
-                              (TOKENS_PER_MINUTE, limits.tokens_per_minute, ledger.tokens)):  # fmt: skip
+    for name, cap, bucket in (
+        (REQUESTS_PER_MINUTE, limits.requests_per_minute, ledger.requests),
+        (TOKENS_PER_MINUTE, limits.tokens_per_minute, ledger.tokens),
+    ):
         if cap is not None:
             b = Bucket.at(bucket, cap, now)
-            out.append(QuotaUsage(tenant=tenant, limit=name, used=max(0, math.ceil(cap - b.level)),
-                                  limit_value=cap, resets_in_s=b.wait_s(cap, cap)))  # fmt: skip
+            out.append(
+                QuotaUsage(
+                    tenant=tenant,
+                    limit=name,
+                    used=max(0, math.ceil(cap - b.level)),
+                    limit_value=cap,
+                    resets_in_s=b.wait_s(cap, cap),
+                )
+            )
     if (cap := limits.concurrent_requests) is not None:
-        out.append(QuotaUsage(tenant=tenant, limit=CONCURRENT_REQUESTS, used=len(ledger.leases),
-                              limit_value=cap, resets_in_s=0.0))  # fmt: skip
+        out.append(
+            QuotaUsage(
+                tenant=tenant,
+                limit=CONCURRENT_REQUESTS,
+                used=len(ledger.leases),
+                limit_value=cap,
+                resets_in_s=0.0,
+            )
+        )
     if (cap := limits.tokens_per_day) is not None:
-        out.append(QuotaUsage(tenant=tenant, limit=TOKENS_PER_DAY, used=ledger.day_tokens,
-                              limit_value=cap, resets_in_s=until_next_day(now)))  # fmt: skip
+        out.append(
+            QuotaUsage(
+                tenant=tenant,
+                limit=TOKENS_PER_DAY,
+                used=ledger.day_tokens,
+                limit_value=cap,
+                resets_in_s=until_next_day(now),
+            )
+        )
     return out

@@ -68,13 +68,17 @@ class Remaining:
     def headers(self) -> tuple[tuple[str, str], ...]:
         out: list[tuple[str, str]] = []
         if self.limit_requests is not None:
-            out += [("x-ratelimit-limit-requests", str(self.limit_requests)),
-                    ("x-ratelimit-remaining-requests", str(self.remaining_requests)),
-                    ("x-ratelimit-reset-requests", f"{self.reset_requests_s:.3f}")]  # fmt: skip
+            out += [
+                ("x-ratelimit-limit-requests", str(self.limit_requests)),
+                ("x-ratelimit-remaining-requests", str(self.remaining_requests)),
+                ("x-ratelimit-reset-requests", f"{self.reset_requests_s:.3f}"),
+            ]
         if self.limit_tokens is not None:
-            out += [("x-ratelimit-limit-tokens", str(self.limit_tokens)),
-                    ("x-ratelimit-remaining-tokens", str(self.remaining_tokens)),
-                    ("x-ratelimit-reset-tokens", f"{self.reset_tokens_s:.3f}")]  # fmt: skip
+            out += [
+                ("x-ratelimit-limit-tokens", str(self.limit_tokens)),
+                ("x-ratelimit-remaining-tokens", str(self.remaining_tokens)),
+                ("x-ratelimit-reset-tokens", f"{self.reset_tokens_s:.3f}"),
+            ]
         return tuple(out)
 
 

@@ -29,8 +29,14 @@ class MemoryQuotaStore:
             raise QuotaExceeded(tenant, violations)
         lease = uuid.uuid4().hex
         remaining = ledger.reserve(book, limits, demand, lease)
-        return Reservation(tenant=tenant, tokens=demand.tokens, day=book.day, lease=lease,
-                           limits=limits, remaining=remaining)  # fmt: skip
+        return Reservation(
+            tenant=tenant,
+            tokens=demand.tokens,
+            day=book.day,
+            lease=lease,
+            limits=limits,
+            remaining=remaining,
+        )
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
         ledger.settle(self._ledgers[reservation.tenant], reservation, used_tokens, self._clock())

@@ -51,8 +51,15 @@ def _limit(value: int | None) -> int:
 class RedisQuotaStore:
     """Keys ``meshllm:quota:{tenant}:...`` (the braces keep one tenant's keys in one cluster slot)."""
 
-    def __init__(self, url: str, *, concurrency_retry_s: float, lease_s: float, timeout_s: float,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        concurrency_retry_s: float,
+        lease_s: float,
+        timeout_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.url = redacted(url)
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
@@ -77,24 +84,44 @@ class RedisQuotaStore:
     async def reserve(self, tenant: str, limits: TenantLimits, demand: Demand) -> Reservation:
         now = self._clock()
         day, lease = ledger.day_of(now), uuid.uuid4().hex
-        args: list[str | int | float] = [now, _limit(limits.requests_per_minute), _limit(limits.tokens_per_minute),
-                _limit(limits.concurrent_requests), _limit(limits.tokens_per_day), demand.tokens,
-                lease, now + self._lease_s, ledger.until_next_day(now), self._retry_s]  # fmt: skip
+        args: list[str | int | float] = [
+            now,
+            _limit(limits.requests_per_minute),
+            _limit(limits.tokens_per_minute),
+            _limit(limits.concurrent_requests),
+            _limit(limits.tokens_per_day),
+            demand.tokens,
+            lease,
+            now + self._lease_s,
+            ledger.until_next_day(now),
+            self._retry_s,
+        ]
         reply: list[Any] = await self._call(
             lambda: self._reserve(keys=self._keys(tenant, day), args=args)
         )
         values = [v.decode() if isinstance(v, bytes) else v for v in reply]
         if values[0] != 1:
             raise QuotaExceeded(tenant, _violations(limits, demand, values[1:]))
-        return Reservation(tenant=tenant, tokens=demand.tokens, day=day, lease=lease, limits=limits,
-                           remaining=_remaining(limits, values[1], values[2]))  # fmt: skip
+        return Reservation(
+            tenant=tenant,
+            tokens=demand.tokens,
+            day=day,
+            lease=lease,
+            limits=limits,
+            remaining=_remaining(limits, values[1], values[2]),
+        )
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
         now = self._clock()
         _, tpm, leases, day_key = self._keys(reservation.tenant, reservation.day)
         today = "1" if ledger.day_of(now) == reservation.day else "0"
-        args: list[str | int | float] = [now, _limit(reservation.limits.tokens_per_minute),
-                reservation.tokens - used_tokens, reservation.lease, today]  # fmt: skip
+        args: list[str | int | float] = [
+            now,
+            _limit(reservation.limits.tokens_per_minute),
+            reservation.tokens - used_tokens,
+            reservation.lease,
+            today,
+        ]
         await self._call(lambda: self._settle(keys=(tpm, leases, day_key), args=args))
 
     async def usage(self, tenant: str, limits: TenantLimits) -> list[QuotaUsage]:
@@ -110,9 +137,13 @@ class RedisQuotaStore:
                 return list(await pipe.execute())
 
         requests, tokens, running, day_tokens = await self._call(read)
-        book = ledger.TenantLedger(requests=_bucket(requests), tokens=_bucket(tokens),
-                                   day=ledger.day_of(now), day_tokens=int(day_tokens or 0),
-                                   leases={str(i) for i in range(int(running))})  # fmt: skip
+        book = ledger.TenantLedger(
+            requests=_bucket(requests),
+            tokens=_bucket(tokens),
+            day=ledger.day_of(now),
+            day_tokens=int(day_tokens or 0),
+            leases={str(i) for i in range(int(running))},
+        )
         return ledger.usage(book, tenant, limits, now)
 
     async def ping(self) -> None:

@@ -47,8 +47,9 @@ def make_store(
     if kind == "redis":
         from meshllm.router.quota.redis_store import RedisQuotaStore
 
-        return RedisQuotaStore(redis_url, concurrency_retry_s=concurrency_retry_s,
-                               lease_s=lease_s, timeout_s=timeout_s)  # fmt: skip
+        return RedisQuotaStore(
+            redis_url, concurrency_retry_s=concurrency_retry_s, lease_s=lease_s, timeout_s=timeout_s
+        )
     from meshllm.router.quota.memory import MemoryQuotaStore
 
     return MemoryQuotaStore(concurrency_retry_s=concurrency_retry_s)

@@ -13,12 +13,13 @@ import pytest
 
 from meshllm.api import errors
 from meshllm.api.errors import MeshError
-from meshllm.client import AbortPolicy, Completion, FinishReason, Pacing, RetryPolicy
+from meshllm.client import AbortPolicy, Completion, FinishReason, Pacing, RetryPolicy, Timing, Usage
 from meshllm.client._abort import FailureTracker
 from meshllm.client._batch import BatchOptions, BatchRunner, Prepared, item_fields, token_estimate
+from meshllm.client._options import CallTimeout
 from meshllm.client._pacing import Limit, Pacer, RateLimits, TokenBucket, parse_rate_limits
 from meshllm.client._retry import backoff, is_transient, pauses_everyone, retry_delay
-from meshllm.client._types import BatchItem, Timing, Usage
+from meshllm.client._types import BatchItem
 
 # -- retry policy --------------------------------------------------------------------------------
 
@@ -180,7 +181,7 @@ def completion(text: str, tokens: int = 3) -> Completion:
     return Completion(
         text=text, token_ids=(1,) * tokens, request_id="r", model="m",
         finish_reason=FinishReason.LENGTH, stop_sequence="",
-        usage=Usage(prompt_tokens=1, completion_tokens=tokens, total_tokens=tokens + 1),
+        usage=Usage(prompt_tokens=1, completion_tokens=tokens),
         timing=Timing(queue_wait_ms=0, time_to_first_token_ms=0, decode_ms=0, total_ms=0,
                       tokens_per_second=0, replica="fake"),
     )  # fmt: skip
@@ -213,9 +214,7 @@ class FakeTransport:
     def store(self, prepared: Prepared, completion: Completion) -> None:
         pass
 
-    async def send(
-        self, prepared: Prepared, timeout: float | None
-    ) -> tuple[Completion, RateLimits]:
+    async def send(self, prepared: Prepared, timeout: CallTimeout) -> tuple[Completion, RateLimits]:
         index = int(prepared.request["prompt"])
         attempt = self.attempts[index] = self.attempts.get(index, 0) + 1
         self.calls.append(index)
@@ -255,8 +254,8 @@ def runner(transport: FakeTransport, clock: FakeClock | None = None, **options: 
                        rng=random.Random(0))  # fmt: skip
 
 
-async def collect(r: BatchRunner, prompts: Any, **kwargs: Any) -> list[BatchItem]:
-    return [item async for item in r.run(prompts, {"model": "m", "max_tokens": 4}, **kwargs)]
+async def collect(r: BatchRunner, prompts: Any) -> list[BatchItem]:
+    return [item async for item in r.run(prompts, {"model": "m", "max_tokens": 4})]
 
 
 async def test_results_come_in_input_order_though_they_finish_out_of_order() -> None:
@@ -335,9 +334,13 @@ async def test_an_item_that_keeps_failing_ends_with_its_last_error() -> None:
 async def test_abort_after_consecutive_failures_ends_the_rest_as_aborted() -> None:
     transport = FakeTransport(lambda index, attempt: errors.PermissionDenied("no"))
     seen: list[tuple[int, bool]] = []
-    r = runner(transport, concurrency=1, abort=AbortPolicy(max_consecutive_failures=5))
-    items = await collect(r, [str(i) for i in range(100)],
-                          on_result=lambda i, res, err: seen.append((i, err is None)))  # fmt: skip
+    r = runner(
+        transport,
+        concurrency=1,
+        abort=AbortPolicy(max_consecutive_failures=5),
+        on_result=lambda i, res, err: seen.append((i, err is None)),
+    )
+    items = await collect(r, [str(i) for i in range(100)])
     assert [i.index for i in items] == list(range(100))
     assert len(transport.calls) == 5
     aborted = [i for i in items if isinstance(i.error, errors.Aborted)]
@@ -352,7 +355,7 @@ async def test_abort_cancels_calls_in_flight_and_never_hangs() -> None:
 
     class Stuck(FakeTransport):
         async def send(
-            self, prepared: Prepared, timeout: float | None
+            self, prepared: Prepared, timeout: CallTimeout
         ) -> tuple[Completion, RateLimits]:
             if prepared.request["prompt"] != "0":
                 await stuck.wait()
@@ -397,6 +400,7 @@ async def test_an_exception_in_on_result_stops_the_batch_and_cancels_the_rest() 
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        await collect(runner(transport, concurrency=4), (str(i) for i in range(10_000)),
-                      on_result=on_result)  # fmt: skip
+        await collect(
+            runner(transport, concurrency=4, on_result=on_result), (str(i) for i in range(10_000))
+        )
     assert len(transport.calls) < 100

@@ -14,9 +14,9 @@ from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.client._cli_admin import overrides, render
+from meshllm.client.local import LocalMesh, LocalMeshConfig
 from meshllm.replica.engines import engine_names
 from meshllm.router.config import RouterConfig, read_config_file
-from meshllm.router.local import LocalMesh, LocalMeshConfig
 from meshllm.router.placement import CatalogModel, parse_catalog, plan
 from meshllm.router.placement.catalog import ENGINES
 from meshllm.router.placement.control import Placement

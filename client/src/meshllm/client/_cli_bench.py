@@ -18,6 +18,7 @@ from typing import Any
 
 from meshllm.api.errors import MeshError
 from meshllm.client._async import AsyncClient
+from meshllm.client._options import RequestFields
 from meshllm.client._sweep import Level, Sample, recommend, summarize
 
 
@@ -28,7 +29,8 @@ class BenchJob:
     duration_s: float = 5.0
     warmup_s: float = 1.0
     prompt: str = "Write a short story about a lighthouse keeper."
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: RequestFields = field(default_factory=RequestFields)
+    """What every request asks (max_tokens, sampling)."""
     max_p99_ms: float | None = None
 
 
@@ -45,7 +47,9 @@ async def _one(client: AsyncClient, job: BenchJob, index: int) -> Sample:
     start = time.perf_counter()
     first: float | None = None
     tokens = 0
-    async for chunk in client.stream(f"{job.prompt} ({index})", model=job.model, **job.fields):
+    async for chunk in client.stream_with(
+        f"{job.prompt} ({index})", model=job.model, fields=job.fields
+    ):
         if first is None and chunk.token_ids:
             first = time.perf_counter()
         tokens += len(chunk.token_ids)
@@ -85,7 +89,7 @@ async def run_bench(client: AsyncClient, job: BenchJob) -> dict[str, Any]:
     best = recommend(levels, max_p99_ms=job.max_p99_ms)
     return {
         "target": client.target, "model": job.model, "duration_s": job.duration_s,
-        "fields": job.fields, "max_p99_ms": job.max_p99_ms,
+        "fields": job.fields.given(), "max_p99_ms": job.max_p99_ms,
         "levels": [asdict(lv) for lv in levels],
         "recommended_concurrency": best.concurrency if best else None,
     }  # fmt: skip

@@ -1,4 +1,4 @@
-"""The main job (``make demo``): a local mesh on the built-in demo model — two replica processes
+"""The main job (``make demo``, ``meshllm demo``): a local mesh on the built-in demo model — two replica processes
 and a router — then a streamed reply and a small batch through the router, and who served them.
 """
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from meshllm.client import Client
-from meshllm.router.local import LocalMesh, LocalMeshConfig
+from meshllm.client import BatchOptions, Client
+from meshllm.client.local import LocalMesh, LocalMeshConfig
 
 PROMPTS = [f"Tell me about the number {i}." for i in range(16)]
 
@@ -23,10 +23,14 @@ def main(replicas: int = 2) -> None:
             for chunk in client.stream("Once upon a time", model="demo", max_tokens=48):
                 print(chunk.text, end="", flush=True)
                 if chunk.finish_reason is not None and chunk.usage and chunk.timing:
-                    print(f"\n[{chunk.finish_reason.value}; {chunk.usage.completion_tokens} tokens, "
-                          f"served by {chunk.timing.replica}]\n")  # fmt: skip
+                    print(
+                        f"\n[{chunk.finish_reason.value}; {chunk.usage.completion_tokens} tokens, "
+                        f"served by {chunk.timing.replica}]\n"
+                    )
             started = time.perf_counter()
-            items = client.generate_batch(PROMPTS, model="demo", max_tokens=32, concurrency=8)
+            items = client.generate_batch(
+                PROMPTS, model="demo", max_tokens=32, options=BatchOptions(concurrency=8)
+            )
             elapsed = time.perf_counter() - started
         ok = [i.result for i in items if i.result is not None]
         tokens = sum(c.usage.completion_tokens for c in ok)
@@ -34,8 +38,11 @@ def main(replicas: int = 2) -> None:
             f"batch: {len(ok)}/{len(items)} done in {elapsed:.2f}s, {tokens / elapsed:.0f} tokens/s"
         )
         for item in items[:3]:
-            print(f"  [{item.index}] {item.result.text[:60]!r}" if item.result
-                  else f"  [{item.index}] {item.error}")  # fmt: skip
+            print(
+                f"  [{item.index}] {item.result.text[:60]!r}"
+                if item.result
+                else f"  [{item.index}] {item.error}"
+            )
         print(f"served by: {dict(sorted(Counter(c.replica for c in ok).items()))}")
         print("stopping the mesh (router first, then replicas) ...", flush=True)
     print("done.")

@@ -50,9 +50,11 @@ def overrides_to_pb(overrides: SpecOverrides) -> rc.ModelSpec:
         kind = SPEC_FIELDS.get(name) if name != "id" else None
         if kind == "Mapping[str, str]" and isinstance(value, Mapping):
             spec.options.update({str(k): str(v) for k, v in value.items()})
-        elif (kind == "int" and isinstance(value, int) and not isinstance(value, bool)) or (
-            kind == "str" and isinstance(value, str)
-        ):
+        elif kind == "str" and isinstance(value, str):
+            setattr(spec, name, value)
+        elif kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise InvalidArgument(f"overrides: {name} must not be negative, got {value}")
             setattr(spec, name, value)
         else:
             raise InvalidArgument(

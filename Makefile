@@ -32,7 +32,7 @@ $(TOOLS_STAMP): pyproject.toml Makefile
 	touch $(TOOLS_STAMP)
 
 demo: setup
-	$(PY) -m meshllm.router.demo
+	$(PY) -m meshllm.client.demo
 
 check: setup
 	$(PY) protos/generate.py --check

@@ -28,8 +28,7 @@ import psutil
 from tokenizers import Tokenizer
 
 from meshllm.api.v1 import generation_pb2 as gen
-from meshllm.client import _sweep
-from meshllm.router import local
+from meshllm.client import _sweep, local
 
 PROMPT = "Request {index:02d}: write a short story about a lighthouse keeper."
 

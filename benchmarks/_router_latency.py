@@ -30,8 +30,8 @@ from benchmarks._router_paths import (
     timed_phase,
 )
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.client.local import free_port
 from meshllm.replica.models.tiny import DEMO
-from meshllm.router.local import free_port
 
 LATENCY_LEVELS = (1, 64)
 LATENCY_MAX_TOKENS = 8

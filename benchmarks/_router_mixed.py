@@ -30,8 +30,8 @@ from benchmarks._router_open_loop import (
 )
 from benchmarks._router_paths import requests_for, stop_servers
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.client.local import free_port
 from meshllm.replica.models.tiny import BENCH
-from meshllm.router.local import free_port
 
 MIXED_REPLICAS = 3
 POLICIES = ("least-busy", "round-robin")

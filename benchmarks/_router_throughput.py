@@ -37,8 +37,8 @@ from benchmarks._router_paths import (
     timed_phase,
 )
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.client.local import free_port
 from meshllm.replica.models.tiny import BENCH
-from meshllm.router.local import free_port
 
 THROUGHPUT_CONCURRENCY = 32
 THROUGHPUT_MAX_TOKENS = 128

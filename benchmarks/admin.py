@@ -42,7 +42,7 @@ from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
-from meshllm.router.local import free_port
+from meshllm.client.local import free_port
 
 CATALOG = '[models.bench]\npath = "bench"\ncompute_type = "int8"\nmax_replicas = 3\n'
 REQUEST = gen.GenerateRequest(model="bench", prompt="benchmark", max_tokens=32)

@@ -60,21 +60,25 @@ def prompts(count: int) -> Iterator[str]:
 
 def child(target: str, count: int, form: str, concurrency: int) -> dict[str, Any]:
     """One batch in this (fresh) process; returns its figures."""
-    from meshllm.client import Client
+    from meshllm.client import BatchOptions, Client
 
     with Client(target, timeout=60) as client:
         client.generate("warm up", model="demo", max_tokens=2)
         before = rss_mb()
         cpu0, start = time.process_time(), time.perf_counter()
-        fields: dict[str, Any] = {"model": "demo", "max_tokens": 4, "temperature": 0.0,
-                                  "concurrency": concurrency}  # fmt: skip
+        options = BatchOptions(concurrency=concurrency)
         if form == "iter":
             ok = failed = 0
-            for item in client.iter_batch(prompts(count), **fields):
+            batch = client.iter_batch(
+                prompts(count), model="demo", max_tokens=4, temperature=0.0, options=options
+            )
+            for item in batch:
                 ok += item.ok
                 failed += not item.ok
         else:
-            items = client.generate_batch(prompts(count), **fields)
+            items = client.generate_batch(
+                prompts(count), model="demo", max_tokens=4, temperature=0.0, options=options
+            )
             ok = sum(i.ok for i in items)
             failed = len(items) - ok
         elapsed = time.perf_counter() - start
@@ -96,8 +100,8 @@ def run_child(target: str, count: int, form: str, concurrency: int) -> dict[str,
 
 
 def measure(sizes: Sequence[int], forms: Sequence[str], concurrency: int) -> list[dict[str, Any]]:
+    from meshllm.client.local import LocalMesh, LocalMeshConfig
     from meshllm.replica.models.tiny import DEMO, ensure_model
-    from meshllm.router.local import LocalMesh, LocalMeshConfig
 
     ensure_model(DEMO)
     runs = []

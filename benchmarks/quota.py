@@ -49,7 +49,7 @@ from benchmarks._common import (
 )
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
-from meshllm.router.local import free_port
+from meshllm.client.local import free_port
 from meshllm.router.quota import Demand, QuotaStore, TenantLimits
 from meshllm.router.quota.memory import MemoryQuotaStore
 from meshllm.router.quota.redis_store import RedisQuotaStore

@@ -75,9 +75,9 @@ from benchmarks._common import (
 )
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.client.local import free_port
 from meshllm.replica.models.tiny import BENCH, ensure_model
 from meshllm.replica.models.tiny_llama import BENCH_LLAMA, ensure_ct2_twin, ensure_tiny_llama
-from meshllm.router.local import free_port
 
 LEVELS = (1, 8, 32)
 MODEL_ID = "bench"

@@ -20,12 +20,12 @@ import redis
 from meshllm.api.spec import ModelSpec
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.client.local import free_port
 from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.models.tiny import DEMO, ensure_model
 from meshllm.replica.models.tiny_llama import ensure_tiny_llama
 from meshllm.replica.server import ReplicaServer
 from meshllm.router import RouterConfig, RouterServer
-from meshllm.router.local import free_port
 
 StartReplica = Callable[..., Awaitable[ReplicaServer]]
 StartRouter = Callable[..., Awaitable[RouterServer]]

@@ -16,7 +16,15 @@ import pytest
 from conftest import StartProcess, StartReplica, StartRouter, demo_spec
 
 from meshllm.api import errors
-from meshllm.client import AsyncClient, Client, ResponseCache, RetryPolicy
+from meshllm.client import (
+    AdminClient,
+    AsyncAdminClient,
+    AsyncClient,
+    BatchOptions,
+    Client,
+    ResponseCache,
+    RetryPolicy,
+)
 
 
 async def test_batch_through_a_router_keeps_order_and_gives_each_failure_its_error(
@@ -30,10 +38,10 @@ async def test_batch_through_a_router_keeps_order_and_gives_each_failure_its_err
     ]
     seen: list[int] = []
     async with AsyncClient(f"127.0.0.1:{router.port}", timeout=30) as client:
-        items = await client.generate_batch(
-            prompts, model="demo", concurrency=16, temperature=0.0,
-            on_result=lambda index, result, error: seen.append(index),
-        )  # fmt: skip
+        options = BatchOptions(
+            concurrency=16, on_result=lambda index, result, error: seen.append(index)
+        )
+        items = await client.generate_batch(prompts, model="demo", temperature=0.0, options=options)
     assert [item.index for item in items] == list(range(200))
     assert sorted(seen) == list(range(200))
     for item in items:
@@ -61,7 +69,9 @@ async def test_leaving_iter_batch_early_cancels_what_is_in_flight(
 
     started = time.monotonic()
     async with AsyncClient(f"127.0.0.1:{replica.port}") as client:
-        items = client.iter_batch(endless(), model="demo", concurrency=8, max_tokens=2000)
+        items = client.iter_batch(
+            endless(), model="demo", max_tokens=2000, options=BatchOptions(concurrency=8)
+        )
         async with contextlib.aclosing(items):
             first = [await anext(items) for _ in range(3)]
     assert [item.index for item in first] == [0, 1, 2]
@@ -88,12 +98,13 @@ async def test_cache_answers_greedy_requests_again_without_the_server(
     assert all(item.result and not item.result.cached for item in first)
     assert not sampled.cached and len(ResponseCache(path)) == 5
     await replica.stop(grace_s=0.1)
-    no_retry = RetryPolicy(max_attempts=1)
+    no_retry = BatchOptions(retry=RetryPolicy(max_attempts=1))
     async with AsyncClient(target, cache=path, timeout=5) as client:
         again = await client.generate_batch(prompts, model="demo", max_tokens=6, temperature=0.0)
         one = await client.generate(prompts[0], model="demo", max_tokens=6, temperature=0.0)
-        other = await client.generate_batch(prompts[:1], model="demo", max_tokens=7,
-                                            temperature=0.0, retry=no_retry)  # fmt: skip
+        other = await client.generate_batch(
+            prompts[:1], model="demo", max_tokens=7, temperature=0.0, options=no_retry
+        )
         with pytest.raises(errors.Unavailable):
             await client.generate("not cached", model="demo", max_tokens=6)
     assert [i.result.text for i in again if i.result] == [i.result.text for i in first if i.result]
@@ -101,8 +112,9 @@ async def test_cache_answers_greedy_requests_again_without_the_server(
     assert one.cached and first[0].result is not None and one.text == first[0].result.text
     assert isinstance(other[0].error, errors.Unavailable)  # another max_tokens: another key
     async with AsyncClient(target, cache=ResponseCache(path, refresh=True), timeout=5) as client:
-        refreshed = await client.generate_batch(prompts[:1], model="demo", max_tokens=6,
-                                                temperature=0.0, retry=no_retry)  # fmt: skip
+        refreshed = await client.generate_batch(
+            prompts[:1], model="demo", max_tokens=6, temperature=0.0, options=no_retry
+        )
     assert isinstance(refreshed[0].error, errors.Unavailable)  # refresh: the server is asked
 
 
@@ -124,16 +136,22 @@ def test_sync_client_works_inside_a_running_event_loop(replica_process: StartPro
     assert text and streamed and batch == [0, 1, 2] and first == 0
 
 
-@pytest.mark.parametrize(
-    "name", ["generate", "stream", "list_models", "iter_batch", "generate_batch"]
-)
-def test_sync_twin_has_the_async_signatures(name: str) -> None:
-    def params(method: object) -> list[tuple[str, object, object, object]]:
-        sig = inspect.signature(method)  # type: ignore[arg-type]
-        return [(p.name, p.kind, p.default, p.annotation) for p in sig.parameters.values()]
+def params(method: object) -> list[tuple[str, object, object, object]]:
+    sig = inspect.signature(method)  # type: ignore[arg-type]
+    return [(p.name, p.kind, p.default, p.annotation) for p in sig.parameters.values()]
 
-    assert params(getattr(Client, name)) == params(getattr(AsyncClient, name))
-    assert params(Client.__init__) == params(AsyncClient.__init__)
+
+def public_methods(cls: type) -> set[str]:
+    return {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+
+
+@pytest.mark.parametrize(("sync", "twin"), [(Client, AsyncClient), (AdminClient, AsyncAdminClient)])
+def test_sync_twin_has_the_async_signatures(sync: type, twin: type) -> None:
+    names = public_methods(twin) - {"close"}
+    assert names <= public_methods(sync)
+    for name in sorted(names):
+        assert params(getattr(sync, name)) == params(getattr(twin, name)), name
+    assert params(vars(sync)["__init__"]) == params(vars(twin)["__init__"])
 
 
 async def test_refusals_for_concurrency_are_retried_after_the_servers_retry_info(
@@ -147,9 +165,14 @@ async def test_refusals_for_concurrency_are_retried_after_the_servers_retry_info
     router = await start_router(await start_replica(demo_spec()), auth="api-key",
                                 tenants_file=str(tenants), retry_after_s=0.2)  # fmt: skip
     async with AsyncClient(f"127.0.0.1:{router.port}", api_key="k", timeout=30) as client:
-        items = await client.generate_batch([f"p {i}" for i in range(60)], model="demo",
-                                            concurrency=6, max_tokens=16, temperature=0.0,
-                                            retry=RetryPolicy(max_attempts=50))  # fmt: skip
+        options = BatchOptions(concurrency=6, retry=RetryPolicy(max_attempts=50))
+        items = await client.generate_batch(
+            [f"p {i}" for i in range(60)],
+            model="demo",
+            max_tokens=16,
+            temperature=0.0,
+            options=options,
+        )
     async with AsyncClient(f"127.0.0.1:{router.port}") as keyless:
         with pytest.raises(errors.Unauthenticated):
             await keyless.generate("x", model="demo")

@@ -16,7 +16,7 @@ import pytest
 from conftest import StartProcess
 
 from meshllm.api import errors
-from meshllm.client import Client, MeshError, RetryPolicy
+from meshllm.client import BatchOptions, Client, MeshError, RetryPolicy
 
 MESHLLM = str(Path(sys.executable).parent / "meshllm")
 KEY = "batch-test-key"
@@ -69,10 +69,16 @@ def test_5000_item_batch_with_a_replica_killed_and_a_tight_quota_ends_in_order(
 
     started = time.monotonic()
     with Client(target, api_key=KEY, timeout=30) as client:
+        options = BatchOptions(
+            concurrency=12, on_result=on_result, retry=RetryPolicy(max_attempts=10)
+        )
         items = client.generate_batch(
-            (f"item {i}" for i in range(5000)), model="demo", max_tokens=2, temperature=0.0,
-            concurrency=12, on_result=on_result, retry=RetryPolicy(max_attempts=10),
-        )  # fmt: skip
+            (f"item {i}" for i in range(5000)),
+            model="demo",
+            max_tokens=2,
+            temperature=0.0,
+            options=options,
+        )
     elapsed = time.monotonic() - started
     assert victim.wait(timeout=10) == -signal.SIGKILL
     assert [item.index for item in items] == list(range(5000))

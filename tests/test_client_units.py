@@ -4,21 +4,58 @@ batch runner driven by a fake transport and a fake clock (no gRPC, no sleeping).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
+import json
 import random
+import tomllib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from meshllm.api import errors
+import meshllm.client
+from meshllm.api import convert, errors
+from meshllm.api import types as api_types
 from meshllm.api.errors import MeshError
-from meshllm.client import AbortPolicy, Completion, FinishReason, Pacing, RetryPolicy
+from meshllm.api.spec import DEFAULT_MAX_TOKENS, ModelSpec
+from meshllm.api.types import (
+    DeviceMemory,
+    ModelPlacement,
+    QuotaUsage,
+    ReplicaState,
+    ReplicaStatus,
+    prompt_tokens_estimate,
+)
+from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.client import (
+    NO_DEADLINE,
+    USE_CLIENT_DEFAULT,
+    AbortPolicy,
+    AsyncClient,
+    BatchOptions,
+    Client,
+    Completion,
+    FinishReason,
+    Pacing,
+    RequestFields,
+    RetryPolicy,
+    Timeout,
+    Timing,
+    Usage,
+)
 from meshllm.client._abort import FailureTracker
-from meshllm.client._batch import BatchOptions, BatchRunner, Prepared, item_fields, token_estimate
+from meshllm.client._admin import overrides_to_pb
+from meshllm.client._batch import BatchRunner, Prepared, item_fields, token_estimate
+from meshllm.client._cli_admin import overrides, render_placement, render_placements, render_quota
+from meshllm.client._convert import build_request, chunk_from_pb, completion_from_pb
+from meshllm.client._options import CallTimeout
 from meshllm.client._pacing import Limit, Pacer, RateLimits, TokenBucket, parse_rate_limits
 from meshllm.client._retry import backoff, is_transient, pauses_everyone, retry_delay
-from meshllm.client._types import BatchItem, Timing, Usage
+from meshllm.client._types import BatchItem
+from meshllm.client.local import CatalogEntry, LocalMesh, LocalMeshConfig, read_catalog
 
 # -- retry policy --------------------------------------------------------------------------------
 
@@ -180,7 +217,7 @@ def completion(text: str, tokens: int = 3) -> Completion:
     return Completion(
         text=text, token_ids=(1,) * tokens, request_id="r", model="m",
         finish_reason=FinishReason.LENGTH, stop_sequence="",
-        usage=Usage(prompt_tokens=1, completion_tokens=tokens, total_tokens=tokens + 1),
+        usage=Usage(prompt_tokens=1, completion_tokens=tokens),
         timing=Timing(queue_wait_ms=0, time_to_first_token_ms=0, decode_ms=0, total_ms=0,
                       tokens_per_second=0, replica="fake"),
     )  # fmt: skip
@@ -213,9 +250,7 @@ class FakeTransport:
     def store(self, prepared: Prepared, completion: Completion) -> None:
         pass
 
-    async def send(
-        self, prepared: Prepared, timeout: float | None
-    ) -> tuple[Completion, RateLimits]:
+    async def send(self, prepared: Prepared, timeout: CallTimeout) -> tuple[Completion, RateLimits]:
         index = int(prepared.request["prompt"])
         attempt = self.attempts[index] = self.attempts.get(index, 0) + 1
         self.calls.append(index)
@@ -255,8 +290,8 @@ def runner(transport: FakeTransport, clock: FakeClock | None = None, **options: 
                        rng=random.Random(0))  # fmt: skip
 
 
-async def collect(r: BatchRunner, prompts: Any, **kwargs: Any) -> list[BatchItem]:
-    return [item async for item in r.run(prompts, {"model": "m", "max_tokens": 4}, **kwargs)]
+async def collect(r: BatchRunner, prompts: Any) -> list[BatchItem]:
+    return [item async for item in r.run(prompts, {"model": "m", "max_tokens": 4})]
 
 
 async def test_results_come_in_input_order_though_they_finish_out_of_order() -> None:
@@ -335,9 +370,13 @@ async def test_an_item_that_keeps_failing_ends_with_its_last_error() -> None:
 async def test_abort_after_consecutive_failures_ends_the_rest_as_aborted() -> None:
     transport = FakeTransport(lambda index, attempt: errors.PermissionDenied("no"))
     seen: list[tuple[int, bool]] = []
-    r = runner(transport, concurrency=1, abort=AbortPolicy(max_consecutive_failures=5))
-    items = await collect(r, [str(i) for i in range(100)],
-                          on_result=lambda i, res, err: seen.append((i, err is None)))  # fmt: skip
+    r = runner(
+        transport,
+        concurrency=1,
+        abort=AbortPolicy(max_consecutive_failures=5),
+        on_result=lambda i, res, err: seen.append((i, err is None)),
+    )
+    items = await collect(r, [str(i) for i in range(100)])
     assert [i.index for i in items] == list(range(100))
     assert len(transport.calls) == 5
     aborted = [i for i in items if isinstance(i.error, errors.Aborted)]
@@ -352,7 +391,7 @@ async def test_abort_cancels_calls_in_flight_and_never_hangs() -> None:
 
     class Stuck(FakeTransport):
         async def send(
-            self, prepared: Prepared, timeout: float | None
+            self, prepared: Prepared, timeout: CallTimeout
         ) -> tuple[Completion, RateLimits]:
             if prepared.request["prompt"] != "0":
                 await stuck.wait()
@@ -397,6 +436,206 @@ async def test_an_exception_in_on_result_stops_the_batch_and_cancels_the_rest() 
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        await collect(runner(transport, concurrency=4), (str(i) for i in range(10_000)),
-                      on_result=on_result)  # fmt: skip
+        await collect(
+            runner(transport, concurrency=4, on_result=on_result), (str(i) for i in range(10_000))
+        )
     assert len(transport.calls) < 100
+
+
+# -- typed options, one vocabulary ----------------------------------------------------------------
+
+REQUEST_METHODS = ("generate", "stream", "iter_batch", "generate_batch")
+
+
+@pytest.mark.parametrize("cls", [AsyncClient, Client])
+@pytest.mark.parametrize("name", REQUEST_METHODS)
+def test_every_request_method_takes_exactly_the_request_fields_as_keywords(
+    cls: type, name: str
+) -> None:
+    """One definition: each method's request keywords are RequestFields' fields, in order,
+    with the same annotations and defaults (the rest is model, stream options and timeout or
+    batch options)."""
+    own = {"model", "timeout", "options", "coalesce_tokens", "coalesce_ms"}
+    sig = inspect.signature(getattr(cls, name))
+    keywords = [
+        (p.name, p.annotation, p.default)
+        for p in sig.parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in own
+    ]
+    assert keywords == [(f.name, f.type, f.default) for f in dataclasses.fields(RequestFields)]
+    assert not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def test_timeout_unset_is_the_clients_default_and_none_is_no_deadline() -> None:
+    client = AsyncClient("127.0.0.1:1", timeout=7.5)
+    assert client.timeout == Timeout(7.5)
+    assert client._deadline(USE_CLIENT_DEFAULT) == 7.5
+    assert client._deadline(None) is None and client._deadline(NO_DEADLINE) is None
+    assert client._deadline(2) == 2.0 and client._deadline(Timeout(3.0)) == 3.0
+    assert AsyncClient("127.0.0.1:1")._deadline(USE_CLIENT_DEFAULT) is None
+    assert BatchOptions().timeout is USE_CLIENT_DEFAULT
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="timeout"):
+            Timeout(bad)
+    with pytest.raises(TypeError, match="timeout"):
+        AsyncClient("127.0.0.1:1", timeout="30")  # type: ignore[arg-type]
+
+
+def test_request_fields_build_the_request_and_an_item_may_override_them() -> None:
+    fields = RequestFields(max_tokens=8, temperature=0.0, stop=("\n",), priority=2)
+    req = build_request("hi", model="m", fields=fields, coalesce_tokens=4)
+    assert (req.prompt, req.max_tokens, req.temperature, list(req.stop), req.priority) == (
+        "hi",
+        8,
+        0.0,
+        ["\n"],
+        2,
+    )
+    assert req.stream_options.coalesce_tokens == 4
+    assert not req.HasField("top_k") and not req.HasField("seed")
+    assert fields.updated({"max_tokens": 2}).max_tokens == 2
+    with pytest.raises(TypeError, match="unknown request fields: bogus"):
+        fields.updated({"bogus": 1})
+    assert fields.given() == {"max_tokens": 8, "temperature": 0.0, "stop": ["\n"], "priority": 2}
+
+
+def test_the_token_estimate_is_the_routers_and_counts_instructions() -> None:
+    chat = [{"role": "user", "content": "hi there"}]
+    for prompt, instructions in (("x" * 9, ""), ("x" * 9, "be brief"), (None, "")):
+        fields = RequestFields(instructions=instructions or None, max_tokens=10)
+        expected = prompt_tokens_estimate(prompt=prompt or "", instructions=instructions) + 10
+        assert fields.tokens(prompt) == expected
+    assert RequestFields(instructions="x" * 40).tokens(chat) == 10 + 3 + 4 + DEFAULT_MAX_TOKENS
+    assert token_estimate({"prompt": "abcd", "instructions": "abcd", "id": 1}) == 2 + 256
+
+
+def test_completion_rows_keep_total_tokens_and_read_old_rows() -> None:
+    done = completion("hi", tokens=3)
+    row = done.to_dict()
+    assert row["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+    assert Completion.from_dict(json.loads(json.dumps(row))) == done
+    assert meshllm.client.Usage is api_types.Usage and meshllm.client.Timing is api_types.Timing
+    assert meshllm.client.FinishReason is api_types.FinishReason
+    assert meshllm.client.ModelInfo is api_types.ModelInfo
+
+
+def test_replies_convert_through_the_shared_conversions() -> None:
+    response = gen.GenerateResponse(
+        text="x",
+        model="m",
+        finish_reason=gen.FINISH_REASON_STOP,
+        usage=gen.Usage(prompt_tokens=2, completion_tokens=5, total_tokens=7),
+        timing=gen.Timing(total_ms=3.0, replica="r1"),
+    )
+    done = completion_from_pb(response)
+    assert done.finish_reason is FinishReason.STOP and done.usage.total_tokens == 7
+    assert done.replica == "r1"
+    last = chunk_from_pb(gen.GenerateChunk(text="", finish_reason=gen.FINISH_REASON_LENGTH))
+    assert last.finish_reason is FinishReason.LENGTH and last.usage is not None
+    assert chunk_from_pb(gen.GenerateChunk(text="a")).usage is None
+
+
+# -- admin client and CLI, meshllm up -----------------------------------------------------------
+
+
+def test_set_pairs_become_spec_overrides_and_every_mistake_names_itself() -> None:
+    parsed = overrides(["max_batch_size=8", "options.cache_size=8192", "compute_type=int8"])
+    assert parsed == {
+        "max_batch_size": 8,
+        "compute_type": "int8",
+        "options": {"cache_size": "8192"},
+    }
+    spec = overrides_to_pb(parsed)
+    assert (spec.max_batch_size, dict(spec.options), spec.compute_type, spec.id) == (
+        8,
+        {"cache_size": "8192"},
+        "int8",
+        "",
+    )
+    for bad in ("max_batch_size=eight", "speed=1", "id=x", "path"):
+        with pytest.raises(errors.InvalidArgument, match="--set"):
+            overrides([bad])
+    for wrong in ({"id": "x"}, {"max_batch_size": "8"}, {"speed": 1}, {"max_queued": -1}):
+        with pytest.raises(errors.InvalidArgument, match="overrides"):
+            overrides_to_pb(wrong)
+
+
+def test_admin_replies_render_as_aligned_tables() -> None:
+    failed = ReplicaStatus(
+        replica_id="replica-10",
+        state=ReplicaState.FAILED,
+        device="cpu",
+        error="no such path",
+        spec=ModelSpec(id="demo", path="demo"),
+    )
+    ok = ReplicaStatus(
+        replica_id="r1",
+        state=ReplicaState.READY,
+        device="cuda:0",
+        spec=ModelSpec(id="demo", path="demo"),
+        memory=DeviceMemory(
+            device="cuda:0", used_bytes=2**30, total_bytes=80 * 2**30, source="nvml"
+        ),
+    )
+    placement = ModelPlacement(
+        model="demo",
+        configured=True,
+        desired_replicas=2,
+        max_replicas=0,
+        replicas=(failed, ok),
+        ready_replicas=1,
+        pending="1 of 2 ready",
+    )
+    lines = render_placement(placement)
+    assert lines[0] == "demo: 1 ready (desired 2) - 1 of 2 ready"
+    assert lines[1].split() == [
+        "replica-10",
+        "failed",
+        "demo",
+        "cpu",
+        "0",
+        "running",
+        "0",
+        "queued",
+        "0",
+        "tok/s",
+        "memory",
+        "?",
+        "error:",
+        "no",
+        "such",
+        "path",
+    ]
+    assert lines[2].index("ready") == lines[1].index("failed")  # columns line up
+    assert "1.00/80.0 GiB (nvml)" in lines[2]
+    assert render_placements([]) == ["(no models)"] and render_quota([]) == ["(no limits)"]
+    usage = QuotaUsage(tenant="t", limit="tokens_per_minute", used=5, limit_value=10, resets_in_s=3)
+    assert render_quota([usage]) == ["t  tokens_per_minute  5/10  resets in 3s"]
+    # --json prints the wire form, which converts back to the same placement
+    assert convert.placement_from_pb(convert.placement_to_pb(placement)) == placement
+
+
+def test_meshllm_up_without_a_config_puts_its_model_on_every_replica(tmp_path: Path) -> None:
+    mesh = LocalMesh(LocalMeshConfig(replicas=3, model=str(tmp_path / "my-model")))
+    path = mesh._router_config()
+    assert mesh.catalog == (CatalogEntry(id="my-model", desired_replicas=3),)
+    assert tomllib.loads(path.read_text())["models"] == {
+        "my-model": {"path": str(tmp_path / "my-model"), "desired_replicas": 3}
+    }
+    mesh.stop()
+    assert not path.exists()
+
+
+def test_meshllm_up_reads_the_catalog_of_a_router_config(tmp_path: Path) -> None:
+    config = tmp_path / "router.toml"
+    config.write_text(
+        '[router]\npolicy = "round-robin"\n[models.demo]\npath = "demo"\ndesired_replicas = 2\n'
+        '[models.bench]\npath = "bench"\n[models.bench.options]\ncache_size = "8"\n'
+    )
+    assert read_catalog(config) == (
+        CatalogEntry(id="demo", desired_replicas=2),
+        CatalogEntry(id="bench", desired_replicas=0),
+    )
+    config.write_text('[models.demo]\npath = "demo"\ndesired_replicas = "two"\n')
+    with pytest.raises(ValueError, match=r"models\.demo\.desired_replicas"):
+        read_catalog(config)

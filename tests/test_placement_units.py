@@ -13,13 +13,12 @@ import pytest
 from meshllm.api.errors import Cancelled, InvalidArgument, MeshError
 from meshllm.api.spec import ENGINES, ModelSpec
 from meshllm.api.types import LoadReport, ReplicaState, ReplicaStatus
-from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
-from meshllm.client._cli_admin import overrides, render
+from meshllm.client._cli_admin import overrides
+from meshllm.client.local import CatalogEntry, LocalMesh, LocalMeshConfig
 from meshllm.replica.engines import engine_names
 from meshllm.router.config import DiscoveryConfig, PlacementConfig, RouterConfig, read_config_file
-from meshllm.router.local import LocalMesh, LocalMeshConfig
 from meshllm.router.placement import CatalogModel, parse_catalog, plan
 from meshllm.router.placement.control import Placement
 from meshllm.router.pool import LinkSettings, ReplicaPool
@@ -84,7 +83,7 @@ def test_overrides_replace_fields_merge_options_and_are_checked() -> None:
     with pytest.raises(InvalidArgument, match=r"models\.demo\.engine"):
         base.with_overrides({"engine": "vllm"})
     spec = overrides(["max_batch_size=8", "options.cache_size=8192", "compute_type=int8"])
-    assert (spec.max_batch_size, dict(spec.options), spec.compute_type) == (
+    assert (spec["max_batch_size"], spec["options"], spec["compute_type"]) == (
         8,
         {"cache_size": "8192"},
         "int8",
@@ -146,28 +145,14 @@ def test_pending_says_why_a_model_has_fewer_replicas_than_wanted() -> None:
         "1 of 3 ready: 1 loading; no idle replica on cuda for 1 more")  # fmt: skip
 
 
-def test_admin_replies_render_as_aligned_tables() -> None:
-    status = rc.ReplicaStatus(replica_id="replica-10", state=rc.REPLICA_STATE_FAILED, device="cpu",
-                              error="no such path", spec=rc.ModelSpec(id="demo"))  # fmt: skip
-    ok = rc.ReplicaStatus(replica_id="r1", state=rc.REPLICA_STATE_READY, device="cuda:0",
-                          spec=rc.ModelSpec(id="demo"),
-                          memory=rc.DeviceMemory(used_bytes=2**30, total_bytes=80 * 2**30, source="nvml"))  # fmt: skip
-    lines = render(adm.ModelPlacement(model="demo", configured=True, desired_replicas=2,
-                                      replicas=[status, ok], ready_replicas=1, pending="1 of 2 ready"))  # fmt: skip
-    assert lines[0] == "demo: 1 ready (desired 2) - 1 of 2 ready"
-    assert lines[1].split() == ["replica-10", "failed", "demo", "cpu", "0", "running", "0", "queued",
-                                "0", "tok/s", "memory", "?", "error:", "no", "such", "path"]  # fmt: skip
-    assert lines[2].index("ready") == lines[1].index("failed")  # columns line up
-    assert "1.00/80.0 GiB (nvml)" in lines[2]
-
-
 def test_meshllm_up_without_a_config_puts_its_model_on_every_replica(tmp_path: Path) -> None:
     mesh = LocalMesh(LocalMeshConfig(replicas=3, model=str(tmp_path / "my-model")))
     path = mesh._router_config()
-    assert mesh.catalog == (
+    assert mesh.catalog == (CatalogEntry(id="my-model", desired_replicas=3),)
+    # the router reads the same file into the same catalog
+    assert read_config_file(path)["models"] == (
         CatalogModel.of(id="my-model", path=str(tmp_path / "my-model"), desired_replicas=3),
     )
-    assert read_config_file(path)["models"] == mesh.catalog
     mesh.stop()
     assert not path.exists()
 

@@ -23,7 +23,7 @@ from conftest import StartProcess
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.client import Client, Unauthenticated
-from meshllm.router.local import LocalMesh, LocalMeshConfig, free_port
+from meshllm.client.local import LocalMesh, LocalMeshConfig, free_port
 from meshllm.router.tenants import hash_key
 
 GRPCURL = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(Path(sys.executable).parent))

@@ -17,10 +17,10 @@ from test_replica import capture_streams
 from meshllm.api.errors import Internal, ResourceExhausted, from_rpc_error
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
+from meshllm.client.local import free_port
 from meshllm.replica.server import ReplicaServer
 from meshllm.replica.types import Chunk, GenerationRequest
 from meshllm.router import RouterServer
-from meshllm.router.local import free_port
 
 T = TypeVar("T")
 

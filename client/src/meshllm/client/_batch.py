@@ -12,7 +12,6 @@ one request, so retries, pacing and abort are tested exactly with a fake transpo
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from collections.abc import (
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 
 from meshllm.api.errors import Aborted, InvalidArgument, MeshError
 from meshllm.client._abort import NEVER, AbortPolicy, FailureTracker
+from meshllm.client._options import NAMES, USE_CLIENT_DEFAULT, CallTimeout, RequestFields
 from meshllm.client._pacing import Pacer, Pacing, RateLimits, Ticket
 from meshllm.client._progress import Progress
 from meshllm.client._retry import RetryPolicy, pauses_everyone, retry_delay
@@ -38,10 +38,6 @@ OnResult = Callable[[int, Completion | None, MeshError | None], None]
 """Called once per item as it finishes (completion order): ``(index, result, error)``."""
 
 WINDOW_PER_SLOT = 4
-DEFAULT_MAX_TOKENS = 256
-"""What the router reserves for a request that leaves max_tokens unset (a replica's default)."""
-BYTES_PER_TOKEN = 4
-TOKENS_PER_MESSAGE = 4
 
 
 @dataclass(frozen=True)
@@ -64,25 +60,35 @@ class Transport(Protocol):
     def store(self, prepared: Prepared, completion: Completion) -> None: ...
 
     def send(
-        self, prepared: Prepared, timeout: float | None
+        self, prepared: Prepared, timeout: CallTimeout
     ) -> Awaitable[tuple[Completion, RateLimits]]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
 class BatchOptions:
-    """Settings of one batch run (the batch methods' keyword arguments)."""
+    """How a batch runs (``iter_batch`` / ``generate_batch``'s ``options``); what each item
+    asks the model is set by the methods' request keywords and the item itself."""
 
     concurrency: int = 32
     """Calls in flight at most."""
     ordered: bool = True
-    """Yield in input order (else in completion order; each item carries its ``index``)."""
+    """Yield in input order (else in completion order; each item carries its ``index``).
+    ``generate_batch`` always returns input order."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Which transient failures are retried, and the exponential backoff with jitter between
+    tries (never sooner than the server's RetryInfo)."""
     pacing: Pacing = field(default_factory=Pacing)
+    """Explicit request and token rates, and following the router's quota headers."""
     abort: AbortPolicy = NEVER
+    """When a run that keeps failing stops (the rest end with ``Aborted``); default never."""
+    on_result: OnResult | None = None
+    """Called as ``on_result(index, result, error)`` for every item as it finishes (completion
+    order); an exception it raises stops the batch. On ``Client`` it runs on the client's
+    background thread."""
     progress: bool = False
     """Show a progress bar (tqdm, on stderr) with rate and ETA."""
-    timeout: float | None = None
-    """Deadline of each call, in seconds (None: the client's default)."""
+    timeout: CallTimeout = USE_CLIENT_DEFAULT
+    """Deadline of each call (not of the batch): seconds, a ``Timeout``, or None for none."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -103,21 +109,10 @@ def item_fields(item: Prompt, fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def token_estimate(fields: Mapping[str, Any]) -> float:
-    """Tokens the router reserves for a request: its prompt estimate (UTF-8 bytes / 4, plus 4
-    per chat message; token_ids counted) + max_tokens."""
-    prompt, token_ids = fields.get("prompt"), fields.get("token_ids")
-    if token_ids:
-        estimate = len(token_ids)
-    elif isinstance(prompt, str):
-        estimate = math.ceil(len(prompt.encode()) / BYTES_PER_TOKEN)
-    elif isinstance(prompt, list):
-        size = sum(len(str(m.get("role", "")).encode()) + len(str(m.get("content", "")).encode())
-                   for m in prompt)  # fmt: skip
-        estimate = math.ceil(size / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE * len(prompt)
-    else:
-        estimate = 0
-    max_tokens = fields.get("max_tokens")
-    return float(estimate + (DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens))
+    """Tokens the router reserves for a request given as a dict of fields (``prompt`` and
+    request fields; others are ignored): see :meth:`RequestFields.tokens`."""
+    request = RequestFields().updated({k: v for k, v in fields.items() if k in NAMES})
+    return float(request.tokens(fields.get("prompt")))
 
 
 class BatchRunner:
@@ -139,14 +134,12 @@ class BatchRunner:
         self.aborted: Aborted | None = None
 
     async def run(
-        self,
-        items: Iterable[Prompt],
-        fields: Mapping[str, Any],
-        on_result: OnResult | None = None,
+        self, items: Iterable[Prompt], fields: Mapping[str, Any]
     ) -> AsyncIterator[BatchItem]:
+        """``fields``: what every item's request starts from (a dict item's own fields win)."""
         total = len(items) if isinstance(items, Sized) else None
         with Progress(total, enabled=self.options.progress) as progress:
-            finish = _Finisher(self, on_result, progress)
+            finish = _Finisher(self, self.options.on_result, progress)
             async for item in self._run(enumerate(items), fields, finish):
                 yield item
 
@@ -160,8 +153,11 @@ class BatchRunner:
         started = yielded = 0
         try:
             while True:
-                while self.aborted is None and len(running) < opts.concurrency \
-                        and started - yielded < window:  # fmt: skip
+                while (
+                    self.aborted is None
+                    and len(running) < opts.concurrency
+                    and started - yielded < window
+                ):
                     if (nxt := next(source, None)) is None:
                         break
                     index, prompt = nxt
@@ -253,8 +249,11 @@ class _Finisher:
     def __call__(self, item: BatchItem) -> BatchItem:
         runner = self.runner
         if runner.aborted is None and (reason := runner.tracker.record(item.ok)) is not None:
-            runner.aborted = Aborted(f"batch aborted: {reason}; this item did not finish",
-                                     reason="BATCH_ABORTED", metadata={"cause": reason})  # fmt: skip
+            runner.aborted = Aborted(
+                f"batch aborted: {reason}; this item did not finish",
+                reason="BATCH_ABORTED",
+                metadata={"cause": reason},
+            )
         if self.on_result is not None:
             self.on_result(item.index, item.result, item.error)
         self.progress.update(item.ok)

@@ -61,8 +61,10 @@ class ResponseCache:
     def put(self, key: str, completion: Completion) -> None:
         data = completion.to_dict()
         data.pop("cached", None)
-        self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?)",
-                         (key, json.dumps(data, ensure_ascii=False), time.time()))  # fmt: skip
+        self._db.execute(
+            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?)",
+            (key, json.dumps(data, ensure_ascii=False), time.time()),
+        )
 
     def __len__(self) -> int:
         count: int = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]

@@ -1,24 +1,31 @@
-"""``meshllm admin ...``: the router's Admin service from the command line (admin key needed)."""
+"""``meshllm admin ...``: the router's Admin service from the command line (admin key needed).
+
+Calls go through :class:`AsyncAdminClient` (domain types); ``--json`` prints the reply's wire
+form (``meshllm.api.convert``), as the service sends it."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from meshllm.api.errors import InvalidArgument, from_rpc_error
-from meshllm.api.tls import ChannelTLS, channel
+from meshllm.api import convert
+from meshllm.api.errors import InvalidArgument
+from meshllm.api.spec import SPEC_FIELDS
+from meshllm.api.tls import ChannelTLS
+from meshllm.api.types import LoadReport, ModelPlacement, QuotaUsage, ReplicaState, ReplicaStatus
 from meshllm.api.v1 import admin_pb2 as adm
-from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
-from meshllm.api.v1 import replica_control_pb2 as rc
+from meshllm.client._admin import AsyncAdminClient
 
-_STATE = {v: k.removeprefix("REPLICA_STATE_").lower() for k, v in rc.ReplicaState.items()}
 _GiB = 1024**3
+_NO_LOAD = LoadReport(replica_id="", state=ReplicaState.UNKNOWN, model="")
+_STATE = {state: state.value for state in ReplicaState} | {ReplicaState.UNKNOWN: "unspecified"}
+"""A state's name in the table (a replica that never reported shows as the wire calls it)."""
 
 
 def add_admin_parser(sub: Any) -> None:
@@ -35,16 +42,29 @@ def add_admin_parser(sub: Any) -> None:
     command("replicas", "every replica: state, model, load, device memory")
     load = command("load", "put a catalog model on (at least) N replicas")
     load.add_argument("model")
-    load.add_argument("--replicas", type=int, default=0,
-                      help="at least this many (default: the catalog's desired_replicas, at least 1)")  # fmt: skip
-    load.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="one-off change to the catalog's spec, e.g. max_batch_size=8 or "
-                      "options.cache_size=8192 (repeatable)")  # fmt: skip
+    load.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="at least this many (default: the catalog's desired_replicas, at least 1)",
+    )
+    load.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="one-off change to the catalog's spec, e.g. max_batch_size=8 or "
+        "options.cache_size=8192 (repeatable)",
+    )
     load.add_argument("--no-wait", action="store_true", help="return once the loads started")
     unload = command("unload", "drain and unload a model from every replica")
     unload.add_argument("model")
-    unload.add_argument("--drain-timeout", type=float, default=0.0,
-                        help="seconds in-flight requests may finish (default: the router's)")  # fmt: skip
+    unload.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=0.0,
+        help="seconds in-flight requests may finish (default: the router's)",
+    )
     scale = command("scale", "set how many replicas host a model (within the catalog's max)")
     scale.add_argument("model")
     scale.add_argument("replicas", type=int)
@@ -56,102 +76,140 @@ def add_admin_parser(sub: Any) -> None:
     quota.add_argument("tenant", nargs="?", default="")
 
 
-def overrides(pairs: Sequence[str]) -> rc.ModelSpec:
-    """``FIELD=VALUE`` pairs as a ModelSpec of overrides; a bad one names itself."""
-    spec, fields = rc.ModelSpec(), rc.ModelSpec.DESCRIPTOR.fields_by_name
+def overrides(pairs: Sequence[str]) -> dict[str, str | int | dict[str, str]]:
+    """``FIELD=VALUE`` pairs as spec overrides (``AdminClient.load_model``); a bad one names
+    itself."""
+    out: dict[str, str | int | dict[str, str]] = {}
+    options: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if name.startswith("options.") and sep:
-            spec.options[name.removeprefix("options.")] = value
+            options[name.removeprefix("options.")] = value
             continue
-        field = fields.get(name)
-        if not sep or field is None or name in ("id", "options"):
-            settable = [*sorted(set(fields) - {"id", "options"}), "options.KEY"]
+        kind = SPEC_FIELDS.get(name)
+        if not sep or kind is None or name in ("id", "options"):
+            settable = [*sorted(set(SPEC_FIELDS) - {"id", "options"}), "options.KEY"]
             raise InvalidArgument(
                 f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(settable)}"
             )
         try:
-            setattr(spec, name, int(value) if field.type == field.TYPE_UINT32 else value)
+            out[name] = int(value) if kind == "int" else value
         except ValueError:
             raise InvalidArgument(f"--set {pair!r}: {name} takes a whole number") from None
-    return spec
+    if options:
+        out["options"] = options
+    return out
 
 
-def _request(args: argparse.Namespace) -> tuple[str, Message]:
+@dataclass(frozen=True, kw_only=True)
+class Reply:
+    """An Admin reply as the CLI prints it."""
+
+    lines: list[str]
+    """The plain-text table."""
+    wire: Message
+    """The reply as the wire message, for ``--json``."""
+
+
+async def _reply(admin: AsyncAdminClient, args: argparse.Namespace) -> Reply:
     c = args.admin_command
-    requests: dict[str, Any] = {
-        "models": lambda: ("ListModels", adm.AdminListModelsRequest()),
-        "replicas": lambda: ("ListReplicas", adm.ListReplicasRequest()),
-        "load": lambda: ("LoadModel", adm.AdminLoadModelRequest(
-            model=args.model, replicas=args.replicas, overrides=overrides(args.set), wait=not args.no_wait)),
-        "unload": lambda: ("UnloadModel", adm.AdminUnloadModelRequest(
-            model=args.model, drain_timeout_s=args.drain_timeout)),
-        "scale": lambda: ("ScaleModel", adm.ScaleModelRequest(
-            model=args.model, replicas=args.replicas, drain_timeout_s=args.drain_timeout, wait=not args.no_wait)),
-        "drain": lambda: ("DrainReplica", adm.DrainReplicaRequest(replica_id=args.replica)),
-        "undrain": lambda: ("UndrainReplica", adm.UndrainReplicaRequest(replica_id=args.replica)),
-        "quota": lambda: ("GetQuotaUsage", adm.GetQuotaUsageRequest(tenant=args.tenant)),
-    }  # fmt: skip
-    method, request = requests[c]()
-    return method, request
+    if c == "models":
+        models = await admin.list_models()
+        return Reply(
+            lines=render_placements(models),
+            wire=adm.AdminListModelsResponse(models=map(convert.placement_to_pb, models)),
+        )
+    if c == "replicas":
+        replicas = await admin.list_replicas()
+        return Reply(
+            lines=render_replicas(replicas) or ["(no replicas)"],
+            wire=adm.ListReplicasResponse(replicas=map(convert.status_to_pb, replicas)),
+        )
+    if c == "quota":
+        usage = await admin.quota_usage(args.tenant)
+        return Reply(
+            lines=render_quota(usage),
+            wire=adm.GetQuotaUsageResponse(usage=map(convert.quota_usage_to_pb, usage)),
+        )
+    if c in ("drain", "undrain"):
+        call = admin.drain_replica if c == "drain" else admin.undrain_replica
+        status = await call(args.replica)
+        return Reply(lines=render_replicas([status]), wire=convert.status_to_pb(status))
+    placement = await _placement_call(admin, args)
+    return Reply(lines=render_placement(placement), wire=convert.placement_to_pb(placement))
+
+
+async def _placement_call(admin: AsyncAdminClient, args: argparse.Namespace) -> ModelPlacement:
+    c = args.admin_command
+    if c == "load":
+        return await admin.load_model(
+            args.model, replicas=args.replicas, overrides=overrides(args.set), wait=not args.no_wait
+        )
+    if c == "unload":
+        return await admin.unload_model(args.model, drain_timeout_s=args.drain_timeout)
+    assert c == "scale", c  # argparse allows no other command
+    return await admin.scale_model(
+        args.model, args.replicas, drain_timeout_s=args.drain_timeout, wait=not args.no_wait
+    )
 
 
 async def run_admin(args: argparse.Namespace, tls: ChannelTLS | None) -> int:
     """One Admin call; prints the reply (a table, or JSON with --json)."""
-    method, request = _request(args)
-    metadata = (("authorization", f"Bearer {args.api_key}"),) if args.api_key else None
-    async with channel(args.target, tls) as ch:
-        try:
-            reply = await getattr(adm_grpc.AdminStub(ch), method)(
-                request, metadata=metadata, timeout=args.timeout
-            )
-        except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e) from None
+    async with AsyncAdminClient(
+        args.target, api_key=args.api_key, timeout=args.timeout, tls=tls
+    ) as admin:
+        reply = await _reply(admin, args)
     if args.json:
-        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        print(json.dumps(MessageToDict(reply.wire, preserving_proto_field_name=True), indent=2))
     else:
-        print("\n".join(render(reply)))
+        print("\n".join(reply.lines))
     return 0
 
 
-def render(reply: Message) -> list[str]:
-    """Plain-text lines for an Admin reply."""
-    if isinstance(reply, adm.AdminListModelsResponse):
-        return [line for m in reply.models for line in _placement(m)] or ["(no models)"]
-    if isinstance(reply, adm.ModelPlacement):
-        return _placement(reply)
-    if isinstance(reply, adm.ListReplicasResponse):
-        return _replicas(reply.replicas) or ["(no replicas)"]
-    if isinstance(reply, rc.ReplicaStatus):
-        return _replicas([reply])
-    if isinstance(reply, adm.GetQuotaUsageResponse):
-        rows = [(u.tenant, u.limit, f"{u.used}/{u.limit_value}", f"resets in {u.resets_in_s:.0f}s")
-                for u in reply.usage]  # fmt: skip
-        return _table(rows) or ["(no limits)"]
-    return [str(reply)]
+def render_placements(models: Sequence[ModelPlacement]) -> list[str]:
+    return [line for m in models for line in render_placement(m)] or ["(no models)"]
 
 
-def _placement(m: adm.ModelPlacement) -> list[str]:
+def render_quota(usage: Sequence[QuotaUsage]) -> list[str]:
+    rows = [
+        (u.tenant, u.limit, f"{u.used}/{u.limit_value}", f"resets in {u.resets_in_s:.0f}s")
+        for u in usage
+    ]
+    return _table(rows) or ["(no limits)"]
+
+
+def render_placement(m: ModelPlacement) -> list[str]:
+    """A model's head line, then its replicas indented."""
     cap = f", max {m.max_replicas}" if m.max_replicas else ""
     origin = f"desired {m.desired_replicas}{cap}" if m.configured else "not in the catalog"
     head = f"{m.model}: {m.ready_replicas} ready ({origin})"
-    rows = _replicas(m.replicas)
+    rows = render_replicas(m.replicas)
     return [head + (f" - {m.pending}" if m.pending else ""), *(f"  {row}" for row in rows)]
 
 
-def _replicas(replicas: Sequence[rc.ReplicaStatus]) -> list[str]:
-    rows = []
-    for r in replicas:
-        mem = r.memory
-        memory = (
-            f"{mem.used_bytes / _GiB:.2f}/{mem.total_bytes / _GiB:.1f} GiB ({mem.source})"
-            if mem.total_bytes
-            else "memory ?"
-        )
-        rows.append((r.replica_id, _STATE.get(r.state, "?"), r.spec.id or "-", r.device or "?",
-                     f"{r.load.running} running", f"{r.load.queued} queued",
-                     f"{r.load.tokens_per_second:.0f} tok/s", memory, f"error: {r.error}" if r.error else ""))  # fmt: skip
-    return _table(rows)
+def render_replicas(replicas: Sequence[ReplicaStatus]) -> list[str]:
+    """One aligned row per replica."""
+    return _table([_replica_row(r) for r in replicas])
+
+
+def _replica_row(r: ReplicaStatus) -> tuple[str, ...]:
+    mem, load = r.memory, r.load or _NO_LOAD
+    memory = (
+        f"{mem.used_bytes / _GiB:.2f}/{mem.total_bytes / _GiB:.1f} GiB ({mem.source})"
+        if mem is not None and mem.total_bytes
+        else "memory ?"
+    )
+    return (
+        r.replica_id,
+        _STATE[r.state],
+        r.model or "-",
+        r.device or "?",
+        f"{load.running} running",
+        f"{load.queued} queued",
+        f"{load.tokens_per_second:.0f} tok/s",
+        memory,
+        f"error: {r.error}" if r.error else "",
+    )
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from meshllm.api.errors import Aborted, InvalidArgument
 from meshllm.client._abort import AbortPolicy
 from meshllm.client._async import AsyncClient
+from meshllm.client._batch import BatchOptions
 from meshllm.client._jsonl import (
     DoneSet,
     RowWriter,
@@ -25,8 +26,7 @@ from meshllm.client._jsonl import (
     result_row,
     resume,
 )
-from meshllm.client._pacing import Pacing
-from meshllm.client._retry import RetryPolicy
+from meshllm.client._options import RequestFields
 
 EXIT_FAILED_ROWS = 1
 EXIT_ABORTED = 3
@@ -39,14 +39,12 @@ class JsonlJob:
     """None: standard output (no resume)."""
     resume: bool = False
     model: str
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: RequestFields = field(default_factory=RequestFields)
     """Request fields for every row (a row's own fields win)."""
-    concurrency: int = 32
-    ordered: bool = False
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    pacing: Pacing = field(default_factory=Pacing)
-    abort: AbortPolicy = field(default_factory=AbortPolicy)
-    progress: bool = True
+    options: BatchOptions = field(
+        default_factory=lambda: BatchOptions(ordered=False, abort=AbortPolicy(), progress=True)
+    )
+    """How the batch runs (``on_result`` is not used: rows are written as they come)."""
 
 
 @dataclass
@@ -91,8 +89,10 @@ async def run_jsonl(client: AsyncClient, job: JsonlJob) -> int:
         and job.output.exists()
         and job.output.stat().st_size
     ):
-        print(f"meshllm: {job.output} exists; --resume continues it (or remove it first)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"meshllm: {job.output} exists; --resume continues it (or remove it first)",
+            file=sys.stderr,
+        )
         return 2
     done = resume(job.output) if job.output is not None and job.resume else DoneSet()
     tally = Tally(skipped=done.count)
@@ -100,11 +100,9 @@ async def run_jsonl(client: AsyncClient, job: JsonlJob) -> int:
     try:
         writer = RowWriter(out)
         rows = _Rows(job, done, writer, tally)
-        items = client.iter_batch(
-            rows, model=job.model, concurrency=job.concurrency, ordered=job.ordered,
-            retry=job.retry, pacing=job.pacing, abort=job.abort, progress=job.progress,
-            **job.fields,
-        )  # fmt: skip
+        items = client.iter_batch_with(
+            rows, model=job.model, fields=job.fields, options=job.options
+        )
         async for item in items:
             index, passthrough = rows.origin.pop(item.index)
             if isinstance(item.error, Aborted):
@@ -123,7 +121,9 @@ def _report(tally: Tally) -> int:
     resumed = f", {tally.skipped} already done" if tally.skipped else ""
     print(f"meshllm: {tally.done} rows done, {tally.failed} failed{resumed}", file=sys.stderr)
     if tally.aborted:
-        print(f"meshllm: aborted; {tally.aborted} rows not written: run again with --resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"meshllm: aborted; {tally.aborted} rows not written: run again with --resume",
+            file=sys.stderr,
+        )
         return EXIT_ABORTED
     return EXIT_FAILED_ROWS if tally.failed else 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from meshllm.api.errors import MeshError
 from meshllm.client._async import AsyncClient
+from meshllm.client._options import RequestFields
 from meshllm.client._sweep import Level, Sample, recommend, summarize
 
 
@@ -28,7 +29,8 @@ class BenchJob:
     duration_s: float = 5.0
     warmup_s: float = 1.0
     prompt: str = "Write a short story about a lighthouse keeper."
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: RequestFields = field(default_factory=RequestFields)
+    """What every request asks (max_tokens, sampling)."""
     max_p99_ms: float | None = None
 
 
@@ -45,7 +47,9 @@ async def _one(client: AsyncClient, job: BenchJob, index: int) -> Sample:
     start = time.perf_counter()
     first: float | None = None
     tokens = 0
-    async for chunk in client.stream(f"{job.prompt} ({index})", model=job.model, **job.fields):
+    async for chunk in client.stream_with(
+        f"{job.prompt} ({index})", model=job.model, fields=job.fields
+    ):
         if first is None and chunk.token_ids:
             first = time.perf_counter()
         tokens += len(chunk.token_ids)
@@ -84,18 +88,23 @@ async def run_bench(client: AsyncClient, job: BenchJob) -> dict[str, Any]:
         print(_line(levels[-1]), file=sys.stderr, flush=True)
     best = recommend(levels, max_p99_ms=job.max_p99_ms)
     return {
-        "target": client.target, "model": job.model, "duration_s": job.duration_s,
-        "fields": job.fields, "max_p99_ms": job.max_p99_ms,
+        "target": client.target,
+        "model": job.model,
+        "duration_s": job.duration_s,
+        "fields": job.fields.given(),
+        "max_p99_ms": job.max_p99_ms,
         "levels": [asdict(lv) for lv in levels],
         "recommended_concurrency": best.concurrency if best else None,
-    }  # fmt: skip
+    }
 
 
 def _line(lv: Level) -> str:
-    return (f"c={lv.concurrency:<4} {lv.requests_per_s:8.1f} req/s {lv.tokens_per_s:9.1f} tok/s  "
-            f"latency p50/p95/p99 {lv.latency_ms['p50']:.0f}/{lv.latency_ms['p95']:.0f}/"
-            f"{lv.latency_ms['p99']:.0f} ms  ttft p50/p95/p99 {lv.ttft_ms['p50']:.0f}/"
-            f"{lv.ttft_ms['p95']:.0f}/{lv.ttft_ms['p99']:.0f} ms  errors {lv.errors}")  # fmt: skip
+    return (
+        f"c={lv.concurrency:<4} {lv.requests_per_s:8.1f} req/s {lv.tokens_per_s:9.1f} tok/s  "
+        f"latency p50/p95/p99 {lv.latency_ms['p50']:.0f}/{lv.latency_ms['p95']:.0f}/"
+        f"{lv.latency_ms['p99']:.0f} ms  ttft p50/p95/p99 {lv.ttft_ms['p50']:.0f}/"
+        f"{lv.ttft_ms['p95']:.0f}/{lv.ttft_ms['p99']:.0f} ms  errors {lv.errors}"
+    )
 
 
 def print_report(report: dict[str, Any], as_json: bool, out: Any = None) -> None:
@@ -103,17 +112,26 @@ def print_report(report: dict[str, Any], as_json: bool, out: Any = None) -> None
     if as_json:
         print(json.dumps(report, indent=2), file=out)
         return
-    print(f"{'conc':>5} {'req/s':>9} {'tok/s':>10} {'lat p50':>8} {'p95':>7} {'p99':>7} "
-          f"{'ttft p50':>9} {'p95':>7} {'p99':>7} {'errors':>7}", file=out)  # fmt: skip
+    print(
+        f"{'conc':>5} {'req/s':>9} {'tok/s':>10} {'lat p50':>8} {'p95':>7} {'p99':>7} "
+        f"{'ttft p50':>9} {'p95':>7} {'p99':>7} {'errors':>7}",
+        file=out,
+    )
     for lv in report["levels"]:
         lat, ttft = lv["latency_ms"], lv["ttft_ms"]
-        print(f"{lv['concurrency']:>5} {lv['requests_per_s']:>9.1f} {lv['tokens_per_s']:>10.1f} "
-              f"{lat['p50']:>8.1f} {lat['p95']:>7.1f} {lat['p99']:>7.1f} {ttft['p50']:>9.1f} "
-              f"{ttft['p95']:>7.1f} {ttft['p99']:>7.1f} {lv['errors']:>7}", file=out)  # fmt: skip
+        print(
+            f"{lv['concurrency']:>5} {lv['requests_per_s']:>9.1f} {lv['tokens_per_s']:>10.1f} "
+            f"{lat['p50']:>8.1f} {lat['p95']:>7.1f} {lat['p99']:>7.1f} {ttft['p50']:>9.1f} "
+            f"{ttft['p95']:>7.1f} {ttft['p99']:>7.1f} {lv['errors']:>7}",
+            file=out,
+        )
     rec = report["recommended_concurrency"]
     limit = f" and p99 <= {report['max_p99_ms']:g} ms" if report["max_p99_ms"] else ""
-    print(f"recommended concurrency: {rec if rec is not None else 'none qualifies'} "
-          f"(lowest reaching 95% of peak tokens/s with no errors{limit})", file=out)  # fmt: skip
+    print(
+        f"recommended concurrency: {rec if rec is not None else 'none qualifies'} "
+        f"(lowest reaching 95% of peak tokens/s with no errors{limit})",
+        file=out,
+    )
 
 
 def parse_levels(text: str) -> tuple[int, ...]:

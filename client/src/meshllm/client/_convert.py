@@ -1,4 +1,6 @@
-"""Request building and response conversion for the client (the one place that sees protobuf)."""
+"""Request building and response conversion for the client (the one place that sees
+generation protobuf). Usage, timing, finish reason and model info convert through
+``meshllm.api.convert``, as on the servers."""
 
 from __future__ import annotations
 
@@ -7,40 +9,34 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from meshllm.api import convert
+from meshllm.api.types import FinishReason, ModelInfo
 from meshllm.api.v1 import generation_pb2 as gen
-from meshllm.client._types import Completion, FinishReason, ModelInfo, StreamChunk, Timing, Usage
+from meshllm.client._options import NAMES, RequestFields
+from meshllm.client._types import Completion, StreamChunk
 
-_FINISH = {
-    gen.FINISH_REASON_STOP: FinishReason.STOP,
-    gen.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    gen.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
-    gen.FINISH_REASON_ERROR: FinishReason.ERROR,
-}
-_SCALARS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_tokens", "seed",
-            "instructions", "request_id", "priority")  # fmt: skip
+_SCALARS = tuple(sorted(NAMES - {"stop", "token_ids"}))
+"""RequestFields set on the request as they are (None: left unset)."""
 
 
 def build_request(
     prompt: str | Sequence[Mapping[str, str]] | None,
     *,
     model: str,
-    token_ids: Sequence[int] | None = None,
-    stop: Sequence[str] = (),
+    fields: RequestFields,
     coalesce_tokens: int = 0,
     coalesce_ms: int = 0,
-    **fields: Any,
 ) -> gen.GenerateRequest:
     """A GenerateRequest from a prompt string or a chat (list of {role, content})."""
-    unknown = set(fields) - set(_SCALARS)
-    if unknown:
-        raise TypeError(f"unknown request fields: {', '.join(sorted(unknown))}")
-    req = gen.GenerateRequest(model=model, stop=list(stop), token_ids=list(token_ids or ()))
+    req = gen.GenerateRequest(
+        model=model, stop=list(fields.stop), token_ids=list(fields.token_ids or ())
+    )
     if isinstance(prompt, str):
         req.prompt = prompt
     elif prompt is not None:
         req.messages.extend(gen.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
-    for name, value in fields.items():
-        if value is not None:
+    for name in _SCALARS:
+        if (value := getattr(fields, name)) is not None:
             setattr(req, name, value)
     if coalesce_tokens or coalesce_ms:
         req.stream_options.coalesce_tokens = coalesce_tokens
@@ -48,39 +44,34 @@ def build_request(
     return req
 
 
-def _usage(u: gen.Usage) -> Usage:
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                 total_tokens=u.total_tokens)  # fmt: skip
-
-
-def _timing(t: gen.Timing) -> Timing:
-    return Timing(queue_wait_ms=t.queue_wait_ms, time_to_first_token_ms=t.time_to_first_token_ms,
-                  decode_ms=t.decode_ms, total_ms=t.total_ms, tokens_per_second=t.tokens_per_second,
-                  replica=t.replica)  # fmt: skip
-
-
 def chunk_from_pb(c: gen.GenerateChunk) -> StreamChunk:
-    final = c.finish_reason != gen.FINISH_REASON_UNSPECIFIED
+    final = convert.finish_from_pb(c.finish_reason)
     return StreamChunk(
-        text=c.text, token_ids=tuple(c.token_ids), request_id=c.request_id,
-        finish_reason=_FINISH.get(c.finish_reason) if final else None,
+        text=c.text,
+        token_ids=tuple(c.token_ids),
+        request_id=c.request_id,
+        finish_reason=final,
         stop_sequence=c.stop_sequence,
-        usage=_usage(c.usage) if final else None,
-        timing=_timing(c.timing) if final else None,
-    )  # fmt: skip
+        usage=convert.usage_from_pb(c.usage) if final is not None else None,
+        timing=convert.timing_from_pb(c.timing) if final is not None else None,
+    )
 
 
 def completion_from_pb(r: gen.GenerateResponse) -> Completion:
     return Completion(
-        text=r.text, token_ids=tuple(r.token_ids), request_id=r.request_id, model=r.model,
-        finish_reason=_FINISH.get(r.finish_reason, FinishReason.ERROR),
-        stop_sequence=r.stop_sequence, usage=_usage(r.usage), timing=_timing(r.timing),
-    )  # fmt: skip
+        text=r.text,
+        token_ids=tuple(r.token_ids),
+        request_id=r.request_id,
+        model=r.model,
+        finish_reason=convert.finish_from_pb(r.finish_reason) or FinishReason.ERROR,
+        stop_sequence=r.stop_sequence,
+        usage=convert.usage_from_pb(r.usage),
+        timing=convert.timing_from_pb(r.timing),
+    )
 
 
-def model_from_pb(m: gen.ModelInfo) -> ModelInfo:
-    return ModelInfo(id=m.id, engine=m.engine, context_length=m.context_length,
-                     max_tokens_limit=m.max_tokens_limit, ready_replicas=m.ready_replicas)  # fmt: skip
+def models_from_pb(resp: gen.ListModelsResponse) -> list[ModelInfo]:
+    return [convert.model_info_from_pb(m) for m in resp.models]
 
 
 _NOT_OUTPUT = ("request_id", "priority", "stream_options")

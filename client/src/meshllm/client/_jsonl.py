@@ -30,8 +30,22 @@ from meshllm.api.errors import InvalidArgument, MeshError
 from meshllm.client._retry import TRANSIENT
 from meshllm.client._types import Completion
 
-REQUEST_FIELDS = frozenset({"prompt", "messages", "token_ids", "instructions", "temperature", "top_k",
-                            "top_p", "repetition_penalty", "max_tokens", "stop", "seed", "priority"})  # fmt: skip
+REQUEST_FIELDS = frozenset(
+    {
+        "prompt",
+        "messages",
+        "token_ids",
+        "instructions",
+        "temperature",
+        "top_k",
+        "top_p",
+        "repetition_penalty",
+        "max_tokens",
+        "stop",
+        "seed",
+        "priority",
+    }
+)
 """Input keys that shape the request; all others are passed through to the output row."""
 _TRANSIENT_NAMES = frozenset(code.name for code in TRANSIENT)
 
@@ -77,8 +91,15 @@ def result_row(
     row: dict[str, Any] = {"index": index, **passthrough}
     if result is not None:
         data = result.to_dict()
-        row.update(text=data["text"], finish_reason=data["finish_reason"], usage=data["usage"],
-                   timing=data["timing"], replica=result.replica, cached=result.cached, error=None)  # fmt: skip
+        row.update(
+            text=data["text"],
+            finish_reason=data["finish_reason"],
+            usage=data["usage"],
+            timing=data["timing"],
+            replica=result.replica,
+            cached=result.cached,
+            error=None,
+        )
     else:
         assert error is not None  # a batch item has a result or an error
         row["error"] = {"code": error.code.name, "message": error.message, "reason": error.reason}

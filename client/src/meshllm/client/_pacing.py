@@ -147,8 +147,11 @@ class Pacer:
         self._sent_tokens = 0.0
 
     def _buckets(self) -> list[tuple[TokenBucket, bool]]:
-        learned = [(b, t) for b, t in ((self.server_requests, False), (self.server_tokens, True))
-                   if b is not None]  # fmt: skip
+        learned = [
+            (b, t)
+            for b, t in ((self.server_requests, False), (self.server_tokens, True))
+            if b is not None
+        ]
         return [*self._explicit, *learned]
 
     def delay(self, now: float, tokens: float) -> float:

@@ -16,10 +16,14 @@ import grpc
 
 from meshllm.api.errors import MeshError
 
-TRANSIENT = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
-})  # fmt: skip
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    }
+)
 """Codes that may succeed later, unchanged. ABORTED is a batch stopped by its abort threshold."""
 
 

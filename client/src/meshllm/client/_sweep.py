@@ -46,12 +46,15 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
 
 def summarize(concurrency: int, samples: Sequence[Sample], errors: int, seconds: float) -> Level:
     return Level(
-        concurrency=concurrency, requests=len(samples), errors=errors, seconds=round(seconds, 3),
+        concurrency=concurrency,
+        requests=len(samples),
+        errors=errors,
+        seconds=round(seconds, 3),
         requests_per_s=round(len(samples) / seconds, 2) if seconds > 0 else 0.0,
         tokens_per_s=round(sum(s.tokens for s in samples) / seconds, 1) if seconds > 0 else 0.0,
         latency_ms=_spread([s.latency_s for s in samples]),
         ttft_ms=_spread([s.ttft_s for s in samples]),
-    )  # fmt: skip
+    )
 
 
 def recommend(
@@ -60,10 +63,16 @@ def recommend(
     """The lowest concurrency whose tokens/s reach ``share_of_peak`` of the best level's,
     among levels without errors whose p99 latency stays within ``max_p99_ms`` (if given).
     More concurrency past that point only lengthens queues. None when no level qualifies."""
-    fit = [lv for lv in levels if lv.errors == 0 and lv.requests > 0
-           and (max_p99_ms is None or lv.latency_ms["p99"] <= max_p99_ms)]  # fmt: skip
+    fit = [
+        lv
+        for lv in levels
+        if lv.errors == 0
+        and lv.requests > 0
+        and (max_p99_ms is None or lv.latency_ms["p99"] <= max_p99_ms)
+    ]
     if not fit:
         return None
     peak = max(lv.tokens_per_s for lv in fit)
-    return min((lv for lv in fit if lv.tokens_per_s >= share_of_peak * peak),
-               key=lambda lv: lv.concurrency)  # fmt: skip
+    return min(
+        (lv for lv in fit if lv.tokens_per_s >= share_of_peak * peak), key=lambda lv: lv.concurrency
+    )

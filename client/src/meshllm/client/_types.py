@@ -1,38 +1,15 @@
-"""Result types of the client (plain dataclasses; protobuf stays inside the client)."""
+"""Result types of the client (plain dataclasses; protobuf stays inside the client).
+
+Finish reason, usage and timing are the shared vocabulary of ``meshllm.api.types``.
+"""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from meshllm.api.errors import MeshError
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-    ERROR = "error"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Timing:
-    """Server-side timings in milliseconds, and the replica that served the request."""
-
-    queue_wait_ms: float
-    time_to_first_token_ms: float
-    decode_ms: float
-    total_ms: float
-    tokens_per_second: float
-    replica: str
+from meshllm.api.types import FinishReason, Timing, Usage
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -72,17 +49,26 @@ class Completion:
         out = asdict(self)
         out["finish_reason"] = self.finish_reason.value
         out["token_ids"] = list(self.token_ids)
+        out["usage"]["total_tokens"] = self.usage.total_tokens  # a property: asdict skips it
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Completion:
         """The inverse of :meth:`to_dict`."""
+        usage = data["usage"]  # its total_tokens is derived again, not read
         return cls(
-            text=data["text"], token_ids=tuple(data["token_ids"]), request_id=data["request_id"],
-            model=data["model"], finish_reason=FinishReason(data["finish_reason"]),
-            stop_sequence=data["stop_sequence"], usage=Usage(**data["usage"]),
-            timing=Timing(**data["timing"]), cached=bool(data.get("cached", False)),
-        )  # fmt: skip
+            text=data["text"],
+            token_ids=tuple(data["token_ids"]),
+            request_id=data["request_id"],
+            model=data["model"],
+            finish_reason=FinishReason(data["finish_reason"]),
+            stop_sequence=data["stop_sequence"],
+            usage=Usage(
+                prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"]
+            ),
+            timing=Timing(**data["timing"]),
+            cached=bool(data.get("cached", False)),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,15 +88,6 @@ class BatchItem:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ModelInfo:
-    id: str
-    engine: str
-    context_length: int
-    max_tokens_limit: int
-    ready_replicas: int
 
 
 Prompt = str | list[dict[str, str]] | dict[str, Any]

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import sys
 from pathlib import Path
-from typing import Any
 
 from meshllm.api.errors import MeshError
 from meshllm.api.tls import ChannelTLS
+from meshllm.client import demo, local
 from meshllm.client._abort import AbortPolicy
 from meshllm.client._async import AsyncClient
+from meshllm.client._batch import BatchOptions
 from meshllm.client._cache import ResponseCache
 from meshllm.client._cli_admin import add_admin_parser, run_admin
 from meshllm.client._cli_batch import JsonlJob, run_jsonl
 from meshllm.client._cli_bench import BenchJob, levels_up_to, parse_levels, print_report, run_bench
+from meshllm.client._options import RequestFields
 from meshllm.client._pacing import Pacing
 from meshllm.client._retry import RetryPolicy
 from meshllm.client._sync import Client
@@ -38,15 +41,15 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _fields(args: argparse.Namespace) -> dict[str, Any]:
-    fields = {
-        name: getattr(args, name)
-        for name in ("max_tokens", "temperature", "top_k", "top_p", "seed")
-    }
-    out: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
-    if args.stop:
-        out["stop"] = list(args.stop)
-    return out
+def _fields(args: argparse.Namespace) -> RequestFields:
+    return RequestFields(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,14 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--model", default="demo", help="'demo', 'bench' or a model folder (default demo)"
     )
-    u.add_argument("--config", default="",
-                   help="router config whose [models.<id>] catalog says what goes where (instead of --model)")  # fmt: skip
+    u.add_argument(
+        "--config",
+        default="",
+        help="router config whose [models.<id>] catalog says what goes where (instead of --model)",
+    )
     u.add_argument("--port", type=int, default=50051, help="router port (default 50051)")
     u.add_argument("--policy", default="least-busy", choices=("least-busy", "round-robin"))
-    u.add_argument("--tenants-file", default="",
-                   help="API keys and quotas for the router (with --api-key; default: no authentication)")  # fmt: skip
+    u.add_argument(
+        "--tenants-file",
+        default="",
+        help="API keys and quotas for the router (with --api-key; default: no authentication)",
+    )
     sub.add_parser("demo", help="start a local mesh on the demo model, stream a reply, run a batch")
-    return p  # fmt: skip
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             elif args.prompt is None:
                 sys.exit("meshllm generate: give a prompt, or --input FILE")
             else:
-                for chunk in client.stream(args.prompt, model=args.model, **_fields(args)):
+                chunks = client.stream_with(args.prompt, model=args.model, fields=_fields(args))
+                for chunk in chunks:
                     print(chunk.text, end="", flush=True)
                 print()
     except MeshError as e:
@@ -152,15 +162,24 @@ async def _jsonl(args: argparse.Namespace) -> int:
         print("meshllm: --resume needs --output", file=sys.stderr)
         return 2
     cache = ResponseCache(args.cache, refresh=args.refresh_cache) if args.cache else None
-    job = JsonlJob(
-        input=args.input, output=args.output, resume=args.resume, model=args.model,
-        fields=_fields(args), concurrency=args.concurrency, ordered=args.ordered,
+    options = BatchOptions(
+        concurrency=args.concurrency,
+        ordered=args.ordered,
         retry=RetryPolicy(max_attempts=args.retries + 1),
         pacing=Pacing(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
-        abort=AbortPolicy(max_consecutive_failures=args.abort_after,
-                          max_failure_ratio=args.abort_ratio),
+        abort=AbortPolicy(
+            max_consecutive_failures=args.abort_after, max_failure_ratio=args.abort_ratio
+        ),
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
+    job = JsonlJob(
+        input=args.input,
+        output=args.output,
+        resume=args.resume,
+        model=args.model,
+        fields=_fields(args),
+        options=options,
+    )
     try:
         async with AsyncClient(
             args.target, api_key=args.api_key, timeout=args.timeout, tls=_tls(args), cache=cache
@@ -173,9 +192,15 @@ async def _jsonl(args: argparse.Namespace) -> int:
 
 async def _bench(args: argparse.Namespace) -> int:
     levels = parse_levels(args.levels) if args.levels else levels_up_to(args.max_concurrency)
-    job = BenchJob(model=args.model, levels=levels, duration_s=args.duration,
-                   warmup_s=args.warmup, prompt=args.prompt, fields=_fields(args),
-                   max_p99_ms=args.max_p99_ms)  # fmt: skip
+    job = BenchJob(
+        model=args.model,
+        levels=levels,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        prompt=args.prompt,
+        fields=_fields(args),
+        max_p99_ms=args.max_p99_ms,
+    )
     async with AsyncClient(
         args.target, api_key=args.api_key, timeout=args.timeout, tls=_tls(args)
     ) as client:
@@ -188,8 +213,12 @@ def _add_tls_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TLS", "default: plaintext, for local development only")
     g.add_argument("--tls", action="store_true", help="TLS trusting the system's root certificates")
     g.add_argument("--tls-ca", default="", metavar="PEM", help="TLS trusting this CA")
-    g.add_argument("--tls-cert", default="", metavar="PEM",
-                   help="client certificate, for mutual TLS (with --tls-key)")  # fmt: skip
+    g.add_argument(
+        "--tls-cert",
+        default="",
+        metavar="PEM",
+        help="client certificate, for mutual TLS (with --tls-key)",
+    )
     g.add_argument("--tls-key", default="", metavar="PEM", help="private key of --tls-cert")
 
 
@@ -201,19 +230,27 @@ def _tls(args: argparse.Namespace) -> ChannelTLS | None:
 
 
 def _local(args: argparse.Namespace) -> int:
-    """``up`` and ``demo`` run router and replica processes: they need those packages too."""
-    try:
-        from meshllm.router import demo, local
-    except ImportError:
-        print("meshllm: 'up' and 'demo' need meshllm-router and meshllm-replica[ctranslate2] "
-              "installed next to the client", file=sys.stderr)  # fmt: skip
+    """``up`` and ``demo`` start router and replica processes: those packages must be installed
+    (the client itself imports neither)."""
+    if any(importlib.util.find_spec(m) is None for m in ("meshllm.router", "meshllm.replica")):
+        print(
+            "meshllm: 'up' and 'demo' need meshllm-router and meshllm-replica[ctranslate2] "
+            "installed next to the client",
+            file=sys.stderr,
+        )
         return 2
     if args.command == "demo":
         demo.main()
         return 0
-    config = local.LocalMeshConfig(replicas=args.replicas, model=args.model, config=args.config, port=args.port,
-                                   policy=args.policy, tenants_file=args.tenants_file,
-                                   api_key=args.api_key or "")  # fmt: skip
+    config = local.LocalMeshConfig(
+        replicas=args.replicas,
+        model=args.model,
+        config=args.config,
+        port=args.port,
+        policy=args.policy,
+        tenants_file=args.tenants_file,
+        api_key=args.api_key or "",
+    )
     try:
         return local.up(config)
     except (ValueError, RuntimeError, TimeoutError) as e:

@@ -1,6 +1,8 @@
 """A whole mesh on one machine: N replica processes and a router in front (``meshllm up``).
 
-Every part is a real process speaking real gRPC, as in a deployment; each child runs in its own
+Every part is a real process speaking real gRPC, as in a deployment (``python -m
+meshllm.router``, ``python -m meshllm.replica``: the client imports neither, so the router and
+replica packages need only be installed to run them); each child runs in its own
 session so that Ctrl-C reaches only this supervisor, which then stops the router first (its
 in-flight streams finish) and the replicas after it. On Linux the children also get SIGTERM if
 the supervisor itself is killed.
@@ -17,14 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from meshllm.client import Client, MeshError
-from meshllm.router.config import read_config_file
-from meshllm.router.placement import CatalogModel
+from meshllm.api.errors import MeshError
+from meshllm.client._sync import Client
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +65,33 @@ class LocalMeshConfig:
         return self
 
 
+@dataclass(frozen=True, kw_only=True)
+class CatalogEntry:
+    """What the mesh needs of one ``[models.<id>]`` table of the router's config: which model,
+    and on how many replicas the router puts it at start (the router reads the rest)."""
+
+    id: str
+    desired_replicas: int = 0
+
+
+def read_catalog(path: Path) -> tuple[CatalogEntry, ...]:
+    """The ``[models.<id>]`` tables of a router config file; ValueError names a bad one (the
+    router checks every other setting when it starts)."""
+    with path.open("rb") as f:
+        tables = tomllib.load(f).get("models", {})
+    if not isinstance(tables, dict):
+        raise ValueError(f"{path}: models must be a table of [models.<id>] tables")
+    out = []
+    for model_id, table in tables.items():
+        desired = table.get("desired_replicas", 0) if isinstance(table, dict) else None
+        if not isinstance(desired, int) or isinstance(desired, bool) or desired < 0:
+            raise ValueError(
+                f"{path}: models.{model_id}.desired_replicas must be a whole number >= 0"
+            )
+        out.append(CatalogEntry(id=model_id, desired_replicas=desired))
+    return tuple(out)
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM (and drain) when the supervisor dies, even by
     SIGKILL, so a killed ``meshllm up`` leaves no orphans (Linux ``PR_SET_PDEATHSIG``). The
@@ -86,7 +115,7 @@ class LocalMesh:
         self.replicas: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.router: subprocess.Popen[bytes] | None = None
         self.address = ""
-        self.catalog: tuple[CatalogModel, ...] = ()
+        self.catalog: tuple[CatalogEntry, ...] = ()
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> LocalMesh:
@@ -148,7 +177,7 @@ class LocalMesh:
         """The router's config file: the given one, or a catalog of the one model on every replica."""
         if self.config.config:
             path = Path(self.config.config).resolve()
-            self.catalog = read_config_file(path).get("models", ())
+            self.catalog = read_catalog(path)
             return path
         model = self.config.model
         model_id = Path(model).name  # as the replica names it: "demo" for demo, a folder's name
@@ -158,7 +187,7 @@ class LocalMesh:
             f"[models.{json.dumps(model_id)}]\npath = {json.dumps(model)}\n"
             f"desired_replicas = {self.config.replicas}\n"
         )
-        self.catalog = read_config_file(path)["models"]
+        self.catalog = read_catalog(path)
         return path
 
     def _auth_flags(self) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The main job (``make demo``): a local mesh on the built-in demo model — two replica processes
+"""The main job (``make demo``, ``meshllm demo``): a local mesh on the built-in demo model — two replica processes
 and a router — then a streamed reply and a small batch through the router, and who served them.
 """
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from meshllm.client import Client
-from meshllm.router.local import LocalMesh, LocalMeshConfig
+from meshllm.client import BatchOptions, Client
+from meshllm.client.local import LocalMesh, LocalMeshConfig
 
 PROMPTS = [f"Tell me about the number {i}." for i in range(16)]
 
@@ -28,7 +28,9 @@ def main(replicas: int = 2) -> None:
                         f"served by {chunk.timing.replica}]\n"
                     )
             started = time.perf_counter()
-            items = client.generate_batch(PROMPTS, model="demo", max_tokens=32, concurrency=8)
+            items = client.generate_batch(
+                PROMPTS, model="demo", max_tokens=32, options=BatchOptions(concurrency=8)
+            )
             elapsed = time.perf_counter() - started
         ok = [i.result for i in items if i.result is not None]
         tokens = sum(c.usage.completion_tokens for c in ok)

@@ -40,9 +40,10 @@ from chart_render import (
     user_secrets,
 )
 
+from meshllm.api.spec import SPEC_FIELDS
 from meshllm.replica import cli as replica_cli
 from meshllm.router import cli as router_cli
-from meshllm.router.config import RouterConfig, read_config_file
+from meshllm.router.config import FLAT_NAMES, SECTIONS, RouterConfig, read_config_file
 from meshllm.router.placement.catalog import CatalogModel
 from meshllm.router.quota.limits import LIMITS
 from meshllm.router.tenants import load_tenants
@@ -213,26 +214,32 @@ def test_router_loads_the_rendered_config(
     args = router_cli.parse_args(in_pod(r, r.router))
     assert str(args.config).endswith("/etc/meshllm/config/router.toml")
     config = router_cli.config_from_args(args)  # validates, reads the PEM and Redis URL files
-    assert config == RouterConfig(**read_config_file(args.config)).validate()
+    assert config == RouterConfig.from_mapping(read_config_file(args.config)).validate()
     assert config.port == r.values["router"]["port"]
     assert (
-        config.dns
+        config.discovery.dns
         == f"meshllm-replicas.{NAMESPACE}.svc.cluster.local:{r.values['replica']['port']}"
     )
     assert config.drain_grace_s == r.values["router"]["drainGraceSeconds"]
     assert config.metrics_port == r.values["router"]["metrics"]["port"]
     tls = r.values["tls"]["router"]["enabled"]
     assert config.health_port == (r.values["router"]["healthPort"] if tls else None)
-    for key, value in r.values["router"]["config"].items():
-        assert getattr(config, key) == value, key
+    flat = RouterConfig.from_flat(r.values["router"]["config"])  # the chart's pass-through settings
+    for key in r.values["router"]["config"]:
+        section, name = FLAT_NAMES.get(key, ("", key))
+        assert getattr(getattr(config, section) if section else config, name) == getattr(
+            getattr(flat, section) if section else flat, name
+        ), key
     # the Redis URL comes from the mounted Secret file, and only there
-    assert config.redis_url == ""
-    assert config.redis_address() == _redis_url(r, user_secrets)
+    assert config.redis.url == ""
+    assert config.redis.address() == _redis_url(r, user_secrets)
+    # placement counts are shared through Redis exactly when the chart uses Redis
+    assert config.placement.share_counts == (config.quota.store == "redis")
     if config.auth == "api-key":
         assert Path(config.tenants_file).is_file()
         load_tenants(Path(config.tenants_file))  # parses: hashes only, known fields
     # the catalog is the values' catalog, field for field
-    expected = [CatalogModel(**m) for m in r.values["catalog"]]
+    expected = [CatalogModel.of(**m) for m in r.values["catalog"]]
     assert list(config.models) == expected
     assert [(m.id, m.desired_replicas) for m in config.models] == [
         (m["id"], m.get("desired_replicas", 0)) for m in r.values["catalog"]
@@ -282,10 +289,11 @@ def test_chart_settings_and_router_config_values_cover_router_config() -> None:
     allowed = set(schema["properties"]["router"]["properties"]["config"]["properties"])
     helpers = (CHART / "templates" / "_router_config.tpl").read_text()
     managed = set(re.search(r'managedRouterSettings" -}}\n(.*)\n', helpers).group(1).split())  # type: ignore[union-attr]
-    assert allowed | managed == {f.name for f in fields(RouterConfig)}
+    flat_names = {f.name for f in fields(RouterConfig) if f.name not in SECTIONS} | set(FLAT_NAMES)
+    assert allowed | managed == flat_names
     assert not allowed & managed
     catalog = schema["properties"]["catalog"]["items"]["properties"]
-    assert set(catalog) == {f.name for f in fields(CatalogModel)}
+    assert set(catalog) == set(SPEC_FIELDS) | {f.name for f in fields(CatalogModel)} - {"spec"}
     tenant = schema["properties"]["auth"]["properties"]["tenants"]["items"]["properties"]
     assert set(tenant) == {"name", "role", "keys", *LIMITS}
 

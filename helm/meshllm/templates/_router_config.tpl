@@ -1,10 +1,11 @@
 {{/*
-The router's TOML config: a [router] table (RouterConfig fields) and one [models.<id>] table per
+The router's TOML config: a [router] table (RouterConfig settings by their flat names, which the
+router places in its sub-tables) and one [models.<id>] table per
 catalog entry. The router loads it with `meshllm-router --config`; tests/test_helm.py loads the
 rendered file with the router's own loader.
 */}}
 {{- define "meshllm.managedRouterSettings" -}}
-host port dns metrics_port health_port auth tenants_file quota_store redis_url redis_url_file drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
+host port dns metrics_port health_port auth tenants_file quota_store redis_url redis_url_file share_placement_counts drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
 {{- end }}
 
 {{- define "meshllm.routerToml" -}}
@@ -28,6 +29,7 @@ tenants_file = {{ include "meshllm.tenantsPath" . | toJson }}
 quota_store = {{ include "meshllm.quotaStore" . | toJson }}
 {{- if eq (include "meshllm.quotaStore" .) "redis" }}
 redis_url_file = "/etc/meshllm/redis/url"
+share_placement_counts = true
 {{- end }}
 {{- if .Values.router.metrics.enabled }}
 metrics_port = {{ int .Values.router.metrics.port }}

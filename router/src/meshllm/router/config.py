@@ -444,6 +444,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     table = data.get("router", {})
     if not isinstance(table, dict):
         raise InvalidArgument(f"{path}: [router] must be a table")
+    table = _flat_keys_placed(path, table)
     settings = _typed(path, "router", table, RouterConfig, skip=set(SECTIONS))
     for name, kind in SECTIONS.items():
         if name in table:
@@ -453,6 +454,23 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if "models" in data:
         settings["models"] = parse_catalog(data["models"], str(path))
     return settings
+
+
+def _flat_keys_placed(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
+    """``[router]`` may also hold sub-table settings by their flat names (``stale_after_s``,
+    ``quota_store``, ``tls_cert``: the layout before sub-tables, and the flags' names); each goes
+    to its sub-table. The same setting given both ways is an error."""
+    out = {
+        k: (dict(v) if k in SECTIONS and isinstance(v, Mapping) else v) for k, v in table.items()
+    }
+    for name in [k for k in table if k in FLAT_NAMES]:
+        section, key = FLAT_NAMES[name]
+        sub = out.setdefault(section, {})
+        if not isinstance(sub, dict) or key in sub:
+            raise InvalidArgument(f"{path}: [router] {name} and [router.{section}] {key} are the same setting: set one",
+                                  field_violations=[FieldViolation(name, "set twice")])  # fmt: skip
+        sub[key] = out.pop(name)
+    return out
 
 
 _KINDS: dict[str, tuple[type, ...]] = {
@@ -482,14 +500,8 @@ def _typed(
     """One table's settings, each checked against the dataclass field of the same name."""
     types = {f.name: str(f.type) for f in fields(kind) if f.name not in skip and f.name != "models"}
     if unknown := sorted(set(table) - types.keys() - set(skip)):
-        moved = [
-            f"{k} is now {FLAT_NAMES[k][1]} in [router.{FLAT_NAMES[k][0]}]"
-            for k in unknown
-            if k in FLAT_NAMES and where == "router"
-        ]
-        hint = f" ({'; '.join(moved)})" if moved else ""
         raise InvalidArgument(
-            f"{path}: unknown [{where}] settings: {', '.join(unknown)}{hint}",
+            f"{path}: unknown [{where}] settings: {', '.join(unknown)}",
             field_violations=[FieldViolation(f"{where}.{k}", "unknown setting") for k in unknown],
         )
     out: dict[str, Any] = {}

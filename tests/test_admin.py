@@ -318,7 +318,11 @@ async def test_a_scale_down_through_one_router_holds_for_routers_sharing_redis(
     catalog = (CatalogModel.of(id="demo", path="demo", desired_replicas=2),)
     settings: dict[str, object] = {"models": catalog, "placement_refresh_s": 0.2}
     if shared:
-        settings |= {"quota_store": "redis", "redis_url": redis_server.url, "share_placement_counts": True}
+        settings |= {
+            "quota_store": "redis",
+            "redis_url": redis_server.url,
+            "share_placement_counts": True,
+        }
     first = await start_router(*idle, ready=2, **settings)
     second = await start_router(*idle, ready=2, **settings)
     await admin_call(first, "ScaleModel", adm.ScaleModelRequest(model="demo", replicas=1))

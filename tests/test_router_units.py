@@ -122,7 +122,13 @@ def test_lease_counts_requests_and_tokens_until_it_ends() -> None:
 
 def test_config_errors_name_every_bad_field() -> None:
     bad = RouterConfig.from_flat(
-        {"policy": "fastest", "replicas": ("nohost",), "max_attempts": 0, "refresh_s": 0, "auth": "none"}
+        {
+            "policy": "fastest",
+            "replicas": ("nohost",),
+            "max_attempts": 0,
+            "refresh_s": 0,
+            "auth": "none",
+        }
     )
     with pytest.raises(InvalidArgument) as e:
         bad.validate()
@@ -132,7 +138,9 @@ def test_config_errors_name_every_bad_field() -> None:
 
 def test_config_file_is_checked_for_unknown_settings(tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
-    path.write_text('[router]\npolicy = "round-robin"\n[router.discovery]\nreplicas = ["a:1", "b:2"]\n')
+    path.write_text(
+        '[router]\npolicy = "round-robin"\n[router.discovery]\nreplicas = ["a:1", "b:2"]\n'
+    )
     settings = {**read_config_file(path), "auth": "none"}
     assert RouterConfig.from_mapping(settings).validate().discovery.replicas == ("a:1", "b:2")
     path.write_text("[router]\nreplica = 3\n")

@@ -238,13 +238,17 @@ def test_tls_settings_are_checked_with_errors_that_name_them(certs: Certs, tmp_p
         RouterConfig.from_flat({"tls_cert": certs.server_cert}).validate()
     assert _field_errors(caught.value) == {"tls_key": "must be set together with tls_cert"}
     with pytest.raises(InvalidArgument) as caught:
-        RouterConfig.from_flat({"tls_cert": "/nonexistent/server.pem", "tls_key": certs.server_key}).validate()
+        RouterConfig.from_flat(
+            {"tls_cert": "/nonexistent/server.pem", "tls_key": certs.server_key}
+        ).validate()
     assert _field_errors(caught.value) == {
         "tls_cert": "cannot read /nonexistent/server.pem: No such file or directory"
     }
     assert "tls_cert cannot read /nonexistent/server.pem" in caught.value.message
     with pytest.raises(InvalidArgument) as caught:
-        RouterConfig.from_flat({"tls_client_ca": certs.ca, "replica_tls_key": certs.client_key}).validate()
+        RouterConfig.from_flat(
+            {"tls_client_ca": certs.ca, "replica_tls_key": certs.client_key}
+        ).validate()
     assert _field_errors(caught.value) == {
         "tls_client_ca": "needs tls_cert and tls_key",
         "replica_tls_cert": "must be set together with replica_tls_key",
@@ -398,4 +402,6 @@ def test_the_health_port_flags_reach_the_configs() -> None:
     with pytest.raises(InvalidArgument, match="health_port: 70000 is out of range"):
         ReplicaConfig(health_port=70000).validate()
     with pytest.raises(InvalidArgument, match="health_port"):
-        RouterConfig.from_flat({"replicas": ("10.0.0.5:50061",), "auth": "none", "health_port": -1}).validate()
+        RouterConfig.from_flat(
+            {"replicas": ("10.0.0.5:50061",), "auth": "none", "health_port": -1}
+        ).validate()

@@ -5,6 +5,9 @@ Every component converts through these functions; none keeps a table of its own.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, TypeVar
+
 from meshllm.api.spec import SPEC_FIELDS, ModelSpec
 from meshllm.api.types import (
     DeviceMemory,
@@ -21,6 +24,8 @@ from meshllm.api.types import (
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import replica_control_pb2 as rc
+
+D = TypeVar("D")
 
 _FINISH = {
     FinishReason.STOP: gen.FINISH_REASON_STOP,
@@ -41,6 +46,17 @@ _STATE = {
 _STATE_FROM = {number: state for state, number in _STATE.items()}
 
 
+def _plain(obj: Any, **changes: Any) -> dict[str, Any]:
+    """A domain dataclass's fields by name (the wire message has the same names)."""
+    return {f.name: changes.get(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _read(kind: type[D], msg: Any, **changes: Any) -> D:
+    """A domain dataclass from the same-named fields of a wire message."""
+    names = (f.name for f in dataclasses.fields(kind))  # type: ignore[arg-type]
+    return kind(**{n: changes[n] if n in changes else getattr(msg, n) for n in names})
+
+
 # -- generation ------------------------------------------------------------------------------
 
 
@@ -54,57 +70,27 @@ def finish_from_pb(reason: gen.FinishReason) -> FinishReason | None:
 
 
 def usage_to_pb(u: Usage) -> gen.Usage:
-    return gen.Usage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        total_tokens=u.total_tokens,
-    )
+    return gen.Usage(**_plain(u), total_tokens=u.total_tokens)
 
 
 def usage_from_pb(u: gen.Usage) -> Usage:
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+    return _read(Usage, u)
 
 
 def timing_to_pb(t: Timing) -> gen.Timing:
-    return gen.Timing(
-        queue_wait_ms=t.queue_wait_ms,
-        time_to_first_token_ms=t.time_to_first_token_ms,
-        decode_ms=t.decode_ms,
-        total_ms=t.total_ms,
-        tokens_per_second=t.tokens_per_second,
-        replica=t.replica,
-    )
+    return gen.Timing(**_plain(t))
 
 
 def timing_from_pb(t: gen.Timing) -> Timing:
-    return Timing(
-        queue_wait_ms=t.queue_wait_ms,
-        time_to_first_token_ms=t.time_to_first_token_ms,
-        decode_ms=t.decode_ms,
-        total_ms=t.total_ms,
-        tokens_per_second=t.tokens_per_second,
-        replica=t.replica,
-    )
+    return _read(Timing, t)
 
 
 def model_info_to_pb(m: ModelInfo) -> gen.ModelInfo:
-    return gen.ModelInfo(
-        id=m.id,
-        engine=m.engine,
-        context_length=m.context_length,
-        max_tokens_limit=m.max_tokens_limit,
-        ready_replicas=m.ready_replicas,
-    )
+    return gen.ModelInfo(**_plain(m))
 
 
 def model_info_from_pb(m: gen.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        id=m.id,
-        engine=m.engine,
-        context_length=m.context_length,
-        max_tokens_limit=m.max_tokens_limit,
-        ready_replicas=m.ready_replicas,
-    )
+    return _read(ModelInfo, m)
 
 
 def response_from_chunks(chunks: list[gen.GenerateChunk]) -> gen.GenerateResponse:
@@ -156,43 +142,15 @@ def spec_overrides_from_pb(msg: rc.ModelSpec) -> dict[str, object]:
 
 
 def load_report_to_pb(r: LoadReport) -> rc.LoadReport:
-    return rc.LoadReport(
-        replica_id=r.replica_id,
-        state=_STATE[r.state],
-        model=r.model,
-        queued=r.queued,
-        running=r.running,
-        tokens_in_flight=r.tokens_in_flight,
-        tokens_per_second=r.tokens_per_second,
-        cache_utilization=r.cache_utilization,
-        requests_total=r.requests_total,
-        tokens_total=r.tokens_total,
-        timestamp_ms=r.timestamp_ms,
-        device=r.device,
-    )
+    return rc.LoadReport(**_plain(r, state=_STATE[r.state]))
 
 
 def load_report_from_pb(r: rc.LoadReport) -> LoadReport:
-    return LoadReport(
-        replica_id=r.replica_id,
-        state=state_from_pb(r.state),
-        model=r.model,
-        queued=r.queued,
-        running=r.running,
-        tokens_in_flight=r.tokens_in_flight,
-        tokens_per_second=r.tokens_per_second,
-        cache_utilization=r.cache_utilization,
-        requests_total=r.requests_total,
-        tokens_total=r.tokens_total,
-        timestamp_ms=r.timestamp_ms,
-        device=r.device,
-    )
+    return _read(LoadReport, r, state=state_from_pb(r.state))
 
 
 def memory_to_pb(m: DeviceMemory) -> rc.DeviceMemory:
-    return rc.DeviceMemory(
-        device=m.device, used_bytes=m.used_bytes, total_bytes=m.total_bytes, source=m.source
-    )
+    return rc.DeviceMemory(**_plain(m))
 
 
 def status_to_pb(s: ReplicaStatus) -> rc.ReplicaStatus:
@@ -213,20 +171,13 @@ def status_to_pb(s: ReplicaStatus) -> rc.ReplicaStatus:
 
 
 def status_from_pb(s: rc.ReplicaStatus) -> ReplicaStatus:
-    m = s.memory
-    return ReplicaStatus(
-        replica_id=s.replica_id,
+    return _read(
+        ReplicaStatus,
+        s,
         state=state_from_pb(s.state),
         spec=spec_from_pb(s.spec) if s.HasField("spec") and s.spec.id else None,
-        device=s.device,
-        error=s.error,
         load=load_report_from_pb(s.load) if s.HasField("load") else None,
-        memory=DeviceMemory(
-            device=m.device, used_bytes=m.used_bytes, total_bytes=m.total_bytes, source=m.source
-        )
-        if s.HasField("memory")
-        else None,
-        version=s.version,
+        memory=_read(DeviceMemory, s.memory) if s.HasField("memory") else None,
     )
 
 
@@ -234,44 +185,16 @@ def status_from_pb(s: rc.ReplicaStatus) -> ReplicaStatus:
 
 
 def placement_to_pb(p: ModelPlacement) -> adm.ModelPlacement:
-    return adm.ModelPlacement(
-        model=p.model,
-        configured=p.configured,
-        desired_replicas=p.desired_replicas,
-        max_replicas=p.max_replicas,
-        replicas=[status_to_pb(s) for s in p.replicas],
-        ready_replicas=p.ready_replicas,
-        pending=p.pending,
-    )
+    return adm.ModelPlacement(**_plain(p, replicas=[status_to_pb(s) for s in p.replicas]))
 
 
 def placement_from_pb(p: adm.ModelPlacement) -> ModelPlacement:
-    return ModelPlacement(
-        model=p.model,
-        configured=p.configured,
-        desired_replicas=p.desired_replicas,
-        max_replicas=p.max_replicas,
-        replicas=tuple(status_from_pb(s) for s in p.replicas),
-        ready_replicas=p.ready_replicas,
-        pending=p.pending,
-    )
+    return _read(ModelPlacement, p, replicas=tuple(status_from_pb(s) for s in p.replicas))
 
 
 def quota_usage_to_pb(u: QuotaUsage) -> adm.QuotaUsage:
-    return adm.QuotaUsage(
-        tenant=u.tenant,
-        limit=u.limit,
-        used=u.used,
-        limit_value=u.limit_value,
-        resets_in_s=u.resets_in_s,
-    )
+    return adm.QuotaUsage(**_plain(u))
 
 
 def quota_usage_from_pb(u: adm.QuotaUsage) -> QuotaUsage:
-    return QuotaUsage(
-        tenant=u.tenant,
-        limit=u.limit,
-        used=u.used,
-        limit_value=u.limit_value,
-        resets_in_s=u.resets_in_s,
-    )
+    return _read(QuotaUsage, u)

@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meshllm-installed
-# checkov (the chart's security scan in tests/test_helm.py) pins packages of its own, so it gets a
+# checkov (the chart's security scan in tests/e2e/test_helm.py) pins packages of its own, so it gets a
 # venv of its own; the tests find it at .venv-tools/bin/checkov
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed

@@ -1,5 +1,5 @@
 """The meshllm chart rendered for tests: value sets, the rendered manifests, and what a pod of
-them would see (its mounted files, environment and arguments). Used by tests/test_helm*.py."""
+them would see (its mounted files, environment and arguments). Used by tests/e2e/test_helm.py and tests/integration/test_helm_manifests.py."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +18,33 @@ import grpc
 import pytest
 import redis
 
+from meshllm.api.errors import MeshError, from_rpc_error
 from meshllm.api.spec import ModelSpec
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.client.local import free_port
 from meshllm.replica.config import ReplicaConfig
+from meshllm.replica.engines import TokenStream
 from meshllm.replica.models.tiny import DEMO, ensure_model
 from meshllm.replica.models.tiny_llama import ensure_tiny_llama
 from meshllm.replica.server import ReplicaServer
 from meshllm.router import RouterConfig, RouterServer
+from meshllm.router.tenants import hash_key
+
+TIERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
+"""Test folders by cost: ``unit`` (no servers, no processes), ``integration`` (real gRPC servers
+in process, real models, real Redis), ``e2e`` (real processes, the chart's security scan). Each
+test is marked with its folder's name; ``e2e`` tests are also ``slow``."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = TIERS.get(item.path.parent.name)
+        if tier is not None:
+            item.add_marker(tier)
+            if tier == "e2e":
+                item.add_marker("slow")
+
 
 StartReplica = Callable[..., Awaitable[ReplicaServer]]
 StartRouter = Callable[..., Awaitable[RouterServer]]
@@ -245,3 +264,71 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+# -- shared by several test modules --------------------------------------------------------
+
+USER, ADMIN = "user-key-1", "admin-key-1"
+
+
+def tenants_file(tmp_path: Path, **limits: int) -> str:
+    """A user tenant ``batch`` with ``limits`` and an unlimited admin tenant ``ops``."""
+    lines = "".join(f"{name} = {value}\n" for name, value in limits.items())
+    path = tmp_path / "tenants.toml"
+    path.write_text(f'[[tenants]]\nname = "batch"\nkeys = ["{hash_key(USER)}"]\n{lines}\n'
+                    f'[[tenants]]\nname = "ops"\nrole = "admin"\nkeys = ["{hash_key(ADMIN)}"]\n')  # fmt: skip
+    return str(path)
+
+
+def bearer(key: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def generate(
+    router: RouterServer, key: str = USER, max_tokens: int = 2, **fields: object
+) -> tuple[gen.GenerateResponse | MeshError, dict[str, str]]:
+    """One Generate call: the response (or the error) and the initial metadata."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        call = gen_grpc.GenerationStub(channel).Generate(
+            gen.GenerateRequest(model="demo", prompt="hello", max_tokens=max_tokens, **fields),  # type: ignore[arg-type]
+            metadata=bearer(key),
+        )
+        try:
+            response: gen.GenerateResponse = await call
+        except grpc.aio.AioRpcError as e:
+            return from_rpc_error(e), {}
+        headers = {k: v for k, v in await call.initial_metadata() if isinstance(v, str)}
+        return response, headers
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text: str = response.read().decode()
+    return text
+
+
+DAY = 86_400.0
+
+
+class Clock:
+    def __init__(self, now: float = 1_000 * DAY) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def capture_streams(server: ReplicaServer) -> list[TokenStream]:
+    """Record the engine-side stream of every request, to count tokens the engine produced."""
+    assert server.replica is not None and server.replica.model is not None
+    engine = server.replica.model.engine
+    streams: list[TokenStream] = []
+    submit = engine.submit
+
+    def recording_submit(*args: object) -> TokenStream:
+        s = submit(*args)  # type: ignore[arg-type]
+        streams.append(s)
+        return s
+
+    engine.submit = recording_submit  # type: ignore[method-assign,assignment]
+    return streams

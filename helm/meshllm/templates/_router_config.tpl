@@ -1,7 +1,7 @@
 {{/*
 The router's TOML config: a [router] table (RouterConfig settings by their flat names, which the
 router places in its sub-tables) and one [models.<id>] table per
-catalog entry. The router loads it with `meshllm-router --config`; tests/test_helm.py loads the
+catalog entry. The router loads it with `meshllm-router --config`; tests/e2e/test_helm.py loads the
 rendered file with the router's own loader.
 */}}
 {{- define "meshllm.managedRouterSettings" -}}

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RedisServer, StartReplica, StartRouter, wait_routed
-from test_quota import ADMIN, USER, bearer, tenants_file
+from conftest import (
+    ADMIN,
+    USER,
+    RedisServer,
+    StartReplica,
+    StartRouter,
+    bearer,
+    tenants_file,
+    wait_routed,
+)
 
 from meshllm.api.errors import MeshError, from_rpc_error
 from meshllm.api.v1 import admin_pb2 as adm
@@ -21,9 +29,14 @@ from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
+from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.replica.server import ReplicaServer
 from meshllm.router import RouterServer
+from meshllm.router.config import DiscoveryConfig, PlacementConfig
 from meshllm.router.placement import CatalogModel
+from meshllm.router.placement.control import Placement
+from meshllm.router.pool import LinkSettings, ReplicaPool
+from meshllm.router.registry import Registry
 
 READY, FAILED, DRAINING = (
     rc.REPLICA_STATE_READY,
@@ -373,3 +386,42 @@ async def test_the_admin_cli_loads_lists_and_explains_refusals(
     assert code == 1 and "max_replicas 2" in err and "InvalidArgument" in err
     code, _, err = await meshllm(router, "admin", "load", "second", "--set", "speed=9")
     assert code == 1 and "--set 'speed=9'" in err
+
+
+class NeverLoads(rc_grpc.ReplicaControlServicer):
+    """A test double: a replica whose LoadModel never answers (the rest is unimplemented)."""
+
+    async def LoadModel(self, request: rc.LoadModelRequest, context: object) -> rc.ReplicaStatus:
+        await asyncio.sleep(60)
+        return rc.ReplicaStatus()
+
+
+async def test_a_replica_removed_before_or_during_a_load_is_not_held_against_the_model() -> None:
+    """Discovery dropping a replica (scaled down, rescheduled) says nothing about the model:
+    placement must not back off from it for ``load_retry_s``."""
+    server = grpc.aio.server()
+    rc_grpc.add_ReplicaControlServicer_to_server(NeverLoads(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    entry = CatalogModel.of(id="demo", path="demo")
+    registry = Registry(stale_after_s=2.0)
+    links = LinkSettings(discovery=DiscoveryConfig(stale_after_s=2.0), tls=None,
+                         max_message_bytes=4 << 20, drain_grace_s=0.0)  # fmt: skip
+    pool = ReplicaPool(links, registry, lambda: None)
+    placement = Placement(PlacementConfig(), (entry,), registry, pool)
+    try:
+        pool.sync([f"127.0.0.1:{port}"])
+        (replica,) = registry.replicas.values()
+        loading = placement.loads.start(replica, entry)
+        await asyncio.sleep(0.3)  # the LoadModel call is under way
+        pool.sync([])
+        assert "CANCELLED" in await asyncio.wait_for(loading, 5)
+        assert replica.claim == ""
+
+        gone = Registry(stale_after_s=2.0).add("10.0.0.9:1")  # chosen, then removed at once
+        assert await placement.loads.start(gone, entry) == f"{gone.name}: the replica was removed"
+        assert gone.claim == ""
+        assert placement.loads.failures == {}
+    finally:
+        await pool.close()
+        await server.stop(None)

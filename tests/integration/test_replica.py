@@ -11,12 +11,11 @@ from pathlib import Path
 import ctranslate2
 import grpc
 import pytest
-from conftest import StartReplica, cancel_after, collect, demo_spec, stub
+from conftest import StartReplica, cancel_after, capture_streams, collect, demo_spec, stub
 from tokenizers import Tokenizer
 
 from meshllm.api.errors import from_rpc_error
 from meshllm.api.v1 import generation_pb2 as gen
-from meshllm.replica.engines.stream import TokenStream
 from meshllm.replica.server import ReplicaServer
 
 PROMPTS = [f"prompt number {i}: " + "abc " * (i % 7) for i in range(32)]
@@ -34,22 +33,6 @@ def reference_greedy(demo_dir: Path, prompt: str, max_tokens: int) -> list[int]:
         return ids
     finally:
         generator.unload_model()
-
-
-def capture_streams(server: ReplicaServer) -> list[TokenStream]:
-    """Record the engine-side stream of every request, to count tokens the engine produced."""
-    assert server.replica is not None and server.replica.model is not None
-    engine = server.replica.model.engine
-    streams: list[TokenStream] = []
-    submit = engine.submit
-
-    def recording_submit(*args: object) -> TokenStream:
-        s = submit(*args)  # type: ignore[arg-type]
-        streams.append(s)
-        return s
-
-    engine.submit = recording_submit  # type: ignore[method-assign,assignment]
-    return streams
 
 
 async def test_32_concurrent_streams_match_greedy_generation_alone(

@@ -12,9 +12,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RedisServer, StartReplica, StartRouter, demo_spec
-from test_quota import USER, generate, scrape, tenants_file
-from test_quota_units import DAY, Clock
+from conftest import (
+    DAY,
+    USER,
+    Clock,
+    RedisServer,
+    StartReplica,
+    StartRouter,
+    demo_spec,
+    generate,
+    scrape,
+    tenants_file,
+)
 
 from meshllm.api.errors import MeshError
 from meshllm.api.v1 import generation_pb2 as gen

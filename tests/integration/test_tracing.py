@@ -7,12 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import StartRouter
+from conftest import USER, StartRouter, tenants_file
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_quota import USER, tenants_file
 
 from meshllm.client import AsyncClient, ResourceExhausted
 from meshllm.replica.server import ReplicaServer

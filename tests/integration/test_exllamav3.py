@@ -531,7 +531,9 @@ async def test_stats_count_waiting_running_tokens_and_cache_pages() -> None:
         assert during.extra == {"cache_pages_used": 4.0, "cache_pages_total": 8.0}
         double.open()
         await asyncio.gather(*[drain(s) for s in streams])
+        # the generator thread frees a finished job's pages just after its last token is out
         await until(lambda: engine.stats().queued + engine.stats().running == 0)
+        await until(lambda: engine.stats().cache_utilization == 0.0)
         after = engine.stats()
     finally:
         await engine.close()

@@ -7,21 +7,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import pytest
 
 from meshllm.api.errors import Cancelled, InvalidArgument, MeshError
 from meshllm.api.spec import ENGINES, ModelSpec
 from meshllm.api.types import LoadReport, ReplicaState, ReplicaStatus
-from meshllm.api.v1 import replica_control_pb2 as rc
-from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
 from meshllm.client._cli_admin import overrides
 from meshllm.client.local import CatalogEntry, LocalMesh, LocalMeshConfig
 from meshllm.replica.engines import engine_names
-from meshllm.router.config import DiscoveryConfig, PlacementConfig, RouterConfig, read_config_file
+from meshllm.router.config import PlacementConfig, RouterConfig, read_config_file
 from meshllm.router.placement import CatalogModel, parse_catalog, plan
 from meshllm.router.placement.control import Placement
-from meshllm.router.pool import LinkSettings, ReplicaPool
 from meshllm.router.registry import Registry, Replica
 from meshllm.router.replica_client import REMOVED
 
@@ -172,45 +168,6 @@ async def test_closing_placement_while_a_replica_changes_state_does_not_hang(tur
         await asyncio.sleep(0)
     async with asyncio.timeout(5):
         await placement.close()
-
-
-class NeverLoads(rc_grpc.ReplicaControlServicer):
-    """A test double: a replica whose LoadModel never answers (the rest is unimplemented)."""
-
-    async def LoadModel(self, request: rc.LoadModelRequest, context: object) -> rc.ReplicaStatus:
-        await asyncio.sleep(60)
-        return rc.ReplicaStatus()
-
-
-async def test_a_replica_removed_before_or_during_a_load_is_not_held_against_the_model() -> None:
-    """Discovery dropping a replica (scaled down, rescheduled) says nothing about the model:
-    placement must not back off from it for ``load_retry_s``."""
-    server = grpc.aio.server()
-    rc_grpc.add_ReplicaControlServicer_to_server(NeverLoads(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    entry = CatalogModel.of(id="demo", path="demo")
-    registry = Registry(stale_after_s=STALE)
-    links = LinkSettings(discovery=DiscoveryConfig(stale_after_s=STALE), tls=None,
-                         max_message_bytes=4 << 20, drain_grace_s=0.0)  # fmt: skip
-    pool = ReplicaPool(links, registry, lambda: None)
-    placement = Placement(PlacementConfig(), (entry,), registry, pool)
-    try:
-        pool.sync([f"127.0.0.1:{port}"])
-        (replica,) = registry.replicas.values()
-        loading = placement.loads.start(replica, entry)
-        await asyncio.sleep(0.3)  # the LoadModel call is under way
-        pool.sync([])
-        assert "CANCELLED" in await asyncio.wait_for(loading, 5)
-        assert replica.claim == ""
-
-        gone = Registry(stale_after_s=STALE).add("10.0.0.9:1")  # chosen, then removed at once
-        assert await placement.loads.start(gone, entry) == f"{gone.name}: the replica was removed"
-        assert gone.claim == ""
-        assert placement.loads.failures == {}
-    finally:
-        await pool.close()
-        await server.stop(None)
 
 
 class FakeReplica:

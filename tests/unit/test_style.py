@@ -9,7 +9,7 @@ from pathlib import Path
 from meshllm.api.spec import ModelSpec
 from meshllm.api.v1 import replica_control_pb2 as rc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = [ROOT / part / "src" for part in ("protos", "server", "client", "router", "replica")]
 MAX_FMT_SKIPS = 20
 """``# fmt: skip`` only on data tables whose alignment carries meaning."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from conftest import DAY, Clock
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
@@ -25,16 +26,6 @@ from meshllm.router.quota.memory import MemoryQuotaStore
 from meshllm.router.request import RoutedRequest, prompt_estimate
 from meshllm.router.tenants import ANONYMOUS, Role, Tenant, hash_key, load_tenants
 from meshllm.server.metrics import RequestRecord
-
-DAY = 86_400.0
-
-
-class Clock:
-    def __init__(self, now: float = 1_000 * DAY) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def store(clock: Clock) -> MemoryQuotaStore:

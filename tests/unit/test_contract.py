@@ -11,7 +11,7 @@ from pathlib import Path
 
 from meshllm.api.v1 import admin_pb2, generation_pb2, replica_control_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_current() -> None:

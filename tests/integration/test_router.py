@@ -10,9 +10,17 @@ from typing import TypeVar
 
 import grpc
 import pytest
-from conftest import StartReplica, StartRouter, cancel_after, collect, demo_spec, stub, wait_routed
+from conftest import (
+    StartReplica,
+    StartRouter,
+    cancel_after,
+    capture_streams,
+    collect,
+    demo_spec,
+    stub,
+    wait_routed,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_replica import capture_streams
 
 from meshllm.api.errors import Internal, ResourceExhausted, from_rpc_error
 from meshllm.api.v1 import generation_pb2 as gen

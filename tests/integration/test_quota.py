@@ -5,59 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import StartReplica, StartRouter, demo_spec
+from conftest import (
+    ADMIN,
+    USER,
+    StartReplica,
+    StartRouter,
+    bearer,
+    demo_spec,
+    generate,
+    scrape,
+    tenants_file,
+)
 
-from meshllm.api.errors import MeshError, from_rpc_error
+from meshllm.api.errors import MeshError
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.router import RouterServer
-from meshllm.router.tenants import hash_key
-
-USER, ADMIN = "user-key-1", "admin-key-1"
-
-
-def tenants_file(tmp_path: Path, **limits: int) -> str:
-    """A user tenant ``batch`` with ``limits`` and an unlimited admin tenant ``ops``."""
-    lines = "".join(f"{name} = {value}\n" for name, value in limits.items())
-    path = tmp_path / "tenants.toml"
-    path.write_text(f'[[tenants]]\nname = "batch"\nkeys = ["{hash_key(USER)}"]\n{lines}\n'
-                    f'[[tenants]]\nname = "ops"\nrole = "admin"\nkeys = ["{hash_key(ADMIN)}"]\n')  # fmt: skip
-    return str(path)
-
-
-def bearer(key: str) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {key}"),)
-
-
-async def generate(
-    router: RouterServer, key: str = USER, max_tokens: int = 2, **fields: object
-) -> tuple[gen.GenerateResponse | MeshError, dict[str, str]]:
-    """One Generate call: the response (or the error) and the initial metadata."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
-        call = gen_grpc.GenerationStub(channel).Generate(
-            gen.GenerateRequest(model="demo", prompt="hello", max_tokens=max_tokens, **fields),  # type: ignore[arg-type]
-            metadata=bearer(key),
-        )
-        try:
-            response: gen.GenerateResponse = await call
-        except grpc.aio.AioRpcError as e:
-            return from_rpc_error(e), {}
-        headers = {k: v for k, v in await call.initial_metadata() if isinstance(v, str)}
-        return response, headers
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text: str = response.read().decode()
-    return text
 
 
 async def quota_usage(router: RouterServer, key: str = ADMIN) -> dict[str, int]:

@@ -61,30 +61,16 @@ _OVERRIDES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="meshllm-router",
-        description="Route meshllm.api.v1.Generation calls to the least busy replica. "
-        "Key tools: 'meshllm-router new-key TENANT [user|admin]', 'meshllm-router hash-key' (key on stdin).",
+        description="Route meshllm.api.v1.Generation calls to the least busy replica. Key tools: "
+        "'meshllm-router new-key TENANT [user|admin]', 'meshllm-router hash-key' (key on stdin).",
     )
     p.add_argument(
         "--config",
         type=Path,
-        help="TOML file with a [router] table and its sub-tables, and [models.<id>] (flags override it)",
+        help="TOML file: [router] and its sub-tables, [models.<id>] (flags override it)",
     )
     p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (0 picks a free one; default 50051)")
-    p.add_argument(
-        "--replica",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a replica address (repeatable)",
-    )
-    p.add_argument("--replicas-file", help="file with one HOST:PORT per line, re-read periodically")
-    p.add_argument(
-        "--dns",
-        metavar="NAME:PORT",
-        help="re-resolved periodically; each address is a replica (headless Service)",
-    )
-    p.add_argument("--refresh", type=float, help="seconds between file/DNS refreshes (default 5)")
     p.add_argument("--policy", choices=POLICIES, help="routing policy (default least-busy)")
     p.add_argument(
         "--tokens-per-request",
@@ -95,59 +81,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-attempts", type=int, help="replicas tried before the first token (default 3)"
     )
     p.add_argument(
-        "--report-interval-ms", type=int, help="load-report period asked of replicas (default 250)"
+        "--drain-grace", type=float, help="seconds in-flight streams may finish on SIGTERM (30)"
     )
-    p.add_argument(
-        "--stale-after",
-        type=float,
-        help="seconds without a report before a replica is ejected (default 2)",
-    )
-    p.add_argument(
-        "--drain-grace",
-        type=float,
-        help="seconds in-flight streams may finish on SIGTERM (default 30)",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        help="serve Prometheus /metrics on this HTTP port (default: off)",
-    )
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this HTTP port")
     p.add_argument(
         "--health-port",
         type=int,
-        help="also answer grpc.health.v1 (only) in "
-        "plaintext on this port, for probes that cannot speak TLS (default: off)",
+        help="also answer grpc.health.v1 (only) in plaintext on this port, for probes that "
+        "cannot speak TLS (default: off)",
     )
-    p.add_argument("--tenants-file", help="TOML file of tenants, key hashes and quotas")
-    p.add_argument(
-        "--no-auth",
-        action="store_true",
-        help="no API keys: every caller is an admin (local development only)",
-    )
-    p.add_argument(
-        "--quota-store", choices=STORES, help="where quota counters live (default memory)"
-    )
-    p.add_argument(
-        "--redis-url",
-        help="redis://host:port/db for --quota-store redis "
-        "(or MESHLLM_REDIS_URL, to keep a password out of the command line)",
-    )
-    p.add_argument(
-        "--redis-url-file",
-        metavar="PATH",
-        help="a file holding the Redis URL, e.g. a mounted Secret (instead of --redis-url)",
-    )
-    p.add_argument(
-        "--redis-unavailable",
-        choices=STORE_FAILURE_POLICIES,
-        help="when Redis is unreachable: deny requests (default) or allow them unmetered",
-    )
-    p.add_argument(
-        "--share-placement-counts",
-        action="store_true",
-        default=None,
-        help="keep desired replica counts in Redis too, shared by every router using it",
-    )
+    _add_discovery_flags(p)
+    _add_access_flags(p)
     _add_tls_flags(p)
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
@@ -157,6 +101,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="json: one object per line, with request fields (default text)",
     )
     return p.parse_args(argv)
+
+
+def _add_discovery_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("replicas", "where they are and how they are followed")
+    g.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a replica address (repeatable)",
+    )
+    g.add_argument("--replicas-file", help="file with one HOST:PORT per line, re-read periodically")
+    g.add_argument(
+        "--dns",
+        metavar="NAME:PORT",
+        help="re-resolved periodically; each address is a replica (headless Service)",
+    )
+    g.add_argument("--refresh", type=float, help="seconds between file/DNS refreshes (default 5)")
+    g.add_argument(
+        "--report-interval-ms", type=int, help="load-report period asked of replicas (default 250)"
+    )
+    g.add_argument(
+        "--stale-after", type=float, help="seconds without a report before ejection (default 2)"
+    )
+
+
+def _add_access_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("access", "API keys, quotas and the Redis routers share")
+    g.add_argument("--tenants-file", help="TOML file of tenants, key hashes and quotas")
+    g.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no API keys: every caller is an admin (local development only)",
+    )
+    g.add_argument(
+        "--quota-store", choices=STORES, help="where quota counters live (default memory)"
+    )
+    g.add_argument(
+        "--redis-url",
+        help="redis://host:port/db (or MESHLLM_REDIS_URL, to keep a password off the command line)",
+    )
+    g.add_argument(
+        "--redis-url-file",
+        metavar="PATH",
+        help="a file holding the Redis URL, e.g. a mounted Secret (instead of --redis-url)",
+    )
+    g.add_argument(
+        "--redis-unavailable",
+        choices=STORE_FAILURE_POLICIES,
+        help="when Redis is unreachable: deny requests (default) or allow them unmetered",
+    )
+    g.add_argument(
+        "--share-placement-counts",
+        action="store_true",
+        default=None,
+        help="keep desired replica counts in Redis too, shared by every router using it",
+    )
 
 
 def _add_tls_flags(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from meshllm.api.tls import tls_mode
 from meshllm.api.v1 import admin_pb2, generation_pb2
@@ -99,37 +100,7 @@ class RouterServer:
         server = grpc.aio.server(options=server_options(self.config.max_message_bytes))
         tls = self.config.tls.loaded
         self.port = listen(server, self.config.host, self.config.port, tls)
-        prometheus, metrics = router_metrics(self.registry, self.config.tokens_per_request)
-        self.auth = Authenticator(self._tenants.tenants if self._tenants else None, prometheus)
-        c = self.config
-        self.admission = Admission(
-            self._store, c.quota.unavailable, c.retry_after_s, QuotaMetrics(prometheus)
-        )
-        picker = Picker(
-            self.registry,
-            self.pool,
-            self.policy,
-            catalog=frozenset(m.id for m in c.models),
-            retry_after_s=c.retry_after_s,
-        )
-        forwarder = Forwarder(
-            self.registry,
-            picker,
-            metrics=metrics,
-            admission=self.admission,
-            max_attempts=c.max_attempts,
-            retry_after_s=c.retry_after_s,
-        )
-        gen_grpc.add_GenerationServicer_to_server(
-            RouterGenerationService(forwarder, self.registry, self.auth), server
-        )
-        adm_grpc.add_AdminServicer_to_server(
-            RouterAdminService(self.auth, self.placement, self._store), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (GENERATION, ADMIN, HEALTH, reflection.SERVICE_NAME), server
-        )
+        prometheus = self._add_services(server)
         await self._health.set("", SERVING)
         await self._health.set(GENERATION, NOT_SERVING)
         self.pool.sync(await self._discovery.addresses())
@@ -156,6 +127,38 @@ class RouterServer:
         )
         self._log_access()
         return self.port
+
+    def _add_services(self, server: grpc.aio.Server) -> CollectorRegistry:
+        """Generation, Admin, health and reflection on ``server``; returns the metrics registry."""
+        c = self.config
+        prometheus, metrics = router_metrics(self.registry, c.tokens_per_request)
+        self.auth = Authenticator(self._tenants.tenants if self._tenants else None, prometheus)
+        self.admission = Admission(
+            self._store, c.quota.unavailable, c.retry_after_s, QuotaMetrics(prometheus)
+        )
+        catalog = frozenset(m.id for m in c.models)
+        picker = Picker(
+            self.registry, self.pool, self.policy, catalog=catalog, retry_after_s=c.retry_after_s
+        )
+        forwarder = Forwarder(
+            self.registry,
+            picker,
+            metrics=metrics,
+            admission=self.admission,
+            max_attempts=c.max_attempts,
+            retry_after_s=c.retry_after_s,
+        )
+        gen_grpc.add_GenerationServicer_to_server(
+            RouterGenerationService(forwarder, self.registry, self.auth), server
+        )
+        adm_grpc.add_AdminServicer_to_server(
+            RouterAdminService(self.auth, self.placement, self._store), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (GENERATION, ADMIN, HEALTH, reflection.SERVICE_NAME), server
+        )
+        return prometheus
 
     def _log_access(self) -> None:
         if self._tenants is None:

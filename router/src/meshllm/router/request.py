@@ -1,5 +1,8 @@
 """One request through the router: its server span, metrics record and quota reservation, begun
-and ended together, with one status."""
+and ended together, with one status.
+
+Part of the forwarder's pass-through: it reads the ``GenerateRequest`` and reply messages as
+they are, since the router relays them unchanged."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ class RouterAdminService(adm_grpc.AdminServicer):
         self._auth.require_admin(self._auth.authenticate(context.invocation_metadata()))
 
     async def _one(self, model: str) -> adm.ModelPlacement:
-        (placement,) = await self._placement.placements(model)
+        (placement,) = await self._placement.overview.placements(model)
         return convert.placement_to_pb(placement)
 
     @unary
@@ -51,7 +51,7 @@ class RouterAdminService(adm_grpc.AdminServicer):
         self, request: adm.AdminListModelsRequest, context: Context
     ) -> adm.AdminListModelsResponse:
         self._admin(context)
-        placements = await self._placement.placements()
+        placements = await self._placement.overview.placements()
         return adm.AdminListModelsResponse(models=[convert.placement_to_pb(p) for p in placements])
 
     @unary
@@ -59,7 +59,7 @@ class RouterAdminService(adm_grpc.AdminServicer):
         self, request: adm.ListReplicasRequest, context: Context
     ) -> adm.ListReplicasResponse:
         self._admin(context)
-        statuses = await self._placement.statuses()
+        statuses = await self._placement.overview.statuses()
         return adm.ListReplicasResponse(replicas=[convert.status_to_pb(s) for s in statuses])
 
     @unary

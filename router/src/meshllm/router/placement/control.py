@@ -14,23 +14,22 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from meshllm.api.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
-    MeshError,
     NotFound,
     Unavailable,
 )
-from meshllm.api.types import ModelPlacement, ReplicaState, ReplicaStatus
+from meshllm.api.types import ReplicaStatus
 from meshllm.router.config import PlacementConfig
 from meshllm.router.placement import plan
 from meshllm.router.placement.catalog import CatalogModel
 from meshllm.router.placement.desired import DesiredCounts, LocalCounts, current
 from meshllm.router.placement.loads import Clients, Loads
+from meshllm.router.placement.overview import Overview
 from meshllm.router.registry import Registry, Replica
 
 
@@ -57,6 +56,11 @@ class Placement:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.overview = Overview(self, registry, clients)
+        """What runs where, for the Admin service."""
+
+    def now(self) -> float:
+        return self._clock()
 
     @property
     def _stale_s(self) -> float:
@@ -223,67 +227,3 @@ class Placement:
         status = await (client.undrain if undrain else client.drain)(timeout=timeout)
         await self.loads.reported(replica, status.state)
         return status
-
-    # -- reading ---------------------------------------------------------------------------------
-
-    async def statuses(self) -> list[ReplicaStatus]:
-        """Every replica's own status (model spec, error, device memory), or the router's view
-        of it where the replica does not answer."""
-        replicas = sorted(self._registry.replicas.values(), key=lambda r: r.name)
-        return list(await asyncio.gather(*(self._status(r) for r in replicas)))
-
-    async def _status(self, replica: Replica) -> ReplicaStatus:
-        client = self._clients.client(replica)
-        if client is not None and replica.connected:
-            with contextlib.suppress(MeshError):
-                status = await client.status(timeout=self._stale_s)
-                if replica.leaving and status.state == ReplicaState.READY:
-                    return replace(status, state=ReplicaState.DRAINING)  # being unloaded here
-                return status
-        return router_view(replica)
-
-    async def placements(self, only: str = "") -> list[ModelPlacement]:
-        """Each catalog or loaded model (or just ``only``) across the replicas."""
-        statuses = await self.statuses()
-        loaded = {s.model for s in statuses if s.model and s.state != ReplicaState.EMPTY}
-        models = [only] if only else sorted(set(self.catalog) | loaded)
-        return [self._placement(m, statuses) for m in models]
-
-    def _placement(self, model: str, statuses: list[ReplicaStatus]) -> ModelPlacement:
-        entry = self.catalog.get(model)
-        held = tuple(s for s in statuses if s.model == model and s.state != ReplicaState.EMPTY)
-        return ModelPlacement(
-            model=model,
-            configured=entry is not None,
-            desired_replicas=self.desired.get(model, 0),
-            max_replicas=entry.max_replicas if entry else 0,
-            replicas=held,
-            ready_replicas=sum(s.state == ReplicaState.READY for s in held),
-            pending=self.pending(model),
-        )
-
-    def pending(self, model: str) -> str:
-        entry = self.catalog.get(model)
-        if entry is None:
-            return ""
-        failure = self.loads.failures.get(model)
-        return plan.pending(
-            self._registry.replicas.values(),
-            entry,
-            self.desired[model],
-            self._clock(),
-            self._stale_s,
-            failure=failure.reason if failure else "",
-        )
-
-
-def router_view(replica: Replica) -> ReplicaStatus:
-    """What the router knows of a replica it cannot ask: its last report and served model."""
-    return ReplicaStatus(
-        replica_id=replica.name,
-        state=replica.state,
-        error=replica.last_error,
-        spec=replica.served.spec if replica.served is not None else None,
-        load=replica.report,
-        device=replica.device,
-    )

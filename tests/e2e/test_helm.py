@@ -267,19 +267,24 @@ def test_router_config_keeps_strings_intact_through_toml(rendered: dict[str, Ren
 
 
 def test_router_config_shows_each_value_set(rendered: dict[str, Rendered]) -> None:
+    for r in rendered.values():  # the nested layout: no flat names left in [router]
+        assert not set(tomllib.loads(r.router_toml)["router"]) & set(FLAT_NAMES), r.name
     defaults = tomllib.loads(rendered["default"].router_toml)["router"]
-    assert defaults["auth"] == "api-key" and defaults["quota_store"] == "memory"
-    assert not any(k.startswith(("tls_", "replica_tls_")) for k in defaults)
+    assert defaults["auth"] == "api-key" and defaults["quota"] == {"store": "memory"}
+    assert not {"redis", "placement", "tls", "replica_tls"} & set(defaults)
     redis = tomllib.loads(rendered["redis"].router_toml)["router"]
-    assert redis["quota_store"] == "redis" and "redis_url" not in redis  # the URL stays out
-    assert redis["redis_url_file"] == "/etc/meshllm/redis/url"  # a Secret mounted there
-    assert "redis_url_file" not in defaults
+    assert redis["quota"]["store"] == "redis" and "url" not in redis["redis"]  # the URL stays out
+    assert redis["redis"]["url_file"] == "/etc/meshllm/redis/url"  # a Secret mounted there
+    # Redis shares desired replica counts too (the router no longer infers it from the store)
+    assert redis["placement"]["share_counts"] is True
+    assert "share_counts" not in defaults.get("placement", {})
     tls = tomllib.loads(rendered["tls"].router_toml)["router"]
-    assert tls["tls_cert"] == "/etc/meshllm/tls/server/tls.crt"
-    assert tls["tls_client_ca"] == "/etc/meshllm/tls/client-ca/ca.crt"
-    assert tls["replica_tls_ca"] == "/etc/meshllm/tls/replica-ca/ca.crt"
-    assert tls["replica_tls_cert"] == "/etc/meshllm/tls/replica-client/tls.crt"
-    assert tls["replica_tls_server_name"] == f"meshllm-replicas.{NAMESPACE}.svc.cluster.local"
+    assert tls["tls"]["cert"] == "/etc/meshllm/tls/server/tls.crt"
+    assert tls["tls"]["client_ca"] == "/etc/meshllm/tls/client-ca/ca.crt"
+    assert tls["replica_tls"]["ca"] == "/etc/meshllm/tls/replica-ca/ca.crt"
+    assert tls["replica_tls"]["cert"] == "/etc/meshllm/tls/replica-client/tls.crt"
+    assert tls["replica_tls"]["server_name"] == f"meshllm-replicas.{NAMESPACE}.svc.cluster.local"
+    assert tls["placement"]["share_counts"] is True  # an external Redis, same as bundled
 
 
 def test_chart_settings_and_router_config_values_cover_router_config() -> None:
@@ -292,6 +297,11 @@ def test_chart_settings_and_router_config_values_cover_router_config() -> None:
     flat_names = {f.name for f in fields(RouterConfig) if f.name not in SECTIONS} | set(FLAT_NAMES)
     assert allowed | managed == flat_names
     assert not allowed & managed
+    # router.config takes flat names; the chart places each where the router's FLAT_NAMES does
+    block = re.search(r'routerFlatNames" -}}\n(.*?)\n\{\{- end', helpers, re.S)
+    assert block is not None
+    placed = yaml.safe_load(block.group(1))
+    assert placed == {name: f"{part}.{key}" for name, (part, key) in FLAT_NAMES.items()}
     catalog = schema["properties"]["catalog"]["items"]["properties"]
     assert set(catalog) == set(SPEC_FIELDS) | {f.name for f in fields(CatalogModel)} - {"spec"}
     tenant = schema["properties"]["auth"]["properties"]["tenants"]["items"]["properties"]
@@ -349,6 +359,7 @@ def test_render_refuses(values: dict[str, Any], message: str) -> None:
         {"auth": {"tenants": [{"name": "t", "keys": ["mk-a-clear-text-key"]}]}},
         {"router": {"config": {"tls_cert": "/x"}}},  # set by the chart from tls.*
         {"router": {"config": {"redis_url_file": "/x"}}},  # set by the chart from redis.*
+        {"router": {"config": {"share_placement_counts": False}}},  # on with the chart's Redis
         {"router": {"config": {"polcy": "round-robin"}}},
         {"catalog": [{"id": "m", "path": "p", "engine": "vllm"}]},
         {"quota": {"store": "sqlite"}},
@@ -361,7 +372,7 @@ def test_schema_refuses(values: dict[str, Any]) -> None:
 
 def test_several_routers_may_opt_out_of_shared_quotas() -> None:
     r = render_set("default", {"router": {"replicas": 2}, "quota": {"store": "memory"}})
-    assert tomllib.loads(r.router_toml)["router"]["quota_store"] == "memory"
+    assert tomllib.loads(r.router_toml)["router"]["quota"]["store"] == "memory"
 
 
 def test_auth_none_mounts_no_tenants() -> None:

@@ -93,7 +93,9 @@ def test_replicas_are_discovered_through_a_headless_service(rendered: dict[str, 
     assert sts["replicas"] == r.values["replica"]["count"]
     pod_labels = sts["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
-    assert tomllib.loads(r.router_toml)["router"]["dns"].startswith("meshllm-replicas.")
+    assert tomllib.loads(r.router_toml)["router"]["discovery"]["dns"].startswith(
+        "meshllm-replicas."
+    )
 
 
 def test_termination_grace_outlasts_the_drain(rendered: dict[str, Rendered]) -> None:
@@ -147,7 +149,8 @@ def test_redis_url_reaches_routers_from_a_secret_file_only(rendered: dict[str, R
             "items": [{"key": key, "path": "url"}],
         }  # fmt: skip
         assert "redis://" not in r.router_toml  # the ConfigMap carries only the path
-        assert 'redis_url_file = "/etc/meshllm/redis/url"' in r.router_toml
+        redis = tomllib.loads(r.router_toml)["router"]["redis"]
+        assert redis["url_file"] == "/etc/meshllm/redis/url" and "url" not in redis
     default = container(rendered["default"].router)
     assert "env" not in default
     assert "redis-url" not in {m["name"] for m in default["volumeMounts"]}
@@ -243,7 +246,8 @@ def test_names_follow_the_release() -> None:
     assert sts["spec"]["serviceName"] == "prod-meshllm-replicas"
     toml = by_kind[("ConfigMap", "prod-meshllm-router")]["data"]["router.toml"]
     assert (
-        tomllib.loads(toml)["router"]["dns"] == "prod-meshllm-replicas.llm.svc.cluster.local:50061"
+        tomllib.loads(toml)["router"]["discovery"]["dns"]
+        == "prod-meshllm-replicas.llm.svc.cluster.local:50061"
     )
     router_pods = by_kind[("Deployment", "prod-meshllm-router")]["spec"]["template"]["metadata"]
     policy = by_kind[("NetworkPolicy", "prod-meshllm-replica")]

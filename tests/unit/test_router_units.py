@@ -167,3 +167,19 @@ def test_status_name_names_how_a_request_ended() -> None:
     assert [status_name(e) for e in (None, InvalidArgument("x"), rpc, asyncio.CancelledError(),
                                      GeneratorExit(), ValueError())] == [
         "OK", "INVALID_ARGUMENT", "UNAVAILABLE", "CANCELLED", "CANCELLED", "INTERNAL"]  # fmt: skip
+
+
+def test_a_flat_router_table_still_loads_and_a_setting_given_twice_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Config files from before the sub-tables (flat names in [router]) keep working."""
+    path = tmp_path / "router.toml"
+    path.write_text('[router]\nstale_after_s = 3\nquota_store = "redis"\ntls_cert = "c.pem"\n')
+    assert read_config_file(path) == {
+        "discovery": {"stale_after_s": 3.0},
+        "quota": {"store": "redis"},
+        "tls": {"cert": "c.pem"},
+    }
+    path.write_text("[router]\nstale_after_s = 3\n[router.discovery]\nstale_after_s = 4\n")
+    with pytest.raises(InvalidArgument, match="are the same setting: set one"):
+        read_config_file(path)

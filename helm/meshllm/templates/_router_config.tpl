@@ -1,56 +1,108 @@
 {{/*
-The router's TOML config: a [router] table (RouterConfig settings by their flat names, which the
-router places in its sub-tables) and one [models.<id>] table per
-catalog entry. The router loads it with `meshllm-router --config`; tests/e2e/test_helm.py loads the
-rendered file with the router's own loader.
+The router's TOML config: a [router] table with the router's own settings, its sub-tables
+([router.discovery], [router.quota], [router.redis], [router.placement], [router.tls],
+[router.replica_tls]) and one [models.<id>] table per catalog entry. router.config takes settings
+by their flat names (the router's FLAT_NAMES, as its flags name them: stale_after_s, quota_lease_s,
+redis_timeout_s, placement_refresh_s); meshllm.routerFlatNames places each in its sub-table. The
+router loads the file with `meshllm-router --config`; tests/e2e/test_helm.py loads the rendered
+file with the router's own loader and pins meshllm.routerFlatNames to FLAT_NAMES.
 */}}
 {{- define "meshllm.managedRouterSettings" -}}
 host port dns metrics_port health_port auth tenants_file quota_store redis_url redis_url_file share_placement_counts drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
 {{- end }}
 
+{{/* Flat name: sub-table.setting (the router's FLAT_NAMES); other names are [router]'s own */}}
+{{- define "meshllm.routerFlatNames" -}}
+replicas: discovery.replicas
+replicas_file: discovery.replicas_file
+dns: discovery.dns
+refresh_s: discovery.refresh_s
+report_interval_ms: discovery.report_interval_ms
+stale_after_s: discovery.stale_after_s
+reconnect_max_s: discovery.reconnect_max_s
+quota_store: quota.store
+redis_unavailable: quota.unavailable
+quota_lease_s: quota.lease_s
+redis_url: redis.url
+redis_url_file: redis.url_file
+redis_timeout_s: redis.timeout_s
+load_timeout_s: placement.load_timeout_s
+load_retry_s: placement.load_retry_s
+unload_drain_s: placement.unload_drain_s
+placement_refresh_s: placement.refresh_s
+share_placement_counts: placement.share_counts
+tls_cert: tls.cert
+tls_key: tls.key
+tls_client_ca: tls.client_ca
+replica_tls_ca: replica_tls.ca
+replica_tls_cert: replica_tls.cert
+replica_tls_key: replica_tls.key
+replica_tls_server_name: replica_tls.server_name
+{{- end }}
+
 {{- define "meshllm.routerToml" -}}
 {{- $managed := splitList " " (include "meshllm.managedRouterSettings" .) }}
-{{- range $key, $_ := .Values.router.config }}
+{{- $flatNames := include "meshllm.routerFlatNames" . | fromYaml }}
+{{- $order := list "discovery" "quota" "redis" "placement" "tls" "replica_tls" }}
+{{- $router := dict }}
+{{- $sections := dict }}
+{{- range $name := $order }}{{ $_ := set $sections $name dict }}{{ end }}
+{{- range $key, $value := .Values.router.config }}
 {{- if has $key $managed }}
 {{- fail (printf "router.config.%s is set by the chart from other values (docs/kubernetes.md): remove it" $key) }}
 {{- end }}
+{{- if hasKey $flatNames $key }}
+{{- $place := splitList "." (get $flatNames $key) }}
+{{- $_ := set (get $sections (first $place)) (last $place) $value }}
+{{- else }}
+{{- $_ := set $router $key $value }}
 {{- end }}
-{{- $tls := .Values.tls -}}
-# Rendered by the meshllm Helm chart from its values; read by `meshllm-router --config`.
-[router]
-host = "0.0.0.0"
-port = {{ int .Values.router.port }}
-dns = {{ printf "%s:%d" (include "meshllm.replicasHost" .) (int .Values.replica.port) | toJson }}
-drain_grace_s = {{ include "meshllm.tomlValue" .Values.router.drainGraceSeconds }}
-auth = {{ toJson .Values.auth.mode }}
+{{- end }}
+{{- $tls := .Values.tls }}
+{{- $store := include "meshllm.quotaStore" . }}
+{{- $_ := set $router "host" "0.0.0.0" }}
+{{- $_ = set $router "port" (int .Values.router.port) }}
+{{- $_ = set $router "drain_grace_s" .Values.router.drainGraceSeconds }}
+{{- $_ = set $router "auth" .Values.auth.mode }}
 {{- if eq .Values.auth.mode "api-key" }}
-tenants_file = {{ include "meshllm.tenantsPath" . | toJson }}
-{{- end }}
-quota_store = {{ include "meshllm.quotaStore" . | toJson }}
-{{- if eq (include "meshllm.quotaStore" .) "redis" }}
-redis_url_file = "/etc/meshllm/redis/url"
-share_placement_counts = true
+{{- $_ = set $router "tenants_file" (include "meshllm.tenantsPath" .) }}
 {{- end }}
 {{- if .Values.router.metrics.enabled }}
-metrics_port = {{ int .Values.router.metrics.port }}
+{{- $_ = set $router "metrics_port" (int .Values.router.metrics.port) }}
+{{- end }}
+{{- $_ = set $sections.discovery "dns" (printf "%s:%d" (include "meshllm.replicasHost" .) (int .Values.replica.port)) }}
+{{- $_ = set $sections.quota "store" $store }}
+{{- if eq $store "redis" }}
+{{- $_ = set $sections.redis "url_file" "/etc/meshllm/redis/url" }}
+{{- /* the chart shares desired replica counts through the Redis it shares quotas through */}}
+{{- $_ = set $sections.placement "share_counts" true }}
 {{- end }}
 {{- if $tls.router.enabled }}
-tls_cert = "/etc/meshllm/tls/server/tls.crt"
-tls_key = "/etc/meshllm/tls/server/tls.key"
-health_port = {{ int .Values.router.healthPort }}
+{{- $_ = set $router "health_port" (int .Values.router.healthPort) }}
+{{- $_ = set $sections.tls "cert" "/etc/meshllm/tls/server/tls.crt" }}
+{{- $_ = set $sections.tls "key" "/etc/meshllm/tls/server/tls.key" }}
 {{- if $tls.router.clientCASecret }}
-tls_client_ca = "/etc/meshllm/tls/client-ca/ca.crt"
+{{- $_ = set $sections.tls "client_ca" "/etc/meshllm/tls/client-ca/ca.crt" }}
 {{- end }}
 {{- end }}
 {{- if $tls.replicas.enabled }}
-replica_tls_ca = "/etc/meshllm/tls/replica-ca/ca.crt"
-replica_tls_server_name = {{ default (include "meshllm.replicasHost" .) $tls.replicas.serverName | toJson }}
+{{- $_ = set $sections.replica_tls "ca" "/etc/meshllm/tls/replica-ca/ca.crt" }}
+{{- $_ = set $sections.replica_tls "server_name" (default (include "meshllm.replicasHost" .) $tls.replicas.serverName) }}
 {{- if $tls.replicas.routerClientSecret }}
-replica_tls_cert = "/etc/meshllm/tls/replica-client/tls.crt"
-replica_tls_key = "/etc/meshllm/tls/replica-client/tls.key"
+{{- $_ = set $sections.replica_tls "cert" "/etc/meshllm/tls/replica-client/tls.crt" }}
+{{- $_ = set $sections.replica_tls "key" "/etc/meshllm/tls/replica-client/tls.key" }}
+{{- end }}
+{{- end -}}
+# Rendered by the meshllm Helm chart from its values; read by `meshllm-router --config`.
+[router]
+{{- include "meshllm.tomlPairs" $router }}
+{{- range $name := $order }}
+{{- with get $sections $name }}
+
+[router.{{ $name }}]
+{{- include "meshllm.tomlPairs" . }}
 {{- end }}
 {{- end }}
-{{- include "meshllm.tomlPairs" .Values.router.config }}
 {{- range $model := .Values.catalog }}
 
 [models.{{ include "meshllm.tomlKey" $model.id }}]

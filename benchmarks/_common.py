@@ -146,10 +146,14 @@ def generate_once(
     """One generate_batch call; ``split`` is max_batch_size (spreads the batch over workers)."""
     first: dict[int, float] = {}
     kwargs: dict[str, Any] = {
-        "max_length": max_tokens, "include_prompt_in_result": False, "beam_size": 1,
-        "sampling_topk": 1, "sampling_topp": 1.0, "repetition_penalty": 1.0,
+        "max_length": max_tokens,
+        "include_prompt_in_result": False,
+        "beam_size": 1,
+        "sampling_topk": 1,
+        "sampling_topp": 1.0,
+        "repetition_penalty": 1.0,
         "max_batch_size": split,
-    }  # fmt: skip
+    }
     if timed:
 
         def on_step(step: Any) -> bool:
@@ -206,11 +210,16 @@ def measure_raw_cell(
     )
     firsts = [t * 1e3 for r in timed for t in r.first_token_s]
     return RawCell(
-        config=config.label, inter_threads=config.inter_threads,
-        intra_threads=config.intra_threads, batch_size=len(prompts), runs=len(plain),
-        tokens_per_s=rate(plain), tokens_per_s_with_callback=rate(timed) if timed else 0.0,
-        ttft_p50_ms=percentile(firsts, 0.5), ttft_p99_ms=percentile(firsts, 0.99),
-    )  # fmt: skip
+        config=config.label,
+        inter_threads=config.inter_threads,
+        intra_threads=config.intra_threads,
+        batch_size=len(prompts),
+        runs=len(plain),
+        tokens_per_s=rate(plain),
+        tokens_per_s_with_callback=rate(timed) if timed else 0.0,
+        ttft_p50_ms=percentile(firsts, 0.5),
+        ttft_p99_ms=percentile(firsts, 0.99),
+    )
 
 
 def measure_raw(
@@ -229,10 +238,14 @@ def measure_raw(
     kind, _, index = device.partition(":")
     for config in raw_configs(os.cpu_count() or 1, device):
         generator = ctranslate2.Generator(
-            str(model_dir), device=kind, device_index=int(index or 0),
-            compute_type=compute_type or "default", inter_threads=config.inter_threads,
-            intra_threads=config.intra_threads, max_queued_batches=-1,
-        )  # fmt: skip
+            str(model_dir),
+            device=kind,
+            device_index=int(index or 0),
+            compute_type=compute_type or "default",
+            inter_threads=config.inter_threads,
+            intra_threads=config.intra_threads,
+            max_queued_batches=-1,
+        )
         try:
             for size in sizes:
                 cell = measure_raw_cell(
@@ -262,15 +275,39 @@ Process = subprocess.Popen[bytes]
 
 def replica_args(port: int, model: str, *extra: str) -> list[str]:
     """``python -m meshllm.replica`` on loopback with ``model`` loaded at start."""
-    return [sys.executable, "-m", "meshllm.replica", "--host", "127.0.0.1", "--port", str(port),
-            "--model", model, "--log-level", "WARNING", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "meshllm.replica",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model,
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
 
 
 def router_args(port: int, replica_ports: Sequence[int], *extra: str) -> list[str]:
     """``python -m meshllm.router`` on loopback in front of the replicas on ``replica_ports``."""
     replicas = [a for p in replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
-    return [sys.executable, "-m", "meshllm.router", "--host", "127.0.0.1", "--port", str(port),
-            *replicas, "--no-auth", "--log-level", "WARNING", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "meshllm.router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *replicas,
+        "--no-auth",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
 
 
 def start_process(args: Sequence[str]) -> Process:
@@ -354,11 +391,14 @@ async def one_request(
     if last is None:
         raise RuntimeError("GenerateStream ended without a chunk")
     return RequestRecord(
-        ttft_s=(first or end) - start, latency_s=end - start,
-        tokens=last.usage.completion_tokens, chunks=chunks,
+        ttft_s=(first or end) - start,
+        latency_s=end - start,
+        tokens=last.usage.completion_tokens,
+        chunks=chunks,
         server_ttft_ms=last.timing.time_to_first_token_ms,
-        server_queue_ms=last.timing.queue_wait_ms, replica=last.timing.replica,
-    )  # fmt: skip
+        server_queue_ms=last.timing.queue_wait_ms,
+        replica=last.timing.replica,
+    )
 
 
 async def client_loop(stub: Any, request: gen.GenerateRequest, end: float) -> list[RequestRecord]:

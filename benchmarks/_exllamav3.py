@@ -26,20 +26,28 @@ def load_generator(model_dir: Path, device_index: int, cache_tokens: int, max_jo
     model = Model.from_config(config)
     cache = Cache(model, max_num_tokens=cache_tokens)
     model.load(device=torch.device("cuda", device_index))
-    return Generator(model=model, cache=cache, tokenizer=Tokenizer.from_config(config),
-                     max_batch_size=max_jobs)  # fmt: skip
+    return Generator(
+        model=model, cache=cache, tokenizer=Tokenizer.from_config(config), max_batch_size=max_jobs
+    )
 
 
-def run_once(generator: Any, prompts: Sequence[Sequence[int]], max_tokens: int) -> tuple[int, float, list[float]]:  # fmt: skip
+def run_once(
+    generator: Any, prompts: Sequence[Sequence[int]], max_tokens: int
+) -> tuple[int, float, list[float]]:
     """(tokens, wall seconds, first-token seconds per job) for one batch run to completion."""
     import torch
     from exllamav3 import ComboSampler, Job
 
     start = time.perf_counter()
     for i, ids in enumerate(prompts):
-        generator.enqueue(Job(input_ids=torch.tensor([list(ids)], dtype=torch.long),
-                              max_new_tokens=max_tokens, identifier=i,
-                              sampler=ComboSampler(temperature=0.0)))  # fmt: skip
+        generator.enqueue(
+            Job(
+                input_ids=torch.tensor([list(ids)], dtype=torch.long),
+                max_new_tokens=max_tokens,
+                identifier=i,
+                sampler=ComboSampler(temperature=0.0),
+            )
+        )
     first: dict[int, float] = {}
     tokens = 0
     while generator.num_remaining_jobs():
@@ -52,9 +60,15 @@ def run_once(generator: Any, prompts: Sequence[Sequence[int]], max_tokens: int) 
 
 
 def measure_raw_exllamav3(
-    model_dir: Path, prompts: Sequence[Sequence[int]], sizes: Sequence[int], max_tokens: int,
-    seconds: float, *, device_index: int, cache_tokens: int,
-) -> list[RawCell]:  # fmt: skip
+    model_dir: Path,
+    prompts: Sequence[Sequence[int]],
+    sizes: Sequence[int],
+    max_tokens: int,
+    seconds: float,
+    *,
+    device_index: int,
+    cache_tokens: int,
+) -> list[RawCell]:
     generator = load_generator(model_dir, device_index, cache_tokens, max(sizes))
     cells: list[RawCell] = []
     try:
@@ -66,11 +80,19 @@ def measure_raw_exllamav3(
                 runs.append(run_once(generator, batch, max_tokens))
             rate = sum(r[0] for r in runs) / sum(r[1] for r in runs)
             firsts = [t * 1e3 for r in runs for t in r[2]]
-            cells.append(RawCell(
-                config="generator", inter_threads=1, intra_threads=1, batch_size=size,
-                runs=len(runs), tokens_per_s=rate, tokens_per_s_with_callback=rate,
-                ttft_p50_ms=percentile(firsts, 0.5), ttft_p99_ms=percentile(firsts, 0.99),
-            ))  # fmt: skip
+            cells.append(
+                RawCell(
+                    config="generator",
+                    inter_threads=1,
+                    intra_threads=1,
+                    batch_size=size,
+                    runs=len(runs),
+                    tokens_per_s=rate,
+                    tokens_per_s_with_callback=rate,
+                    ttft_p50_ms=percentile(firsts, 0.5),
+                    ttft_p99_ms=percentile(firsts, 0.99),
+                )
+            )
             print(f"  raw exllamav3 batch {size:>2}: {rate:8.0f} tok/s")
     finally:
         generator.model.unload()

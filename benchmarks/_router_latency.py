@@ -70,12 +70,15 @@ class LatencyLevel:
 def latency_path(ep: Endpoint) -> LatencyPath:
     ttft = [r.ttft_s * 1e3 for r in ep.records]
     return LatencyPath(
-        path=ep.name, requests=len(ep.records),
-        ttft_p50_ms=percentile(ttft, 0.5), ttft_p99_ms=percentile(ttft, 0.99),
+        path=ep.name,
+        requests=len(ep.records),
+        ttft_p50_ms=percentile(ttft, 0.5),
+        ttft_p99_ms=percentile(ttft, 0.99),
         server_ttft_p50_ms=percentile([r.server_ttft_ms for r in ep.records], 0.5),
         chunks_per_request=chunks_per_request(ep),
-        round_ttft_p50_ms=list(ep.round_values), cpu_ms_per_request=cpu_ms_per_request(ep),
-    )  # fmt: skip
+        round_ttft_p50_ms=list(ep.round_values),
+        cpu_ms_per_request=cpu_ms_per_request(ep),
+    )
 
 
 def summarize_latency(concurrency: int, eps: Sequence[Endpoint]) -> LatencyLevel:
@@ -83,7 +86,8 @@ def summarize_latency(concurrency: int, eps: Sequence[Endpoint]) -> LatencyLevel
     by = {p.path: p for p in paths}
     direct, router, hop = by["direct"], by["router"], by["pass-through"]
     return LatencyLevel(
-        concurrency=concurrency, paths=paths,
+        concurrency=concurrency,
+        paths=paths,
         added_p50_ms=router.ttft_p50_ms - direct.ttft_p50_ms,
         added_p99_ms=router.ttft_p99_ms - direct.ttft_p99_ms,
         pass_through_added_p50_ms=hop.ttft_p50_ms - direct.ttft_p50_ms,
@@ -91,13 +95,18 @@ def summarize_latency(concurrency: int, eps: Sequence[Endpoint]) -> LatencyLevel
         round_added_p50_ms=[
             r - d for r, d in zip(router.round_ttft_p50_ms, direct.round_ttft_p50_ms, strict=True)
         ],
-    )  # fmt: skip
+    )
 
 
 async def latency_level(
-    concurrency: int, ports: Mapping[str, int], procs: Mapping[str, Process], *,
-    rounds: int, round_s: float, warmup_s: float,
-) -> LatencyLevel:  # fmt: skip
+    concurrency: int,
+    ports: Mapping[str, int],
+    procs: Mapping[str, Process],
+    *,
+    rounds: int,
+    round_s: float,
+    warmup_s: float,
+) -> LatencyLevel:
     eps = [Endpoint(name, port) for name, port in ports.items()]
     requests = requests_for(DEMO.name, concurrency, LATENCY_MAX_TOKENS)
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{ep.port}") for ep in eps]
@@ -112,15 +121,21 @@ async def latency_level(
     finally:
         await asyncio.gather(*(c.close() for c in channels))
     level = summarize_latency(concurrency, eps)
-    print(f"  concurrency {concurrency:>2}: direct TTFT p50 {level.path('direct').ttft_p50_ms:.2f} "
-          f"ms, router adds {level.added_p50_ms:+.2f} ms (p50)")  # fmt: skip
+    print(
+        f"  concurrency {concurrency:>2}: direct TTFT p50 {level.path('direct').ttft_p50_ms:.2f} "
+        f"ms, router adds {level.added_p50_ms:+.2f} ms (p50)"
+    )
     return level
 
 
 async def measure_latency(
-    ports: Mapping[str, int], procs: Mapping[str, Process], *,
-    rounds: int, round_s: float, warmup_s: float,
-) -> list[LatencyLevel]:  # fmt: skip
+    ports: Mapping[str, int],
+    procs: Mapping[str, Process],
+    *,
+    rounds: int,
+    round_s: float,
+    warmup_s: float,
+) -> list[LatencyLevel]:
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{ports['router']}") as router,
         grpc.aio.insecure_channel(f"127.0.0.1:{ports['pass-through']}") as hop,
@@ -140,8 +155,9 @@ def run_latency(*, rounds: int, round_s: float, warmup_s: float) -> list[Latency
     try:
         flags = ("--replica-id", "r0", "--batch-window-ms", "0")
         procs["replica"] = start_process(replica_args(ports["direct"], DEMO.name, *flags))
-        procs["pass-through"] = start_process(pass_through_args(ports["pass-through"],
-                                                                ports["direct"]))  # fmt: skip
+        procs["pass-through"] = start_process(
+            pass_through_args(ports["pass-through"], ports["direct"])
+        )
         procs["router"] = start_process(router_args(ports["router"], [ports["direct"]]))
         return asyncio.run(
             measure_latency(ports, procs, rounds=rounds, round_s=round_s, warmup_s=warmup_s)
@@ -156,9 +172,12 @@ def run_latency(*, rounds: int, round_s: float, warmup_s: float) -> list[Latency
 def latency_target(latency: Sequence[LatencyLevel]) -> dict[str, dict[str, Any]]:
     added = next(lv for lv in latency if lv.concurrency == 1).added_p50_ms
     return {
-        "added_ttft_p50_ms_at_1": {"target": f"< {TARGET_ADDED_P50_MS}", "value": added,
-                                   "met": added < TARGET_ADDED_P50_MS},
-    }  # fmt: skip
+        "added_ttft_p50_ms_at_1": {
+            "target": f"< {TARGET_ADDED_P50_MS}",
+            "value": added,
+            "met": added < TARGET_ADDED_P50_MS,
+        },
+    }
 
 
 def latency_notes(latency: Sequence[LatencyLevel]) -> list[str]:
@@ -193,19 +212,30 @@ def latency_notes(latency: Sequence[LatencyLevel]) -> list[str]:
 
 
 def print_latency(latency: Sequence[LatencyLevel], *, rounds: int, round_s: float) -> None:
-    print(f"\n(a) Added latency: {DEMO.name} model, max_tokens {LATENCY_MAX_TOKENS}, "
-          f"{rounds} rotating rounds of {round_s:g} s per path")  # fmt: skip
-    print(f"{'conc':>4} {'path':<12} {'reqs':>6} {'TTFT p50':>9} {'p99':>8} {'added p50':>10} "
-          f"{'p99':>8} {'chunks':>6} {'cpu ms/req: hop':>16} {'replica':>8} "
-          f"{'client':>7}")  # fmt: skip
+    print(
+        f"\n(a) Added latency: {DEMO.name} model, max_tokens {LATENCY_MAX_TOKENS}, "
+        f"{rounds} rotating rounds of {round_s:g} s per path"
+    )
+    print(
+        f"{'conc':>4} {'path':<12} {'reqs':>6} {'TTFT p50':>9} {'p99':>8} {'added p50':>10} "
+        f"{'p99':>8} {'chunks':>6} {'cpu ms/req: hop':>16} {'replica':>8} "
+        f"{'client':>7}"
+    )
     for lv in latency:
         direct = lv.path("direct")
         for p in lv.paths:
-            added = "" if p.path == "direct" else (
-                f"{p.ttft_p50_ms - direct.ttft_p50_ms:>+8.2f}ms "
-                f"{p.ttft_p99_ms - direct.ttft_p99_ms:>+6.2f}ms")  # fmt: skip
+            added = (
+                ""
+                if p.path == "direct"
+                else (
+                    f"{p.ttft_p50_ms - direct.ttft_p50_ms:>+8.2f}ms "
+                    f"{p.ttft_p99_ms - direct.ttft_p99_ms:>+6.2f}ms"
+                )
+            )
             cpu = p.cpu_ms_per_request
-            print(f"{lv.concurrency:>4} {p.path:<12} {p.requests:>6} {p.ttft_p50_ms:>7.2f}ms "
-                  f"{p.ttft_p99_ms:>6.2f}ms {added:<19} {p.chunks_per_request:>6.1f} "
-                  f"{cpu.get(p.path, 0.0):>16.2f} {cpu.get('replica', 0.0):>8.2f} "
-                  f"{cpu.get('client', 0.0):>7.2f}")  # fmt: skip
+            print(
+                f"{lv.concurrency:>4} {p.path:<12} {p.requests:>6} {p.ttft_p50_ms:>7.2f}ms "
+                f"{p.ttft_p99_ms:>6.2f}ms {added:<19} {p.chunks_per_request:>6.1f} "
+                f"{cpu.get(p.path, 0.0):>16.2f} {cpu.get('replica', 0.0):>8.2f} "
+                f"{cpu.get('client', 0.0):>7.2f}"
+            )

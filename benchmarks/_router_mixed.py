@@ -99,10 +99,15 @@ def summarize_policy(policy: str, runs: Sequence[MixedRun]) -> PolicyResult:
     long_ms = [v for run in runs for v in run.latencies_ms(LONG_TOKENS)]
     missed, everywhere, shorts = (sum(c) for c in zip(*map(short_placement, runs), strict=True))
     return PolicyResult(
-        policy=policy, requests=len(every), errors=len(every) - len(ok),
-        latency_p50_ms=percentile(all_ms, 0.5), latency_p99_ms=percentile(all_ms, 0.99),
-        short_p50_ms=percentile(short_ms, 0.5), short_p99_ms=percentile(short_ms, 0.99),
-        long_p50_ms=percentile(long_ms, 0.5), long_p99_ms=percentile(long_ms, 0.99),
+        policy=policy,
+        requests=len(every),
+        errors=len(every) - len(ok),
+        latency_p50_ms=percentile(all_ms, 0.5),
+        latency_p99_ms=percentile(all_ms, 0.99),
+        short_p50_ms=percentile(short_ms, 0.5),
+        short_p99_ms=percentile(short_ms, 0.99),
+        long_p50_ms=percentile(long_ms, 0.5),
+        long_p99_ms=percentile(long_ms, 0.99),
         long_mean_tokens=sum(longs) / max(1, len(longs)),
         tokens_per_s=sum(m.tokens for m in ok) / sum(run.wall_s for run in runs),
         send_lag_p99_ms=percentile([m.send_lag_s * 1e3 for m in every], 0.99),
@@ -110,7 +115,7 @@ def summarize_policy(policy: str, runs: Sequence[MixedRun]) -> PolicyResult:
         round_p99_ms=[percentile(run.latencies_ms(), 0.99) for run in runs],
         short_sent_behind_long=missed / max(1, shorts),
         short_found_long_everywhere=everywhere / max(1, shorts),
-    )  # fmt: skip
+    )
 
 
 def mixed_setups(*, bench_rounds: int, fake_rounds: int) -> list[MixedSetup]:
@@ -126,9 +131,15 @@ def mixed_setups(*, bench_rounds: int, fake_rounds: int) -> list[MixedSetup]:
 
 
 async def measure_mixed(
-    setup: MixedSetup, ports: Mapping[str, int], procs: Mapping[str, Process], *,
-    rate: float, duration_s: float, seed: int, warmup_s: float,
-) -> Mixed:  # fmt: skip
+    setup: MixedSetup,
+    ports: Mapping[str, int],
+    procs: Mapping[str, Process],
+    *,
+    rate: float,
+    duration_s: float,
+    seed: int,
+    warmup_s: float,
+) -> Mixed:
     channels = {p: grpc.aio.insecure_channel(f"127.0.0.1:{ports[p]}") for p in POLICIES}
     runs: dict[str, list[MixedRun]] = {p: [] for p in POLICIES}
     try:
@@ -142,8 +153,10 @@ async def measure_mixed(
             for policy in POLICIES if turn % 2 == 0 else POLICIES[::-1]:
                 runs[policy].append(await open_loop(stubs[policy], BENCH.name, arrivals))
                 p99 = percentile(runs[policy][-1].latencies_ms(), 0.99)
-                print(f"  {setup.name} round {turn + 1} {policy:>11}: {len(arrivals)} requests, "
-                      f"p99 {p99:.0f} ms")  # fmt: skip
+                print(
+                    f"  {setup.name} round {turn + 1} {policy:>11}: {len(arrivals)} requests, "
+                    f"p99 {p99:.0f} ms"
+                )
                 await asyncio.sleep(0.5)  # let the replicas' last reports settle
     finally:
         await asyncio.gather(*(c.close() for c in channels.values()))
@@ -151,10 +164,12 @@ async def measure_mixed(
     by = {r.policy: r for r in results}
     lb, rr = by["least-busy"], by["round-robin"]
     return Mixed(
-        setup=setup.name, replica_flags=list(setup.replica_flags), policies=results,
+        setup=setup.name,
+        replica_flags=list(setup.replica_flags),
+        policies=results,
         p99_ratio=lb.latency_p99_ms / rr.latency_p99_ms,
         round_p99_ratios=[a / b for a, b in zip(lb.round_p99_ms, rr.round_p99_ms, strict=True)],
-    )  # fmt: skip
+    )
 
 
 def run_mixed(
@@ -185,9 +200,11 @@ def run_mixed(
 def mixed_target(m: Mixed) -> dict[str, dict[str, Any]]:
     """Judged on the bench replicas (the real engine), reported for the fake ones as well."""
     entry: dict[str, Any] = {
-        "target": f"<= {TARGET_P99_RATIO}", "value": m.p99_ratio,
-        "met": m.p99_ratio <= TARGET_P99_RATIO, "per_round": m.round_p99_ratios,
-    }  # fmt: skip
+        "target": f"<= {TARGET_P99_RATIO}",
+        "value": m.p99_ratio,
+        "met": m.p99_ratio <= TARGET_P99_RATIO,
+        "per_round": m.round_p99_ratios,
+    }
     if unstable(m):
         entry["note"] = (
             f"per-round ratios {joined2(m.round_p99_ratios)} fall on "
@@ -272,23 +289,31 @@ def joined2(values: Sequence[float]) -> str:
 
 
 def print_mixed(mixed: Sequence[Mixed], *, rate: float, duration_s: float) -> None:
-    print(f"\n(c) Mixed open-loop workload over {MIXED_REPLICAS} replicas (1x1 threads each): "
-          f"Poisson {rate:g} req/s, {1 - LONG_SHARE:.0%} max_tokens {SHORT_TOKENS} / "
-          f"{LONG_SHARE:.0%} max_tokens {LONG_TOKENS}, {duration_s:g} s per policy "
-          f"and round; latency from scheduled arrival to last chunk")  # fmt: skip
-    print(f"{'replicas':<8} {'policy':<12} {'reqs':>5} {'err':>3} {'p50':>7} {'p99':>7} "
-          f"{'short p50':>9} {'p99':>7} {'long p50':>8} {'p99':>7} {'tok/s':>6} {'miss':>5} "
-          f"{'all':>5}  share")  # fmt: skip
+    print(
+        f"\n(c) Mixed open-loop workload over {MIXED_REPLICAS} replicas (1x1 threads each): "
+        f"Poisson {rate:g} req/s, {1 - LONG_SHARE:.0%} max_tokens {SHORT_TOKENS} / "
+        f"{LONG_SHARE:.0%} max_tokens {LONG_TOKENS}, {duration_s:g} s per policy "
+        f"and round; latency from scheduled arrival to last chunk"
+    )
+    print(
+        f"{'replicas':<8} {'policy':<12} {'reqs':>5} {'err':>3} {'p50':>7} {'p99':>7} "
+        f"{'short p50':>9} {'p99':>7} {'long p50':>8} {'p99':>7} {'tok/s':>6} {'miss':>5} "
+        f"{'all':>5}  share"
+    )
     for m in mixed:
         for r in m.policies:
             share = " ".join(f"{k}={v:.0%}" for k, v in r.share.items())
-            print(f"{m.setup:<8} {r.policy:<12} {r.requests:>5} {r.errors:>3} "
-                  f"{r.latency_p50_ms:>5.0f}ms {r.latency_p99_ms:>5.0f}ms {r.short_p50_ms:>7.0f}ms "
-                  f"{r.short_p99_ms:>5.0f}ms {r.long_p50_ms:>6.0f}ms {r.long_p99_ms:>5.0f}ms "
-                  f"{r.tokens_per_s:>6.0f} {r.short_sent_behind_long:>5.0%} "
-                  f"{r.short_found_long_everywhere:>5.0%}  {share}")  # fmt: skip
-        print(f"{m.setup:<8} least-busy p99 / round-robin p99 = {m.p99_ratio:.2f} (per round "
-              f"{joined2(m.round_p99_ratios)})")  # fmt: skip
+            print(
+                f"{m.setup:<8} {r.policy:<12} {r.requests:>5} {r.errors:>3} "
+                f"{r.latency_p50_ms:>5.0f}ms {r.latency_p99_ms:>5.0f}ms {r.short_p50_ms:>7.0f}ms "
+                f"{r.short_p99_ms:>5.0f}ms {r.long_p50_ms:>6.0f}ms {r.long_p99_ms:>5.0f}ms "
+                f"{r.tokens_per_s:>6.0f} {r.short_sent_behind_long:>5.0%} "
+                f"{r.short_found_long_everywhere:>5.0%}  {share}"
+            )
+        print(
+            f"{m.setup:<8} least-busy p99 / round-robin p99 = {m.p99_ratio:.2f} (per round "
+            f"{joined2(m.round_p99_ratios)})"
+        )
     print(
         "miss: short requests sent to a replica with a long one in flight while another had "
         "none; all: short requests that found a long one on every replica"

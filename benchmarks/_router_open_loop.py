@@ -45,8 +45,11 @@ class MixedRun:
 
     def latencies_ms(self, size: int = 0) -> list[float]:
         """Of the requests that succeeded, all (``size`` 0) or those with max_tokens ``size``."""
-        return [m.latency_s * 1e3 for m in self.records
-                if not m.error and (not size or m.max_tokens == size)]  # fmt: skip
+        return [
+            m.latency_s * 1e3
+            for m in self.records
+            if not m.error and (not size or m.max_tokens == size)
+        ]
 
 
 def schedule(seed: int, rate: float, duration_s: float) -> list[Arrival]:
@@ -82,8 +85,9 @@ async def open_loop(stub: Any, model: str, arrivals: Sequence[Arrival]) -> Mixed
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        request = gen.GenerateRequest(model=model, prompt=item.prompt, temperature=0.0,
-                                      max_tokens=item.max_tokens)  # fmt: skip
+        request = gen.GenerateRequest(
+            model=model, prompt=item.prompt, temperature=0.0, max_tokens=item.max_tokens
+        )
         tasks.append(asyncio.create_task(arrival_request(stub, request, item.at_s, due)))
     records = await asyncio.gather(*tasks)
     return MixedRun(records, time.perf_counter() - start)

@@ -100,9 +100,11 @@ def requests_for(model: str, count: int, max_tokens: int) -> list[gen.GenerateRe
 
 
 async def timed_phase(
-    ep: Endpoint, requests: Sequence[gen.GenerateRequest], seconds: float,
+    ep: Endpoint,
+    requests: Sequence[gen.GenerateRequest],
+    seconds: float,
     procs: Mapping[str, Process],
-) -> tuple[list[RequestRecord], float]:  # fmt: skip
+) -> tuple[list[RequestRecord], float]:
     """A closed-loop phase on ``ep``; its records, wall time and CPU time go to ep's tally."""
     before = cpu_seconds(procs)
     records, wall = await closed_loop(ep.stub, requests, seconds)

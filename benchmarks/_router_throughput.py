@@ -79,19 +79,27 @@ class Throughput:
 def summarize_throughput_path(ep: Endpoint) -> ThroughputPath:
     tokens = sum(r.tokens for r in ep.records)
     return ThroughputPath(
-        path=ep.name, requests=len(ep.records), wall_s=ep.wall_s, tokens=tokens,
-        tokens_per_s=tokens / ep.wall_s, round_tokens_per_s=list(ep.round_values),
+        path=ep.name,
+        requests=len(ep.records),
+        wall_s=ep.wall_s,
+        tokens=tokens,
+        tokens_per_s=tokens / ep.wall_s,
+        round_tokens_per_s=list(ep.round_values),
         ttft_p50_ms=percentile([r.ttft_s * 1e3 for r in ep.records], 0.5),
         ttft_p99_ms=percentile([r.ttft_s * 1e3 for r in ep.records], 0.99),
         chunks_per_request=chunks_per_request(ep),
         cores_busy=cores_busy(ep),
-    )  # fmt: skip
+    )
 
 
 async def measure_throughput(
-    ports: Mapping[str, int], procs: Mapping[str, Process], *,
-    rounds: int, round_s: float, warmup_s: float,
-) -> list[ThroughputPath]:  # fmt: skip
+    ports: Mapping[str, int],
+    procs: Mapping[str, Process],
+    *,
+    rounds: int,
+    round_s: float,
+    warmup_s: float,
+) -> list[ThroughputPath]:
     eps = [Endpoint(name, port) for name, port in ports.items()]
     requests = requests_for(BENCH.name, THROUGHPUT_CONCURRENCY, THROUGHPUT_MAX_TOKENS)
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{ep.port}") for ep in eps]
@@ -125,8 +133,9 @@ def run_throughput(
         procs["replica"] = start_process(
             replica_args(ports["direct"], BENCH.name, "--replica-id", "r0")
         )
-        procs["pass-through"] = start_process(pass_through_args(ports["pass-through"],
-                                                                ports["direct"]))  # fmt: skip
+        procs["pass-through"] = start_process(
+            pass_through_args(ports["pass-through"], ports["direct"])
+        )
         procs["router"] = start_process(router_args(ports["router"], [ports["direct"]]))
         paths = asyncio.run(
             measure_throughput(ports, procs, rounds=rounds, round_s=round_s, warmup_s=warmup_s)
@@ -135,17 +144,25 @@ def run_throughput(
         stop_servers(procs)
     # The servers are gone, so the raw runs have the cores to themselves.
     prompts = prompt_tokens(model_dir, prompt_texts(THROUGHPUT_CONCURRENCY))
-    cells = measure_raw(model_dir, prompts, [THROUGHPUT_CONCURRENCY], THROUGHPUT_MAX_TOKENS,
-                        raw_seconds, callback=False)  # fmt: skip
+    cells = measure_raw(
+        model_dir,
+        prompts,
+        [THROUGHPUT_CONCURRENCY],
+        THROUGHPUT_MAX_TOKENS,
+        raw_seconds,
+        callback=False,
+    )
     raw = best_raw(cells)[THROUGHPUT_CONCURRENCY]
     by = {p.path: p for p in paths}
     return Throughput(
-        paths=paths, raw=cells, raw_best=raw,
+        paths=paths,
+        raw=cells,
+        raw_best=raw,
         routed_vs_raw=by["router"].tokens_per_s / raw.tokens_per_s,
         direct_vs_raw=by["direct"].tokens_per_s / raw.tokens_per_s,
         routed_vs_direct=by["router"].tokens_per_s / by["direct"].tokens_per_s,
         pass_through_vs_direct=by["pass-through"].tokens_per_s / by["direct"].tokens_per_s,
-    )  # fmt: skip
+    )
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -155,9 +172,11 @@ def throughput_target(tp: Throughput) -> dict[str, dict[str, Any]]:
     ratio = tp.routed_vs_raw
     return {
         f"routed_vs_raw_tokens_per_s_at_{THROUGHPUT_CONCURRENCY}": {
-            "target": f">= {TARGET_THROUGHPUT_RATIO}", "value": ratio,
-            "met": ratio >= TARGET_THROUGHPUT_RATIO},
-    }  # fmt: skip
+            "target": f">= {TARGET_THROUGHPUT_RATIO}",
+            "value": ratio,
+            "met": ratio >= TARGET_THROUGHPUT_RATIO,
+        },
+    }
 
 
 def throughput_notes(tp: Throughput) -> list[str]:
@@ -191,22 +210,32 @@ def throughput_notes(tp: Throughput) -> list[str]:
 
 
 def print_throughput(tp: Throughput, *, rounds: int, round_s: float) -> None:
-    print(f"\n(b) Throughput: {BENCH.name} model, concurrency {THROUGHPUT_CONCURRENCY}, "
-          f"max_tokens {THROUGHPUT_MAX_TOKENS}, {rounds} rotating rounds of "
-          f"{round_s:g} s per path")  # fmt: skip
-    print(f"{'path':<12} {'tok/s':>6} {'rounds':>16} {'TTFT p50':>9} {'p99':>8} "
-          f"{'chunks/req':>10} {'cores: hop':>11} {'replica':>8} {'client':>7}")  # fmt: skip
+    print(
+        f"\n(b) Throughput: {BENCH.name} model, concurrency {THROUGHPUT_CONCURRENCY}, "
+        f"max_tokens {THROUGHPUT_MAX_TOKENS}, {rounds} rotating rounds of "
+        f"{round_s:g} s per path"
+    )
+    print(
+        f"{'path':<12} {'tok/s':>6} {'rounds':>16} {'TTFT p50':>9} {'p99':>8} "
+        f"{'chunks/req':>10} {'cores: hop':>11} {'replica':>8} {'client':>7}"
+    )
     for p in tp.paths:
         rounds_text = "/".join(f"{v:.0f}" for v in p.round_tokens_per_s)
         busy = p.cores_busy
-        print(f"{p.path:<12} {p.tokens_per_s:>6.0f} {rounds_text:>16} {p.ttft_p50_ms:>7.1f}ms "
-              f"{p.ttft_p99_ms:>6.1f}ms {p.chunks_per_request:>10.1f} "
-              f"{busy.get(p.path, 0.0):>11.2f} {busy.get('replica', 0.0):>8.2f} "
-              f"{busy.get('client', 0.0):>7.2f}")  # fmt: skip
+        print(
+            f"{p.path:<12} {p.tokens_per_s:>6.0f} {rounds_text:>16} {p.ttft_p50_ms:>7.1f}ms "
+            f"{p.ttft_p99_ms:>6.1f}ms {p.chunks_per_request:>10.1f} "
+            f"{busy.get(p.path, 0.0):>11.2f} {busy.get('replica', 0.0):>8.2f} "
+            f"{busy.get('client', 0.0):>7.2f}"
+        )
     raw = tp.raw_best
-    print(f"{'raw':<12} {raw.tokens_per_s:>6.0f}   best layout {raw.config} "
-          f"({raw.inter_threads}x{raw.intra_threads}), batch {raw.batch_size}, no server "
-          f"running")  # fmt: skip
-    print(f"routed/raw {tp.routed_vs_raw:.2f}   direct/raw {tp.direct_vs_raw:.2f}   "
-          f"routed/direct {tp.routed_vs_direct:.2f}   pass-through/direct "
-          f"{tp.pass_through_vs_direct:.2f}")  # fmt: skip
+    print(
+        f"{'raw':<12} {raw.tokens_per_s:>6.0f}   best layout {raw.config} "
+        f"({raw.inter_threads}x{raw.intra_threads}), batch {raw.batch_size}, no server "
+        f"running"
+    )
+    print(
+        f"routed/raw {tp.routed_vs_raw:.2f}   direct/raw {tp.direct_vs_raw:.2f}   "
+        f"routed/direct {tp.routed_vs_direct:.2f}   pass-through/direct "
+        f"{tp.pass_through_vs_direct:.2f}"
+    )

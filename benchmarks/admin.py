@@ -49,15 +49,44 @@ REQUEST = gen.GenerateRequest(model="bench", prompt="benchmark", max_tokens=32)
 
 
 def replica(port: int, name: str) -> Process:
-    return start_process([sys.executable, "-m", "meshllm.replica", "--host", "127.0.0.1",
-                          "--port", str(port), "--replica-id", name, "--log-level", "WARNING"])  # fmt: skip
+    return start_process(
+        [
+            sys.executable,
+            "-m",
+            "meshllm.replica",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--replica-id",
+            name,
+            "--log-level",
+            "WARNING",
+        ]
+    )
 
 
 def router(port: int, replicas: list[int], config: Path) -> Process:
     flags = [a for p in replicas for a in ("--replica", f"127.0.0.1:{p}")]
-    return start_process([sys.executable, "-m", "meshllm.router", "--host", "127.0.0.1",
-                          "--port", str(port), "--config", str(config), "--no-auth",
-                          "--report-interval-ms", "100", "--log-level", "WARNING", *flags])  # fmt: skip
+    return start_process(
+        [
+            sys.executable,
+            "-m",
+            "meshllm.router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+            "--no-auth",
+            "--report-interval-ms",
+            "100",
+            "--log-level",
+            "WARNING",
+            *flags,
+        ]
+    )
 
 
 async def until_ok(call: Any, timeout_s: float = 60.0) -> float:
@@ -93,8 +122,12 @@ async def measure_load(ports: list[int], router_port: int) -> dict[str, float]:
         await admin.LoadModel(adm.AdminLoadModelRequest(model="bench", replicas=1, wait=True))
         routed = time.perf_counter() - start
         first_token = await until_ok(lambda: generation.Generate(REQUEST))
-    return {"direct_load_s": direct, "admin_load_s": routed, "admin_over_direct": routed / direct,
-            "load_to_first_reply_s": first_token}  # fmt: skip
+    return {
+        "direct_load_s": direct,
+        "admin_load_s": routed,
+        "admin_over_direct": routed / direct,
+        "load_to_first_reply_s": first_token,
+    }
 
 
 async def measure_scale_down(router_port: int, clients: int, seconds: float) -> dict[str, Any]:
@@ -124,9 +157,16 @@ async def measure_scale_down(router_port: int, clients: int, seconds: float) -> 
         await asyncio.gather(*tasks)
         before = sum(start + 0.5 <= t < scale_start for t in done) / (scale_start - start - 0.5)
         after = sum(t >= scale_start + scale_s for t in done) / (stop - scale_start - scale_s)
-    return {"clients": clients, "rps_two_replicas": before, "rps_one_replica": after,
-            "one_over_two": after / before, "scale_down_s": scale_s, "requests": len(done),
-            "failures": len(failures), "failure_codes": sorted(set(failures))}  # fmt: skip
+    return {
+        "clients": clients,
+        "rps_two_replicas": before,
+        "rps_one_replica": after,
+        "one_over_two": after / before,
+        "scale_down_s": scale_s,
+        "requests": len(done),
+        "failures": len(failures),
+        "failure_codes": sorted(set(failures)),
+    }
 
 
 async def watch_states(port: int, seen: set[str], stop: asyncio.Event) -> None:
@@ -142,8 +182,9 @@ async def watch_states(port: int, seen: set[str], stop: asyncio.Event) -> None:
         call.cancel()
 
 
-async def measure_restart(front: Process, ports: list[int], router_port: int,
-                          config: Path) -> tuple[Process, dict[str, Any]]:  # fmt: skip
+async def measure_restart(
+    front: Process, ports: list[int], router_port: int, config: Path
+) -> tuple[Process, dict[str, Any]]:
     seen: set[str] = set()
     stop = asyncio.Event()
     watchers = [asyncio.create_task(watch_states(p, seen, stop)) for p in ports]
@@ -158,9 +199,12 @@ async def measure_restart(front: Process, ports: list[int], router_port: int,
         placement = await adm_grpc.AdminStub(ch).ListModels(adm.AdminListModelsRequest())
     stop.set()
     await asyncio.gather(*watchers)
-    return front, {"start_to_first_reply_s": first_reply, "replica_states_seen": sorted(seen),
-                   "reloaded": "REPLICA_STATE_LOADING" in seen,
-                   "ready_after_restart": {m.model: m.ready_replicas for m in placement.models}}  # fmt: skip
+    return front, {
+        "start_to_first_reply_s": first_reply,
+        "replica_states_seen": sorted(seen),
+        "reloaded": "REPLICA_STATE_LOADING" in seen,
+        "ready_after_restart": {m.model: m.ready_replicas for m in placement.models},
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

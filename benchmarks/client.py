@@ -84,17 +84,27 @@ def child(target: str, count: int, form: str, concurrency: int) -> dict[str, Any
         elapsed = time.perf_counter() - start
         cpu = time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"form": form, "items": count, "ok": ok, "failed": failed,
-            "seconds": round(elapsed, 2), "items_per_s": round(count / elapsed, 1),
-            "client_cpu_s": round(cpu, 2), "rss_before_mb": round(before, 1),
-            "peak_rss_mb": round(peak, 1), "batch_mb": round(peak - before, 1)}  # fmt: skip
+    return {
+        "form": form,
+        "items": count,
+        "ok": ok,
+        "failed": failed,
+        "seconds": round(elapsed, 2),
+        "items_per_s": round(count / elapsed, 1),
+        "client_cpu_s": round(cpu, 2),
+        "rss_before_mb": round(before, 1),
+        "peak_rss_mb": round(peak, 1),
+        "batch_mb": round(peak - before, 1),
+    }
 
 
 def run_child(target: str, count: int, form: str, concurrency: int) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, CHILD_FLAG, target, str(count), form, str(concurrency)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -110,8 +120,11 @@ def measure(sizes: Sequence[int], forms: Sequence[str], concurrency: int) -> lis
             for count in sizes:
                 print(f"{form:>4} {count:>7} items ...", end=" ", flush=True)
                 run = run_child(mesh.address, count, form, concurrency)
-                print(f"{run['items_per_s']:7.0f} items/s, peak RSS {run['peak_rss_mb']:.0f} MB "
-                      f"(batch {run['batch_mb']:+.1f} MB), {run['failed']} failed", flush=True)  # fmt: skip
+                print(
+                    f"{run['items_per_s']:7.0f} items/s, peak RSS {run['peak_rss_mb']:.0f} MB "
+                    f"(batch {run['batch_mb']:+.1f} MB), {run['failed']} failed",
+                    flush=True,
+                )
                 runs.append(run)
     return runs
 
@@ -121,12 +134,18 @@ def targets(runs: Sequence[dict[str, Any]], sizes: Sequence[int]) -> dict[str, A
     small, large = it[min(sizes)], it[max(sizes)]
     ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
     return {
-        "peak_rss_mb_at_largest": {"target": f"< {RSS_TARGET_MB:.0f}", "value": large["peak_rss_mb"],
-                                   "met": large["peak_rss_mb"] < RSS_TARGET_MB},
+        "peak_rss_mb_at_largest": {
+            "target": f"< {RSS_TARGET_MB:.0f}",
+            "value": large["peak_rss_mb"],
+            "met": large["peak_rss_mb"] < RSS_TARGET_MB,
+        },
         "peak_rss_ratio_largest_to_smallest": {
-            "target": "<= 1.10 (flat)", "value": ratio, "met": ratio <= 1.10,
-            "note": f"{max(sizes)} vs {min(sizes)} items, iter form"},
-    }  # fmt: skip
+            "target": "<= 1.10 (flat)",
+            "value": ratio,
+            "met": ratio <= 1.10,
+            "note": f"{max(sizes)} vs {min(sizes)} items, iter form",
+        },
+    }
 
 
 def notes(runs: Sequence[dict[str, Any]]) -> list[str]:
@@ -135,13 +154,17 @@ def notes(runs: Sequence[dict[str, Any]]) -> list[str]:
     if len(lists) >= 2:
         a, b = lists[0], lists[-1]
         per_item = (b["batch_mb"] - a["batch_mb"]) * 1024 * 1024 / (b["items"] - a["items"])
-        out.append(f"list form: about {per_item:.0f} bytes per kept BatchItem "
-                   f"({a['batch_mb']:+.1f} MB at {a['items']}, {b['batch_mb']:+.1f} MB at {b['items']}): "
-                   "the list, not the window; iterate iter_batch for flat memory")  # fmt: skip
+        out.append(
+            f"list form: about {per_item:.0f} bytes per kept BatchItem "
+            f"({a['batch_mb']:+.1f} MB at {a['items']}, {b['batch_mb']:+.1f} MB at {b['items']}): "
+            "the list, not the window; iterate iter_batch for flat memory"
+        )
     for r in runs:
         share = r["client_cpu_s"] / r["seconds"]
-        out.append(f"{r['form']} {r['items']}: client used {share:.2f} of a core for "
-                   f"{r['items_per_s']:.0f} items/s")  # fmt: skip
+        out.append(
+            f"{r['form']} {r['items']}: client used {share:.2f} of a core for "
+            f"{r['items_per_s']:.0f} items/s"
+        )
     return out
 
 
@@ -164,9 +187,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     for note in notes(runs):
         print(f"- {note}")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    write_json(a.out, {"machine": machine_info(), "settings": {"sizes": sizes, "forms": forms,
-                       "concurrency": a.concurrency, "max_tokens": 4, "model": "demo", "replicas": 2},
-                       "runs": runs, "targets": met, "notes": notes(runs)})  # fmt: skip
+    write_json(
+        a.out,
+        {
+            "machine": machine_info(),
+            "settings": {
+                "sizes": sizes,
+                "forms": forms,
+                "concurrency": a.concurrency,
+                "max_tokens": 4,
+                "model": "demo",
+                "replicas": 2,
+            },
+            "runs": runs,
+            "targets": met,
+            "notes": notes(runs),
+        },
+    )
 
 
 if __name__ == "__main__":

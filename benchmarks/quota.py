@@ -56,8 +56,12 @@ from meshllm.router.quota.redis_store import RedisQuotaStore
 from meshllm.router.tenants import hash_key
 
 KEY = "bench-key"
-LIMITS = TenantLimits(requests_per_minute=10**9, tokens_per_minute=10**12,
-                      concurrent_requests=10**6, tokens_per_day=10**15)  # fmt: skip
+LIMITS = TenantLimits(
+    requests_per_minute=10**9,
+    tokens_per_minute=10**12,
+    concurrent_requests=10**6,
+    tokens_per_day=10**15,
+)
 PATHS = ("open", "memory", "redis")
 
 
@@ -149,9 +153,14 @@ async def measure_paths(ports: dict[str, int], opts: argparse.Namespace) -> dict
     out: dict[str, Any] = {}
     for name in PATHS:
         p50, mean_rps = percentile(ttft[name], 0.5), sum(rps[name]) / len(rps[name])
-        out[name] = {"ttft_p50_ms": p50 * 1e3, "ttft_p99_ms": percentile(ttft[name], 0.99) * 1e3,
-                     "added_ttft_p50_ms": (p50 - open_p50) * 1e3, "requests_per_s_c32": mean_rps,
-                     "requests_per_s_vs_open": mean_rps / open_rps, "samples_c1": len(ttft[name])}  # fmt: skip
+        out[name] = {
+            "ttft_p50_ms": p50 * 1e3,
+            "ttft_p99_ms": percentile(ttft[name], 0.99) * 1e3,
+            "added_ttft_p50_ms": (p50 - open_p50) * 1e3,
+            "requests_per_s_c32": mean_rps,
+            "requests_per_s_vs_open": mean_rps / open_rps,
+            "samples_c1": len(ttft[name]),
+        }
     return out
 
 
@@ -176,9 +185,17 @@ async def start_mesh(redis_url: str, tenants: Path) -> tuple[list[Process], dict
 async def redis_server() -> AsyncIterator[str]:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
         stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     await asyncio.sleep(0.3)
     try:
         yield f"redis://127.0.0.1:{port}/0"
@@ -211,9 +228,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = asyncio.run(measure(opts))
     print()
     for name, r in results["paths"].items():
-        print(f"{name:7s} TTFT p50 {r['ttft_p50_ms']:6.2f} ms (+{r['added_ttft_p50_ms']:5.2f} vs open)"
-              f"  p99 {r['ttft_p99_ms']:6.2f} ms   {r['requests_per_s_c32']:7.1f} req/s at 32"
-              f" ({r['requests_per_s_vs_open']:.2f} of open)")  # fmt: skip
+        print(
+            f"{name:7s} TTFT p50 {r['ttft_p50_ms']:6.2f} ms (+{r['added_ttft_p50_ms']:5.2f} vs open)"
+            f"  p99 {r['ttft_p99_ms']:6.2f} ms   {r['requests_per_s_c32']:7.1f} req/s at 32"
+            f" ({r['requests_per_s_vs_open']:.2f} of open)"
+        )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     write_json(
         opts.out,

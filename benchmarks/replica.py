@@ -112,13 +112,25 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s levels, 64 tokens")
     p.add_argument("--engine", default="ctranslate2", choices=["ctranslate2", "exllamav3"])
     p.add_argument("--device", default="cpu", help="cpu or cuda:N (exllamav3: cuda:N only)")
-    p.add_argument("--compute-type", default=None,
-                   help="CTranslate2 compute type (default: the model's on cpu, float16 on cuda)")  # fmt: skip
-    p.add_argument("--cache-tokens", type=int, default=65536,
-                   help="exllamav3: KV cache size in tokens, raw and replica alike (65536)")  # fmt: skip
-    p.add_argument("--replica-arg", action="append", default=[], metavar="FLAG",
-                   help="extra meshllm-replica flag for the gRPC half, repeatable "
-                   "(e.g. --replica-arg=--inter-threads --replica-arg=1)")  # fmt: skip
+    p.add_argument(
+        "--compute-type",
+        default=None,
+        help="CTranslate2 compute type (default: the model's on cpu, float16 on cuda)",
+    )
+    p.add_argument(
+        "--cache-tokens",
+        type=int,
+        default=65536,
+        help="exllamav3: KV cache size in tokens, raw and replica alike (65536)",
+    )
+    p.add_argument(
+        "--replica-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra meshllm-replica flag for the gRPC half, repeatable "
+        "(e.g. --replica-arg=--inter-threads --replica-arg=1)",
+    )
     a = p.parse_args(argv)
     if a.engine == "exllamav3" and not a.device.startswith("cuda"):
         p.error("--engine exllamav3 needs --device cuda:N")
@@ -132,11 +144,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         return value if value is not None else (quick if a.quick else full)
 
     return Options(
-        max_tokens=int(pick(a.max_tokens, 128, 64)), duration_s=pick(a.duration, 10.0, 2.0),
-        warmup_s=pick(a.warmup, 2.0, 0.5), raw_seconds=pick(a.raw_seconds, 2.0, 0.3),
-        out=a.out, quick=a.quick, engine=a.engine, device=a.device, compute_type=compute_type,
-        cache_tokens=a.cache_tokens, replica_args=tuple(a.replica_arg),
-    )  # fmt: skip
+        max_tokens=int(pick(a.max_tokens, 128, 64)),
+        duration_s=pick(a.duration, 10.0, 2.0),
+        warmup_s=pick(a.warmup, 2.0, 0.5),
+        raw_seconds=pick(a.raw_seconds, 2.0, 0.3),
+        out=a.out,
+        quick=a.quick,
+        engine=a.engine,
+        device=a.device,
+        compute_type=compute_type,
+        cache_tokens=a.cache_tokens,
+        replica_args=tuple(a.replica_arg),
+    )
 
 
 # -- gRPC replica -------------------------------------------------------------------------------
@@ -177,15 +196,20 @@ def summarize_level(concurrency: int, records: Sequence[RequestRecord], wall: fl
     chunks = sum(r.chunks for r in records)
     ttft = [r.ttft_s * 1e3 for r in records]
     return GrpcLevel(
-        concurrency=concurrency, requests=len(records), wall_s=wall, tokens=tokens,
-        tokens_per_s=tokens / wall, requests_per_s=len(records) / wall,
-        ttft_p50_ms=percentile(ttft, 0.5), ttft_p99_ms=percentile(ttft, 0.99),
+        concurrency=concurrency,
+        requests=len(records),
+        wall_s=wall,
+        tokens=tokens,
+        tokens_per_s=tokens / wall,
+        requests_per_s=len(records) / wall,
+        ttft_p50_ms=percentile(ttft, 0.5),
+        ttft_p99_ms=percentile(ttft, 0.99),
         server_ttft_p50_ms=percentile([r.server_ttft_ms for r in records], 0.5),
         server_queue_p50_ms=percentile([r.server_queue_ms for r in records], 0.5),
         latency_p50_ms=percentile([r.latency_s * 1e3 for r in records], 0.5),
         chunks_per_request=chunks / max(1, len(records)),
         tokens_per_chunk=tokens / max(1, chunks),
-    )  # fmt: skip
+    )
 
 
 async def measure_levels(stub: Any, texts: Sequence[str], opts: Options) -> list[GrpcLevel]:
@@ -194,8 +218,10 @@ async def measure_levels(stub: Any, texts: Sequence[str], opts: Options) -> list
         await run_level(stub, texts, c, opts.warmup_s, opts.max_tokens)
         records, wall = await run_level(stub, texts, c, opts.duration_s, opts.max_tokens)
         level = summarize_level(c, records, wall)
-        print(f"  grpc concurrency {c:>2}: {level.tokens_per_s:8.0f} tok/s, "
-              f"TTFT p50 {level.ttft_p50_ms:.1f} ms")  # fmt: skip
+        print(
+            f"  grpc concurrency {c:>2}: {level.tokens_per_s:8.0f} tok/s, "
+            f"TTFT p50 {level.ttft_p50_ms:.1f} ms"
+        )
         levels.append(level)
     return levels
 
@@ -249,13 +275,23 @@ def measure_engine_raw(model_dir: Path, texts: Sequence[str], opts: Options) -> 
 
         index = int(opts.device.partition(":")[2] or 0)
         return measure_raw_exllamav3(
-            model_dir, prompt_ids(model_dir, texts), LEVELS, opts.max_tokens, opts.raw_seconds,
-            device_index=index, cache_tokens=opts.cache_tokens,
-        )  # fmt: skip
+            model_dir,
+            prompt_ids(model_dir, texts),
+            LEVELS,
+            opts.max_tokens,
+            opts.raw_seconds,
+            device_index=index,
+            cache_tokens=opts.cache_tokens,
+        )
     return measure_raw(
-        model_dir, prompt_tokens(model_dir, texts), LEVELS, opts.max_tokens, opts.raw_seconds,
-        device=opts.device, compute_type=opts.compute_type,
-    )  # fmt: skip
+        model_dir,
+        prompt_tokens(model_dir, texts),
+        LEVELS,
+        opts.max_tokens,
+        opts.raw_seconds,
+        device=opts.device,
+        compute_type=opts.compute_type,
+    )
 
 
 def gpu_name(device: str) -> str:
@@ -292,37 +328,51 @@ def targets(ratios: dict[str, dict[str, float]], levels: Sequence[GrpcLevel]) ->
     ratio = ratios[str(top)]["vs_best_raw"]
     ttft = next(lv.ttft_p50_ms for lv in levels if lv.concurrency == top)
     return {
-        f"ratio_at_{top}": {"target": f">= {TARGET_RATIO}", "value": ratio,
-                            "met": ratio >= TARGET_RATIO},
-        f"ttft_p50_ms_at_{top}": {"target": f"< {TARGET_TTFT_P50_MS}", "value": ttft,
-                                  "met": ttft < TARGET_TTFT_P50_MS},
-    }  # fmt: skip
+        f"ratio_at_{top}": {
+            "target": f">= {TARGET_RATIO}",
+            "value": ratio,
+            "met": ratio >= TARGET_RATIO,
+        },
+        f"ttft_p50_ms_at_{top}": {
+            "target": f"< {TARGET_TTFT_P50_MS}",
+            "value": ttft,
+            "met": ttft < TARGET_TTFT_P50_MS,
+        },
+    }
 
 
 def print_raw(cells: Sequence[RawCell], opts: Options, model: str) -> None:
     print(
         f"\nRaw {opts.engine} on {opts.device}, {model} model, greedy, {opts.max_tokens} tokens per item"
     )
-    print(f"{'config':<10} {'threads':>8} {'batch':>5} {'tok/s':>8} {'tok/s cb':>9} "
-          f"{'TTFT p50':>9} {'p99':>7}")  # fmt: skip
+    print(
+        f"{'config':<10} {'threads':>8} {'batch':>5} {'tok/s':>8} {'tok/s cb':>9} "
+        f"{'TTFT p50':>9} {'p99':>7}"
+    )
     for c in cells:
         threads = f"{c.inter_threads}x{c.intra_threads}"
-        print(f"{c.config:<10} {threads:>8} {c.batch_size:>5} {c.tokens_per_s:>8.0f} "
-              f"{c.tokens_per_s_with_callback:>9.0f} {c.ttft_p50_ms:>7.1f}ms "
-              f"{c.ttft_p99_ms:>5.1f}ms")  # fmt: skip
+        print(
+            f"{c.config:<10} {threads:>8} {c.batch_size:>5} {c.tokens_per_s:>8.0f} "
+            f"{c.tokens_per_s_with_callback:>9.0f} {c.ttft_p50_ms:>7.1f}ms "
+            f"{c.ttft_p99_ms:>5.1f}ms"
+        )
 
 
 def print_grpc(
     levels: Sequence[GrpcLevel], raw: dict[int, RawCell], ratios: dict[str, dict[str, float]]
 ) -> None:
     print("\ngRPC replica (separate process), closed-loop GenerateStream clients")
-    print(f"{'conc':>4} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'p99':>8} {'chunks/req':>10} "
-          f"{'raw tok/s':>9} {'ratio':>6}")  # fmt: skip
+    print(
+        f"{'conc':>4} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'p99':>8} {'chunks/req':>10} "
+        f"{'raw tok/s':>9} {'ratio':>6}"
+    )
     for lv in levels:
         ratio = ratios[str(lv.concurrency)]["vs_best_raw"]
-        print(f"{lv.concurrency:>4} {lv.tokens_per_s:>8.0f} {lv.requests_per_s:>7.1f} "
-              f"{lv.ttft_p50_ms:>7.1f}ms {lv.ttft_p99_ms:>6.1f}ms {lv.chunks_per_request:>10.1f} "
-              f"{raw[lv.concurrency].tokens_per_s:>9.0f} {ratio:>6.2f}")  # fmt: skip
+        print(
+            f"{lv.concurrency:>4} {lv.tokens_per_s:>8.0f} {lv.requests_per_s:>7.1f} "
+            f"{lv.ttft_p50_ms:>7.1f}ms {lv.ttft_p99_ms:>6.1f}ms {lv.chunks_per_request:>10.1f} "
+            f"{raw[lv.concurrency].tokens_per_s:>9.0f} {ratio:>6.2f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -342,14 +392,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_raw(cells, opts, model_label(opts))
     print_grpc(levels, raw, ratios)
     print_targets(met)
-    write_json(opts.out, {
-        "machine": machine_info(), "settings": {**asdict(opts), "out": str(opts.out)},
-        "model": {"name": model_label(opts), "cache_key": model_dir.name, "dir": str(model_dir)},
-        "gpu": gpu_name(opts.device),
-        "raw": [asdict(c) for c in cells],
-        "raw_best": {str(k): asdict(v) for k, v in raw.items()},
-        "grpc": [asdict(lv) for lv in levels], "ratios": ratios, "targets": met,
-    })  # fmt: skip
+    write_json(
+        opts.out,
+        {
+            "machine": machine_info(),
+            "settings": {**asdict(opts), "out": str(opts.out)},
+            "model": {
+                "name": model_label(opts),
+                "cache_key": model_dir.name,
+                "dir": str(model_dir),
+            },
+            "gpu": gpu_name(opts.device),
+            "raw": [asdict(c) for c in cells],
+            "raw_best": {str(k): asdict(v) for k, v in raw.items()},
+            "grpc": [asdict(lv) for lv in levels],
+            "ratios": ratios,
+            "targets": met,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -173,12 +173,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         latency_round_s=pick(a.latency_round, 1.5, 0.7),
         throughput_rounds=int(pick(a.throughput_rounds, 3, 1)),
         throughput_round_s=pick(a.throughput_round, 5.0, 1.5),
-        warmup_s=pick(a.warmup, 1.0, 0.3), raw_seconds=pick(a.raw_seconds, 2.0, 0.3),
+        warmup_s=pick(a.warmup, 1.0, 0.3),
+        raw_seconds=pick(a.raw_seconds, 2.0, 0.3),
         mixed_rate=pick(a.mixed_rate, 10.0, 10.0),
         mixed_duration_s=pick(a.mixed_duration, 20.0, 4.0),
         mixed_rounds=int(pick(a.mixed_rounds, 3, 1)),
-        fake_rounds=int(pick(a.fake_rounds, 1, 1)), seed=a.seed, out=a.out, quick=a.quick,
-    )  # fmt: skip
+        fake_rounds=int(pick(a.fake_rounds, 1, 1)),
+        seed=a.seed,
+        out=a.out,
+        quick=a.quick,
+    )
 
 
 @dataclass(frozen=True)
@@ -193,13 +197,20 @@ def measure(opts: Options) -> Results:
     ensure_model(DEMO)
     bench_dir = ensure_model(BENCH)
     print(f"(a) added latency ({opts.latency_rounds} rounds of {opts.latency_round_s:g} s) ...")
-    latency = run_latency(rounds=opts.latency_rounds, round_s=opts.latency_round_s,
-                          warmup_s=opts.warmup_s)  # fmt: skip
-    print(f"(b) throughput ({opts.throughput_rounds} rounds of {opts.throughput_round_s:g} s, "
-          f"then raw at {opts.raw_seconds:g} s per cell) ...")  # fmt: skip
-    throughput = run_throughput(bench_dir, rounds=opts.throughput_rounds,
-                                round_s=opts.throughput_round_s, warmup_s=opts.warmup_s,
-                                raw_seconds=opts.raw_seconds)  # fmt: skip
+    latency = run_latency(
+        rounds=opts.latency_rounds, round_s=opts.latency_round_s, warmup_s=opts.warmup_s
+    )
+    print(
+        f"(b) throughput ({opts.throughput_rounds} rounds of {opts.throughput_round_s:g} s, "
+        f"then raw at {opts.raw_seconds:g} s per cell) ..."
+    )
+    throughput = run_throughput(
+        bench_dir,
+        rounds=opts.throughput_rounds,
+        round_s=opts.throughput_round_s,
+        warmup_s=opts.warmup_s,
+        raw_seconds=opts.raw_seconds,
+    )
     print(f"(c) mixed workload ({opts.mixed_duration_s:g} s per policy and round) ...")
     setups = mixed_setups(bench_rounds=opts.mixed_rounds, fake_rounds=opts.fake_rounds)
     mixed = [
@@ -236,21 +247,24 @@ def report(opts: Options, results: Results) -> dict[str, Any]:
         *mixed_notes(results.mixed, rate=opts.mixed_rate),
     ]
     print_latency(results.latency, rounds=opts.latency_rounds, round_s=opts.latency_round_s)
-    print_throughput(results.throughput, rounds=opts.throughput_rounds,
-                     round_s=opts.throughput_round_s)  # fmt: skip
+    print_throughput(
+        results.throughput, rounds=opts.throughput_rounds, round_s=opts.throughput_round_s
+    )
     print_mixed(results.mixed, rate=opts.mixed_rate, duration_s=opts.mixed_duration_s)
     print_targets(met)
     print("\nnotes:")
     for note in notes:
         print(f"- {note}")
     return {
-        "machine": machine_info(), "settings": {**asdict(opts), "out": str(opts.out)},
+        "machine": machine_info(),
+        "settings": {**asdict(opts), "out": str(opts.out)},
         "models": {m.name: {"cache_key": m.cache_key} for m in (DEMO, BENCH)},
         "added_latency": [asdict(lv) for lv in results.latency],
         "throughput": asdict(results.throughput),
         "mixed": [asdict(m) for m in results.mixed],
-        "targets": met, "notes": notes,
-    }  # fmt: skip
+        "targets": met,
+        "notes": notes,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -76,8 +76,10 @@ def lint(chart_dir: Path, values: dict[str, Any], *, kube_version: str = KUBE_VE
     """Every lint finding (info, warning, error) as a line; empty when the chart is clean."""
     report = helm.lint(chart_dir, values, strict=True, kube_version=kube_version)
     names = {1: "INFO", 2: "WARNING", 3: "ERROR"}
-    found = [f"[{names.get(m['severity'], 'UNKNOWN')}] {m['path']}: {m['error']}"
-             for m in report.get("messages") or []]  # fmt: skip
+    found = [
+        f"[{names.get(m['severity'], 'UNKNOWN')}] {m['path']}: {m['error']}"
+        for m in report.get("messages") or []
+    ]
     return found + [f"[ERROR] {e}" for e in report.get("errors") or []]
 
 
@@ -109,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     install_p.add_argument("release")
     install_p.add_argument("chart", type=Path)
     install_p.add_argument("--namespace", "-n", default="default")
-    install_p.add_argument("--dry-run", action="store_true", required=True,
-                           help="required: no cluster is contacted (use helm install for real)")  # fmt: skip
+    install_p.add_argument(
+        "--dry-run",
+        action="store_true",
+        required=True,
+        help="required: no cluster is contacted (use helm install for real)",
+    )
     for sp in (lint_p, template_p, install_p):
         sp.add_argument("--values", "-f", type=Path, action="append", default=[])
     args = p.parse_args(argv)
@@ -121,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(found) if found else f"{args.chart}: linted, no findings")
             return 1 if found else 0
         if args.command == "install":
-            release = install_dry_run(args.chart, values, release=args.release,
-                                      namespace=args.namespace)  # fmt: skip
-            print(f"release {release['name']} in {release['namespace']}: {release['status']} "
-                  f"(dry run: {_objects(release['manifest'])} objects)\n\n{release['notes']}")  # fmt: skip
+            release = install_dry_run(
+                args.chart, values, release=args.release, namespace=args.namespace
+            )
+            print(
+                f"release {release['name']} in {release['namespace']}: {release['status']} "
+                f"(dry run: {_objects(release['manifest'])} objects)\n\n{release['notes']}"
+            )
             return 0
         rendered = render(args.chart, values, release=args.release, namespace=args.namespace)
         sys.stdout.write(manifests_text(rendered, notes=args.notes))

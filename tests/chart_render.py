@@ -107,8 +107,9 @@ def container(workload: dict[str, Any]) -> dict[str, Any]:
 def _pem(obj: x509.Certificate | ec.EllipticCurvePrivateKey) -> str:
     if isinstance(obj, x509.Certificate):
         return obj.public_bytes(serialization.Encoding.PEM).decode()
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption()).decode()  # fmt: skip
+    return obj.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 def _cert(
@@ -119,13 +120,16 @@ def _cert(
     issuer_name, signer = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
         .sign(signer, hashes.SHA256())
-    )  # fmt: skip
+    )
     return cert, key
 
 
@@ -148,9 +152,7 @@ def user_secrets() -> dict[str, dict[str, str]]:
     }
 
 
-def secret_data(
-    r: Rendered, users: dict[str, dict[str, str]], name: str
-) -> dict[str, str]:  # fmt: skip
+def secret_data(r: Rendered, users: dict[str, dict[str, str]], name: str) -> dict[str, str]:
     data = r.secret_data(name)
     if data is None:
         assert name in users, f"{r.name}: Secret {name} is neither rendered nor a value set's own"
@@ -185,7 +187,7 @@ def mount_files(
 
 def pod_env(
     r: Rendered, workload: dict[str, Any], users: dict[str, dict[str, str]]
-) -> dict[str, str]:  # fmt: skip
+) -> dict[str, str]:
     """The container's environment as the kubelet resolves it."""
     env: dict[str, str] = {}
     for var in container(workload).get("env", []):

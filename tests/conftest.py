@@ -82,8 +82,13 @@ async def start_replica(demo_dir: Path) -> AsyncIterator[StartReplica]:
     async def start(
         spec: ModelSpec | None = None, wait_ready: bool = True, **config: object
     ) -> ReplicaServer:
-        settings = {"host": "127.0.0.1", "port": 0, "replica_id": f"r{len(servers)}",
-                    "drain_grace_s": 2.0, **config}  # fmt: skip
+        settings = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "replica_id": f"r{len(servers)}",
+            "drain_grace_s": 2.0,
+            **config,
+        }
         cfg = ReplicaConfig(model=spec, **settings)  # type: ignore[arg-type]
         server = ReplicaServer(cfg)
         await server.start()
@@ -114,8 +119,15 @@ async def start_router(start_replica: StartReplica) -> AsyncIterator[StartRouter
         *replicas: ReplicaServer | str, ready: int | None = None, **config: object
     ) -> RouterServer:
         addresses = tuple(r if isinstance(r, str) else f"127.0.0.1:{r.port}" for r in replicas)
-        settings: dict[str, object] = {"host": "127.0.0.1", "port": 0, "replicas": addresses, "auth": "none",
-                                       "drain_grace_s": 1.0, "report_interval_ms": 50, **config}  # fmt: skip
+        settings: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "replicas": addresses,
+            "auth": "none",
+            "drain_grace_s": 1.0,
+            "report_interval_ms": 50,
+            **config,
+        }
         router = RouterServer(RouterConfig.from_flat(settings))
         await router.start()
         routers.append(router)
@@ -237,9 +249,19 @@ class RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed: `make setup` installs Debian's package"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -275,8 +297,10 @@ def tenants_file(tmp_path: Path, **limits: int) -> str:
     """A user tenant ``batch`` with ``limits`` and an unlimited admin tenant ``ops``."""
     lines = "".join(f"{name} = {value}\n" for name, value in limits.items())
     path = tmp_path / "tenants.toml"
-    path.write_text(f'[[tenants]]\nname = "batch"\nkeys = ["{hash_key(USER)}"]\n{lines}\n'
-                    f'[[tenants]]\nname = "ops"\nrole = "admin"\nkeys = ["{hash_key(ADMIN)}"]\n')  # fmt: skip
+    path.write_text(
+        f'[[tenants]]\nname = "batch"\nkeys = ["{hash_key(USER)}"]\n{lines}\n'
+        f'[[tenants]]\nname = "ops"\nrole = "admin"\nkeys = ["{hash_key(ADMIN)}"]\n'
+    )
     return str(path)
 
 

@@ -52,11 +52,24 @@ def test_5000_item_batch_with_a_replica_killed_and_a_tight_quota_ends_in_order(
     _, survivor_port = replica_process("--model", "demo", "--replica-id", "survivor")
     # 4200 requests a minute: the bucket holds 4200 and refills 70 a second, so 5000 items
     # cannot finish in less than (5000 - 4200) / 70 = 11.4 s, however fast the mesh is.
-    tenants = tenants_file(tmp_path / "tenants.toml", requests_per_minute=4200,
-                           concurrent_requests=12, tokens_per_minute=2_000_000)  # fmt: skip
-    _, port = processes("meshllm.router", "--report-interval-ms", "50", "--tenants-file", str(tenants),
-                        "--replica", f"127.0.0.1:{victim_port}", "--replica", f"127.0.0.1:{survivor_port}",
-                        wait=False)  # fmt: skip
+    tenants = tenants_file(
+        tmp_path / "tenants.toml",
+        requests_per_minute=4200,
+        concurrent_requests=12,
+        tokens_per_minute=2_000_000,
+    )
+    _, port = processes(
+        "meshllm.router",
+        "--report-interval-ms",
+        "50",
+        "--tenants-file",
+        str(tenants),
+        "--replica",
+        f"127.0.0.1:{victim_port}",
+        "--replica",
+        f"127.0.0.1:{survivor_port}",
+        wait=False,
+    )
     target = f"127.0.0.1:{port}"
     wait_listed(target, KEY, replicas=2)
     finished = 0
@@ -120,10 +133,27 @@ def write_input(path: Path, rows: int) -> list[int]:
 
 
 def run_cli(target: str, src: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([MESHLLM, "--target", target, "generate", "--input", str(src),
-                             "--output", str(out), "--model", "demo", "--max-tokens", "3",
-                             "--concurrency", "8", "--no-progress", *extra],
-                            stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [
+            MESHLLM,
+            "--target",
+            target,
+            "generate",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--model",
+            "demo",
+            "--max-tokens",
+            "3",
+            "--concurrency",
+            "8",
+            "--no-progress",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.mark.slow
@@ -155,8 +185,11 @@ def test_cli_killed_mid_run_resumes_with_exactly_one_row_per_input(
     for i in BROKEN + TOO_LONG:
         assert by_index[i]["error"]["code"] == "INVALID_ARGUMENT"
     assert by_index[2995]["id"] == "row-2995"  # passed through on error rows too
-    assert all(r["id"] == f"row-{i}" and r["error"] is None and r["usage"]["completion_tokens"] <= 3
-               for i, r in by_index.items() if i not in BROKEN + TOO_LONG)  # fmt: skip
+    assert all(
+        r["id"] == f"row-{i}" and r["error"] is None and r["usage"]["completion_tokens"] <= 3
+        for i, r in by_index.items()
+        if i not in BROKEN + TOO_LONG
+    )
     before = out.read_bytes()
     third = run_cli(target, src, out, "--resume")
     _, stderr = third.communicate(timeout=60)
@@ -167,8 +200,13 @@ def test_cli_refuses_to_overwrite_output_without_resume(tmp_path: Path) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, 3)
     out.write_text('{"index": 0}\n')
-    done = subprocess.run([MESHLLM, "generate", "--input", str(src), "--output", str(out),
-                           "--model", "demo"], check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [MESHLLM, "generate", "--input", str(src), "--output", str(out), "--model", "demo"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "--resume" in done.stderr
     assert out.read_text() == '{"index": 0}\n'
 
@@ -176,10 +214,29 @@ def test_cli_refuses_to_overwrite_output_without_resume(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bench_sweeps_concurrency_and_recommends_a_level(replica_process: StartProcess) -> None:
     _, port = replica_process("--model", "demo")
-    done = subprocess.run([MESHLLM, "--target", f"127.0.0.1:{port}", "bench", "--model", "demo",
-                           "--levels", "1,4", "--duration", "1", "--warmup", "0.2",
-                           "--max-tokens", "8", "--json"],
-                          check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [
+            MESHLLM,
+            "--target",
+            f"127.0.0.1:{port}",
+            "bench",
+            "--model",
+            "demo",
+            "--levels",
+            "1,4",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--max-tokens",
+            "8",
+            "--json",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 4]
@@ -201,8 +258,9 @@ def test_cli_cache_answers_a_second_run_and_refresh_asks_again(
         out = tmp_path / name
         proc = run_cli(target, src, out, "--temperature", "0", "--cache", str(cache), *extra)
         assert proc.wait(timeout=60) == 0
-        return sorted((json.loads(line) for line in out.read_text().splitlines()),
-                      key=lambda r: r["index"])  # fmt: skip
+        return sorted(
+            (json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"]
+        )
 
     first, second, refreshed = run("1.jsonl"), run("2.jsonl"), run("3.jsonl", "--refresh-cache")
     assert not any(r["cached"] for r in first) and all(r["cached"] for r in second)

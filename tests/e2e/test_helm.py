@@ -107,8 +107,15 @@ def test_lint_reports_values_that_break_the_schema() -> None:
 def test_every_value_set_renders_the_workloads(rendered: dict[str, Rendered]) -> None:
     for r in rendered.values():
         kinds = {m["kind"] for m in r.manifests}
-        assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "NetworkPolicy",
-                "PodDisruptionBudget", "ServiceAccount"} <= kinds, r.name  # fmt: skip
+        assert {
+            "Deployment",
+            "StatefulSet",
+            "Service",
+            "ConfigMap",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "ServiceAccount",
+        } <= kinds, r.name
         assert all(m["metadata"]["namespace"] == NAMESPACE for m in r.manifests), r.name
 
 
@@ -147,8 +154,10 @@ def checkov(rendered: dict[str, Rendered], tmp_path_factory: pytest.TempPathFact
     """One checkov run over every value set's manifests, an insecure render, and the images."""
     assert CHECKOV.exists(), f"{CHECKOV} is missing: run `make setup` (it makes .venv-tools)"
     scan = tmp_path_factory.mktemp("checkov")
-    sets = {**{r.name: r.files for r in rendered.values()},
-            "insecure": render_set("default", INSECURE).files}  # fmt: skip
+    sets = {
+        **{r.name: r.files for r in rendered.values()},
+        "insecure": render_set("default", INSECURE).files,
+    }
     for name, files in sets.items():
         (scan / name).mkdir()
         (scan / name / "manifests.yaml").write_text(manifests_text(files))
@@ -156,10 +165,22 @@ def checkov(rendered: dict[str, Rendered], tmp_path_factory: pytest.TempPathFact
     for dockerfile in (ROOT / "helm" / "images").glob("*.Dockerfile"):
         (scan / "images" / dockerfile.name).write_text(dockerfile.read_text())
     done = subprocess.run(
-        [str(CHECKOV), "-d", str(scan), "--framework", "kubernetes", "dockerfile",
-         "--skip-download", "--output", "json"],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        [
+            str(CHECKOV),
+            "-d",
+            str(scan),
+            "--framework",
+            "kubernetes",
+            "dockerfile",
+            "--skip-download",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: failed checks (the insecure set)
     reports = json.loads(done.stdout)
     return reports if isinstance(reports, list) else [reports]
@@ -171,19 +192,36 @@ def _checks(reports: list[Any], outcome: str) -> list[dict[str, Any]]:
 
 def test_checkov_finds_nothing_in_the_chart_or_the_images(checkov: list[Any]) -> None:
     assert {r["check_type"] for r in checkov} == {"kubernetes", "dockerfile"}
-    failed = [(c["check_id"], c["resource"], c["file_path"]) for c in _checks(checkov, "failed_checks")
-              if not c["file_path"].startswith("/insecure/")]  # fmt: skip
+    failed = [
+        (c["check_id"], c["resource"], c["file_path"])
+        for c in _checks(checkov, "failed_checks")
+        if not c["file_path"].startswith("/insecure/")
+    ]
     assert failed == []
     passed = {c["check_id"] for c in _checks(checkov, "passed_checks")}
     # what the chart is built to satisfy, checked and passed (not silently not run)
-    assert {"CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_23", "CKV_K8S_28",
-            "CKV_K8S_31", "CKV_K8S_35", "CKV_K8S_37", "CKV_K8S_38", "CKV_K8S_40",
-            "CKV2_K8S_6"} <= passed  # fmt: skip
+    assert {
+        "CKV_K8S_8",
+        "CKV_K8S_9",
+        "CKV_K8S_20",
+        "CKV_K8S_22",
+        "CKV_K8S_23",
+        "CKV_K8S_28",
+        "CKV_K8S_31",
+        "CKV_K8S_35",
+        "CKV_K8S_37",
+        "CKV_K8S_38",
+        "CKV_K8S_40",
+        "CKV2_K8S_6",
+    } <= passed
 
 
 def test_checkov_fails_a_render_without_security_contexts(checkov: list[Any]) -> None:
-    failed = {c["check_id"] for c in _checks(checkov, "failed_checks")
-              if c["file_path"].startswith("/insecure/")}  # fmt: skip
+    failed = {
+        c["check_id"]
+        for c in _checks(checkov, "failed_checks")
+        if c["file_path"].startswith("/insecure/")
+    }
     assert {"CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_23", "CKV_K8S_28", "CKV_K8S_40"} <= failed
 
 
@@ -196,8 +234,11 @@ def test_every_checkov_skip_has_a_reason_that_the_docs_explain(checkov: list[Any
         assert len(reason) > 30 and reason != "No comment provided", check["check_id"]
         assert check["check_id"] in docs, f"{check['check_id']} skipped but not in docs"
     assert {c["check_id"] for c in skipped} == {
-        "CKV_K8S_43", "CKV_K8S_15", "CKV_DOCKER_2", "CKV_DOCKER_7"
-    }  # fmt: skip
+        "CKV_K8S_43",
+        "CKV_K8S_15",
+        "CKV_DOCKER_2",
+        "CKV_DOCKER_7",
+    }
 
 
 # --- the router config: the router's own loader ------------------------------------------------
@@ -402,8 +443,19 @@ def test_readme_and_docs_chart_commands_run(capsys: pytest.CaptureFixture[str]) 
 
 def test_chart_cli_runs_as_a_script() -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "helm" / "chart.py"), "template", "meshllm", str(CHART),
-         "-f", str(CHART / "ci" / "cpu-values.yaml"), "--notes"],
-        capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "helm" / "chart.py"),
+            "template",
+            "meshllm",
+            str(CHART),
+            "-f",
+            str(CHART / "ci" / "cpu-values.yaml"),
+            "--notes",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert "kind: StatefulSet" in done.stdout and "CPU only" in done.stdout

@@ -60,8 +60,9 @@ def test_sigterm_drains_in_flight_streams_then_exits(replica_process: StartProce
     proc, port = replica_process("--model", "demo", "--drain-grace", "30")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         client = gen_grpc.GenerationStub(channel)
-        call = client.GenerateStream(gen.GenerateRequest(model="demo", prompt="drain me", max_tokens=1800,
-                                                         temperature=0.0))  # fmt: skip
+        call = client.GenerateStream(
+            gen.GenerateRequest(model="demo", prompt="drain me", max_tokens=1800, temperature=0.0)
+        )
         first = next(call)
         chunks = [first]
         reader = threading.Thread(target=lambda: chunks.extend(call))
@@ -84,10 +85,16 @@ def long_stream(
     ``started`` is set at the first chunk."""
     chunks: list[gen.GenerateChunk] = []
     try:
-        for chunk in client.GenerateStream(gen.GenerateRequest(
-            model="bench", prompt=f"request {i}", max_tokens=max_tokens, temperature=0.0,
-            stream_options=gen.StreamOptions(coalesce_ms=5),
-        ), timeout=120):  # fmt: skip
+        for chunk in client.GenerateStream(
+            gen.GenerateRequest(
+                model="bench",
+                prompt=f"request {i}",
+                max_tokens=max_tokens,
+                temperature=0.0,
+                stream_options=gen.StreamOptions(coalesce_ms=5),
+            ),
+            timeout=120,
+        ):
             chunks.append(chunk)
             started.set()
         return Outcome(chunks, None)
@@ -175,8 +182,18 @@ def test_router_sigterm_lets_in_flight_streams_finish(
 
 def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) -> None:
     port = free_port()
-    up = subprocess.Popen([str(Path(sys.executable).parent / "meshllm"), "up", "--replicas", "2", "--port", str(port)],
-                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    up = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "meshllm"),
+            "up",
+            "--replicas",
+            "2",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert up.stdout is not None
         lines = []
@@ -188,8 +205,12 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             client = gen_grpc.GenerationStub(channel)
             (info,) = client.ListModels(gen.ListModelsRequest(), timeout=5).models
-            replies = [client.Generate(gen.GenerateRequest(model="demo", prompt=f"hi {i}", max_tokens=4),
-                                       timeout=30) for i in range(8)]  # fmt: skip
+            replies = [
+                client.Generate(
+                    gen.GenerateRequest(model="demo", prompt=f"hi {i}", max_tokens=4), timeout=30
+                )
+                for i in range(8)
+            ]
         assert info.ready_replicas == 2
         assert {r.timing.replica for r in replies} == {"replica-0", "replica-1"}
         up.send_signal(signal.SIGINT)
@@ -206,8 +227,11 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
 
 
 def test_killing_meshllm_up_itself_stops_its_children(model_cache: Path) -> None:
-    up = subprocess.Popen([str(Path(sys.executable).parent / "meshllm"), "up", "--replicas", "1", "--port", "0"],
-                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    up = subprocess.Popen(
+        [str(Path(sys.executable).parent / "meshllm"), "up", "--replicas", "1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert up.stdout is not None
         while "meshllm is up" not in (line := up.stdout.readline()):
@@ -229,8 +253,11 @@ def test_a_local_mesh_with_a_tenants_file_needs_keys(model_cache: Path, tmp_path
     with pytest.raises(ValueError, match="api_key"):
         LocalMeshConfig(tenants_file=str(tenants)).validate()
     config = LocalMeshConfig(replicas=1, port=0, tenants_file=str(tenants), api_key="dev-key")
-    with LocalMesh(config) as mesh, Client(mesh.address, timeout=30) as anonymous, \
-            Client(mesh.address, api_key="dev-key", timeout=30) as keyed:  # fmt: skip
+    with (
+        LocalMesh(config) as mesh,
+        Client(mesh.address, timeout=30) as anonymous,
+        Client(mesh.address, api_key="dev-key", timeout=30) as keyed,
+    ):
         with pytest.raises(Unauthenticated):
             anonymous.generate("hi", model="demo", max_tokens=2)
         assert keyed.generate("hi", model="demo", max_tokens=2).usage.completion_tokens == 2

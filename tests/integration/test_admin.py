@@ -264,9 +264,15 @@ async def test_unloading_under_steady_traffic_loses_no_request(
     assert {s for _, _, s in after} == {"FAILED_PRECONDITION/MODEL_NOT_LOADED"}
     # while it drained: finished whole, or refused before a token with a clear reason
     for _, tokens, status in outcomes:
-        assert (status == "OK" and tokens == 60) or (tokens == 0 and status in {
-            "FAILED_PRECONDITION/MODEL_NOT_LOADED", "UNAVAILABLE/NO_HEALTHY_REPLICA",
-            "UNAVAILABLE/REPLICA_DRAINING"}), (tokens, status)  # fmt: skip
+        assert (status == "OK" and tokens == 60) or (
+            tokens == 0
+            and status
+            in {
+                "FAILED_PRECONDITION/MODEL_NOT_LOADED",
+                "UNAVAILABLE/NO_HEALTHY_REPLICA",
+                "UNAVAILABLE/REPLICA_DRAINING",
+            }
+        ), (tokens, status)
 
 
 async def test_drain_and_undrain_one_replica(router: RouterServer, idle: Replicas) -> None:
@@ -291,8 +297,10 @@ async def test_drain_and_undrain_one_replica(router: RouterServer, idle: Replica
 async def test_restarting_the_router_keeps_serving_without_reloading(
     idle: Replicas, start_router: StartRouter
 ) -> None:
-    catalog = (CatalogModel.of(id="demo", path="demo", desired_replicas=2),
-               CatalogModel.of(id="second", path="demo", desired_replicas=1))  # fmt: skip
+    catalog = (
+        CatalogModel.of(id="demo", path="demo", desired_replicas=2),
+        CatalogModel.of(id="second", path="demo", desired_replicas=1),
+    )
     first = await start_router(*idle, ready=3, models=catalog)
     models = {s.replica.name: s.replica.model for s in idle if s.replica is not None}
     assert sorted(hosted(idle).values()) == ["demo", "demo", "second"]
@@ -309,13 +317,16 @@ async def test_restarting_the_router_keeps_serving_without_reloading(
 async def test_admin_calls_need_the_admin_role(
     idle: Replicas, start_router: StartRouter, tmp_path: Path
 ) -> None:
-    router = await start_router(*idle, ready=1, models=CATALOG, auth="api-key",
-                                tenants_file=tenants_file(tmp_path))  # fmt: skip
-    calls = [("LoadModel", adm.AdminLoadModelRequest(model="second")),
-             ("UnloadModel", adm.AdminUnloadModelRequest(model="demo")),
-             ("ScaleModel", adm.ScaleModelRequest(model="demo", replicas=2)),
-             ("DrainReplica", adm.DrainReplicaRequest(replica_id="r0")),
-             ("ListModels", adm.AdminListModelsRequest())]  # fmt: skip
+    router = await start_router(
+        *idle, ready=1, models=CATALOG, auth="api-key", tenants_file=tenants_file(tmp_path)
+    )
+    calls = [
+        ("LoadModel", adm.AdminLoadModelRequest(model="second")),
+        ("UnloadModel", adm.AdminUnloadModelRequest(model="demo")),
+        ("ScaleModel", adm.ScaleModelRequest(model="demo", replicas=2)),
+        ("DrainReplica", adm.DrainReplicaRequest(replica_id="r0")),
+        ("ListModels", adm.AdminListModelsRequest()),
+    ]
     for method, request in calls:
         denied = await admin_error(router, method, request, key=USER)
         assert denied.code == grpc.StatusCode.PERMISSION_DENIED, method
@@ -360,9 +371,15 @@ async def test_a_scale_down_through_one_router_holds_for_routers_sharing_redis(
 async def meshllm(router: RouterServer, *args: str) -> tuple[int, str, str]:
     """Run the ``meshllm`` CLI as a process against ``router``: exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshllm.client.cli", "--target", f"127.0.0.1:{router.port}", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "meshllm.client.cli",
+        "--target",
+        f"127.0.0.1:{router.port}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
@@ -381,7 +398,10 @@ async def test_the_admin_cli_loads_lists_and_explains_refusals(
     assert code == 0 and models["second"]["ready_replicas"] == 1 and models["demo"]["configured"]
     code, out, _ = await meshllm(router, "admin", "replicas")
     assert [line.split()[:3] for line in out.splitlines()] == [
-        ["r0", "ready", "demo"], ["r1", "ready", "second"], ["r2", "empty", "-"]]  # fmt: skip
+        ["r0", "ready", "demo"],
+        ["r1", "ready", "second"],
+        ["r2", "empty", "-"],
+    ]
     code, _, err = await meshllm(router, "admin", "scale", "demo", "9")
     assert code == 1 and "max_replicas 2" in err and "InvalidArgument" in err
     code, _, err = await meshllm(router, "admin", "load", "second", "--set", "speed=9")
@@ -405,8 +425,12 @@ async def test_a_replica_removed_before_or_during_a_load_is_not_held_against_the
     await server.start()
     entry = CatalogModel.of(id="demo", path="demo")
     registry = Registry(stale_after_s=2.0)
-    links = LinkSettings(discovery=DiscoveryConfig(stale_after_s=2.0), tls=None,
-                         max_message_bytes=4 << 20, drain_grace_s=0.0)  # fmt: skip
+    links = LinkSettings(
+        discovery=DiscoveryConfig(stale_after_s=2.0),
+        tls=None,
+        max_message_bytes=4 << 20,
+        drain_grace_s=0.0,
+    )
     pool = ReplicaPool(links, registry, lambda: None)
     placement = Placement(PlacementConfig(), (entry,), registry, pool)
     try:

@@ -126,8 +126,9 @@ def test_sync_client_works_inside_a_running_event_loop(replica_process: StartPro
         asyncio.get_running_loop()
         with Client(f"127.0.0.1:{port}", timeout=30) as client:
             one = client.generate("Hello", model="demo", max_tokens=5)
-            streamed = "".join(c.text for c in client.stream("Hello", model="demo", max_tokens=5,
-                                                             temperature=0.0))  # fmt: skip
+            streamed = "".join(
+                c.text for c in client.stream("Hello", model="demo", max_tokens=5, temperature=0.0)
+            )
             batch = client.generate_batch(["a", "b", "c"], model="demo", max_tokens=3)
             first = next(iter(client.iter_batch(["x"] * 100, model="demo", max_tokens=3)))
         return one.text, streamed, [i.index for i in batch if i.ok], first.index
@@ -162,8 +163,12 @@ async def test_refusals_for_concurrency_are_retried_after_the_servers_retry_info
     tenants.write_text(
         f'[[tenants]]\nname = "t"\nkeys = ["sha256:{digest}"]\nconcurrent_requests = 2\n'
     )
-    router = await start_router(await start_replica(demo_spec()), auth="api-key",
-                                tenants_file=str(tenants), retry_after_s=0.2)  # fmt: skip
+    router = await start_router(
+        await start_replica(demo_spec()),
+        auth="api-key",
+        tenants_file=str(tenants),
+        retry_after_s=0.2,
+    )
     async with AsyncClient(f"127.0.0.1:{router.port}", api_key="k", timeout=30) as client:
         options = BatchOptions(concurrency=6, retry=RetryPolicy(max_attempts=50))
         items = await client.generate_batch(

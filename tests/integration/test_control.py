@@ -120,8 +120,16 @@ async def test_load_report_stream_shows_running_work(start_replica: StartReplica
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         control = rc_grpc.ReplicaControlStub(channel)
         generate = gen_stub = stub(server.port)[1]
-        work = [asyncio.ensure_future(gen_stub.Generate(gen.GenerateRequest(model="demo", prompt=f"{i}", max_tokens=800,
-                                                                          temperature=0.0))) for i in range(4)]  # fmt: skip
+        work = [
+            asyncio.ensure_future(
+                gen_stub.Generate(
+                    gen.GenerateRequest(
+                        model="demo", prompt=f"{i}", max_tokens=800, temperature=0.0
+                    )
+                )
+            )
+            for i in range(4)
+        ]
         reports = control.WatchLoad(rc.WatchLoadRequest(interval_ms=20))
         busiest = 0
         async for report in reports:

@@ -42,14 +42,23 @@ async def test_device_and_compute_type_flags_reach_ctranslate2(
 ) -> None:
     monkeypatch.setattr(ctranslate2, "Generator", RecordingGenerator)
     monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 2)
-    monkeypatch.setattr(ctranslate2, "get_supported_compute_types",
-                        lambda kind, index=0: {"float32", "float16", "int8_float16"})  # fmt: skip
+    monkeypatch.setattr(
+        ctranslate2,
+        "get_supported_compute_types",
+        lambda kind, index=0: {"float32", "float16", "int8_float16"},
+    )
     RecordingGenerator.calls = []
-    config = config_from_args(parse_args(["--model", "demo", "--device", "cuda:1",
-                                          "--compute-type", "int8_float16"]))  # fmt: skip
+    config = config_from_args(
+        parse_args(["--model", "demo", "--device", "cuda:1", "--compute-type", "int8_float16"])
+    )
     assert config.model is not None
-    model = LoadedModel.load(config.model, device=config.device, replica_name="r",
-                             max_input_chars=1000, batch_window_ms=0)  # fmt: skip
+    model = LoadedModel.load(
+        config.model,
+        device=config.device,
+        replica_name="r",
+        max_input_chars=1000,
+        batch_window_ms=0,
+    )
     await model.close()
     (call,) = RecordingGenerator.calls
     assert (call["device"], call["device_index"], call["compute_type"]) == (
@@ -91,10 +100,18 @@ async def test_replica_on_a_missing_gpu_reports_a_failed_load(start_replica: Sta
 
 @pytest.mark.parametrize(
     ("device", "visible", "expected"),
-    [("cuda:0", None, 0), ("cuda:3", None, 3), ("cuda", None, 0),
-     ("cuda:0", "2,3", 2), ("cuda:1", " 2, 3 ", 3), ("cuda:2", "2,3", None),
-     ("cuda:0", "GPU-8f1e-uuid", "GPU-8f1e-uuid"), ("cuda:0", "MIG-1/2/3", None), ("cuda:0", "", None)],
-)  # fmt: skip
+    [
+        ("cuda:0", None, 0),
+        ("cuda:3", None, 3),
+        ("cuda", None, 0),
+        ("cuda:0", "2,3", 2),
+        ("cuda:1", " 2, 3 ", 3),
+        ("cuda:2", "2,3", None),
+        ("cuda:0", "GPU-8f1e-uuid", "GPU-8f1e-uuid"),
+        ("cuda:0", "MIG-1/2/3", None),
+        ("cuda:0", "", None),
+    ],
+)
 def test_cuda_index_maps_to_the_nvml_device_through_cuda_visible_devices(
     device: str, visible: str | None, expected: int | str | None
 ) -> None:

@@ -162,15 +162,25 @@ class ScriptedGenerator:
             yield job
 
     def _start(self, job: _Job) -> dict[str, Any]:
-        return {"job": job, "stage": "started", "eos": False, "serial": job.serial,
-                "identifier": job.spec.identifier}  # fmt: skip
+        return {
+            "job": job,
+            "stage": "started",
+            "eos": False,
+            "serial": job.serial,
+            "identifier": job.spec.identifier,
+        }
 
     def _next(self, job: _Job) -> dict[str, Any]:
         source = [t for t in job.spec.input_ids if t != special_token_id("<s>")] or [0]
         token = source[job.new_tokens % len(source)]
         job.new_tokens += 1
-        r: dict[str, Any] = {"job": job, "stage": "streaming", "eos": False, "serial": job.serial,
-                             "identifier": job.spec.identifier}  # fmt: skip
+        r: dict[str, Any] = {
+            "job": job,
+            "stage": "streaming",
+            "eos": False,
+            "serial": job.serial,
+            "identifier": job.spec.identifier,
+        }
         if token in job.spec.stop_conditions:
             return self._end(job, r, "stop_token", held=(token,))
         piece = self.decode([token])
@@ -187,8 +197,13 @@ class ScriptedGenerator:
         self, job: _Job, r: dict[str, Any], reason: str, held: tuple[int, ...] = ()
     ) -> dict[str, Any]:
         self.active.remove(job)
-        r |= {"eos": True, "eos_reason": reason, "new_tokens": job.new_tokens,
-              "prompt_tokens": len(job.spec.input_ids), "full_completion": job.text}  # fmt: skip
+        r |= {
+            "eos": True,
+            "eos_reason": reason,
+            "new_tokens": job.new_tokens,
+            "prompt_tokens": len(job.spec.input_ids),
+            "full_completion": job.text,
+        }
         if held:
             r["held"] = {"token_ids": Ids(list(held))}
         return r
@@ -240,8 +255,15 @@ def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
 
 
 def test_job_spec_carries_sampling_limits_seed_and_stop_conditions() -> None:
-    sampling = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2,
-                              max_tokens=33, stop=("END", "", "END", "\n\n"), seed=7)  # fmt: skip
+    sampling = SamplingParams(
+        temperature=0.7,
+        top_k=40,
+        top_p=0.9,
+        repetition_penalty=1.2,
+        max_tokens=33,
+        stop=("END", "", "END", "\n\n"),
+        seed=7,
+    )
     spec = job_spec(5, (0, 10, 11), sampling, {9, 1})
     assert spec.identifier == 5
     assert spec.input_ids == (0, 10, 11)
@@ -265,8 +287,15 @@ def test_greedy_requests_get_an_argmax_sampler_that_keeps_the_repetition_penalty
 
 
 def test_streaming_result_maps_tensor_ids_and_text() -> None:
-    event = read_result({"stage": "streaming", "eos": False, "identifier": 3,
-                         "token_ids": Ids([5, 6]), "text": "ab"})  # fmt: skip
+    event = read_result(
+        {
+            "stage": "streaming",
+            "eos": False,
+            "identifier": 3,
+            "token_ids": Ids([5, 6]),
+            "text": "ab",
+        }
+    )
     assert (event.identifier, event.token_ids, event.text) == (3, (5, 6), "ab")
     assert event.finish_reason is None and not event.finished
 
@@ -278,30 +307,51 @@ def test_started_and_prefill_results_carry_no_tokens(stage: str) -> None:
 
 
 def test_stop_token_end_returns_the_held_ids_after_the_emitted_ones() -> None:
-    event = read_result({"stage": "streaming", "eos": True, "eos_reason": "stop_token",
-                         "eos_triggering_token_id": EOS, "identifier": 2, "new_tokens": 9,
-                         "prompt_tokens": 4, "held": {"text": "ab", "token_ids": Ids([7, 8, EOS])}})  # fmt: skip
+    event = read_result(
+        {
+            "stage": "streaming",
+            "eos": True,
+            "eos_reason": "stop_token",
+            "eos_triggering_token_id": EOS,
+            "identifier": 2,
+            "new_tokens": 9,
+            "prompt_tokens": 4,
+            "held": {"text": "ab", "token_ids": Ids([7, 8, EOS])},
+        }
+    )
     assert event.token_ids == (7, 8, EOS)
     assert event.finish_reason is FinishReason.STOP and event.eos_reason == "stop_token"
     assert (event.prompt_tokens, event.completion_tokens) == (4, 9)
 
 
 def test_stop_string_end_is_a_stop_and_names_the_string() -> None:
-    event = read_result({"stage": "streaming", "eos": True, "eos_reason": "stop_string",
-                         "eos_triggering_string": "END", "token_ids": Ids([3, 4]), "text": "x",
-                         "held": {"text": "END"}})  # fmt: skip
+    event = read_result(
+        {
+            "stage": "streaming",
+            "eos": True,
+            "eos_reason": "stop_string",
+            "eos_triggering_string": "END",
+            "token_ids": Ids([3, 4]),
+            "text": "x",
+            "held": {"text": "END"},
+        }
+    )
     assert event.finish_reason is FinishReason.STOP
     assert (event.stop_string, event.token_ids) == ("END", (3, 4))
 
 
 @pytest.mark.parametrize(
     ("eos_reason", "expected"),
-    [("max_new_tokens", FinishReason.LENGTH), ("end_filter", FinishReason.STOP),
-     ("loop_detected", FinishReason.STOP)],
-)  # fmt: skip
+    [
+        ("max_new_tokens", FinishReason.LENGTH),
+        ("end_filter", FinishReason.STOP),
+        ("loop_detected", FinishReason.STOP),
+    ],
+)
 def test_end_reasons_map_to_finish_reasons(eos_reason: str, expected: FinishReason) -> None:
-    event = read_result({"stage": "streaming", "eos": True, "eos_reason": eos_reason,
-                         "token_ids": Ids([1])})  # fmt: skip
+    event = read_result(
+        {"stage": "streaming", "eos": True, "eos_reason": eos_reason, "token_ids": Ids([1])}
+    )
     assert event.finish_reason is expected and event.finished
 
 
@@ -347,16 +397,18 @@ def test_cache_quant_option_gives_key_and_value_bits(
 
 @pytest.mark.parametrize(
     ("kw", "field_name"),
-    [({"options": {"cache_quant": "1"}}, "options.cache_quant"),
-     ({"options": {"cache_quant": "4,4,4"}}, "options.cache_quant"),
-     ({"options": {"cache_quant": "q4"}}, "options.cache_quant"),
-     ({"options": {"cache_size": "1000"}}, "options.cache_size"),
-     ({"options": {"cache_size": "big"}}, "options.cache_size"),
-     ({"options": {"cache_size": "4096"}, "context_length": 8192}, "options.cache_size"),
-     ({"options": {"max_chunk_size": "0"}}, "options.max_chunk_size"),
-     ({"options": {"token_delay_ms": "1"}}, "options.token_delay_ms"),
-     ({"compute_type": "int8"}, "compute_type")],
-)  # fmt: skip
+    [
+        ({"options": {"cache_quant": "1"}}, "options.cache_quant"),
+        ({"options": {"cache_quant": "4,4,4"}}, "options.cache_quant"),
+        ({"options": {"cache_quant": "q4"}}, "options.cache_quant"),
+        ({"options": {"cache_size": "1000"}}, "options.cache_size"),
+        ({"options": {"cache_size": "big"}}, "options.cache_size"),
+        ({"options": {"cache_size": "4096"}, "context_length": 8192}, "options.cache_size"),
+        ({"options": {"max_chunk_size": "0"}}, "options.max_chunk_size"),
+        ({"options": {"token_delay_ms": "1"}}, "options.token_delay_ms"),
+        ({"compute_type": "int8"}, "compute_type"),
+    ],
+)
 def test_bad_options_are_invalid_argument_naming_the_field(
     kw: dict[str, Any], field_name: str
 ) -> None:
@@ -619,10 +671,16 @@ async def test_replica_streams_stops_and_cancels_through_the_loop(
     server = await start_replica(spec)
     channel, client = stub(server.port)
     async with channel:
-        chunks = await collect(client.GenerateStream(gen.GenerateRequest(
-            model="llama", prompt="hello world. ", max_tokens=40, stop=["world. h"])))  # fmt: skip
-        long = await collect(client.GenerateStream(gen.GenerateRequest(
-            model="llama", prompt="abc", max_tokens=7)))  # fmt: skip
+        chunks = await collect(
+            client.GenerateStream(
+                gen.GenerateRequest(
+                    model="llama", prompt="hello world. ", max_tokens=40, stop=["world. h"]
+                )
+            )
+        )
+        long = await collect(
+            client.GenerateStream(gen.GenerateRequest(model="llama", prompt="abc", max_tokens=7))
+        )
         call = client.GenerateStream(
             gen.GenerateRequest(model="llama", prompt="xyz", max_tokens=2000)
         )
@@ -647,8 +705,10 @@ async def test_replica_reports_a_failed_load_when_exllamav3_is_missing(
     start_replica: StartReplica, tiny_llama_dir: Path
 ) -> None:
     spec = rc.ModelSpec(id="llama", path=str(tiny_llama_dir), engine="exllamav3")
-    for device, expected in [("cuda:0", "pip install 'meshllm-replica[exllamav3]'"),
-                             ("cpu", "needs a CUDA device")]:  # fmt: skip
+    for device, expected in [
+        ("cuda:0", "pip install 'meshllm-replica[exllamav3]'"),
+        ("cpu", "needs a CUDA device"),
+    ]:
         server = await start_replica(None, device=device)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             control = rc_grpc.ReplicaControlStub(channel)
@@ -677,12 +737,16 @@ def test_tiny_llama_folder_has_the_hugging_face_llama_layout(tiny_llama_dir: Pat
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         expected |= {
-            f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
-            f"{p}.self_attn.q_proj.weight": (h, h), f"{p}.self_attn.k_proj.weight": (kv, h),
-            f"{p}.self_attn.v_proj.weight": (kv, h), f"{p}.self_attn.o_proj.weight": (h, h),
-            f"{p}.mlp.gate_proj.weight": (inter, h), f"{p}.mlp.up_proj.weight": (inter, h),
+            f"{p}.input_layernorm.weight": (h,),
+            f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.self_attn.q_proj.weight": (h, h),
+            f"{p}.self_attn.k_proj.weight": (kv, h),
+            f"{p}.self_attn.v_proj.weight": (kv, h),
+            f"{p}.self_attn.o_proj.weight": (h, h),
+            f"{p}.mlp.gate_proj.weight": (inter, h),
+            f"{p}.mlp.up_proj.weight": (inter, h),
             f"{p}.mlp.down_proj.weight": (h, inter),
-        }  # fmt: skip
+        }
     assert {name: t.shape for name, t in tensors.items()} == expected
     assert {t.dtype for t in tensors.values()} == {np.dtype(np.float16)}
     assert all(np.isfinite(t).all() for t in tensors.values())
@@ -737,8 +801,9 @@ def test_ctranslate2_twin_runs_the_same_llama_and_never_emits_specials(tmp_path:
         for prompt in ("hello world", "gpu request 3: ", "x"):
             tokens = tokenizer.tokens(tokenizer.encode(prompt))
             for topk in (1, 20):
-                (result,) = generator.generate_batch([tokens], max_length=200, sampling_topk=topk,
-                                                     include_prompt_in_result=False)  # fmt: skip
+                (result,) = generator.generate_batch(
+                    [tokens], max_length=200, sampling_topk=topk, include_prompt_in_result=False
+                )
                 ids = result.sequences_ids[0]
                 assert len(ids) == 200 and all(len(SPECIALS) <= t < BYTES_END for t in ids), ids
     finally:

@@ -191,8 +191,11 @@ async def test_exllamav3_stop_strings_and_seeded_sampling(
     async with channel:
         full = text(await collect(client.GenerateStream(request("stop test", 48))))
         # three ASCII letters from the reply: both sides decode them the same way
-        stop = next(full[i : i + 3] for i in range(10, len(full) - 3)
-                    if all(c.isascii() and c.isalpha() for c in full[i : i + 3]))  # fmt: skip
+        stop = next(
+            full[i : i + 3]
+            for i in range(10, len(full) - 3)
+            if all(c.isascii() and c.isalpha() for c in full[i : i + 3])
+        )
         cut = await collect(client.GenerateStream(request("stop test", 48, stop=[stop])))
         sampled = [
             await collect(client.GenerateStream(request("seeded", 32, temperature=0.9, seed=7)))

@@ -73,7 +73,8 @@ def test_gpu_by_default_and_none_in_cpu_mode(rendered: dict[str, Rendered]) -> N
     default = rendered["default"].replicas
     assert container(default)["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in default[
-        "spec"]["template"]["spec"]["tolerations"]  # fmt: skip
+        "spec"
+    ]["template"]["spec"]["tolerations"]
     cpu = rendered["cpu"].replicas
     assert not any("gpu" in k for k in container(cpu)["resources"]["limits"])
     assert not any("gpu" in k for k in container(cpu)["resources"].get("requests", {}))
@@ -141,13 +142,16 @@ def test_redis_url_reaches_routers_from_a_secret_file_only(rendered: dict[str, R
         assert "env" not in router  # no variable carries it (checkov CKV_K8S_35)
         mounts = {m["name"]: m for m in router["volumeMounts"]}
         assert mounts["redis-url"] == {
-            "name": "redis-url", "mountPath": "/etc/meshllm/redis", "readOnly": True
-        }  # fmt: skip
+            "name": "redis-url",
+            "mountPath": "/etc/meshllm/redis",
+            "readOnly": True,
+        }
         volumes = {v["name"]: v for v in r.router["spec"]["template"]["spec"]["volumes"]}
         assert volumes["redis-url"]["secret"] == {  # only the URL, not the password or redis.conf
-            "secretName": "meshllm-redis", "defaultMode": 0o440,
+            "secretName": "meshllm-redis",
+            "defaultMode": 0o440,
             "items": [{"key": key, "path": "url"}],
-        }  # fmt: skip
+        }
         assert "redis://" not in r.router_toml  # the ConfigMap carries only the path
         redis = tomllib.loads(r.router_toml)["router"]["redis"]
         assert redis["url_file"] == "/etc/meshllm/redis/url" and "url" not in redis
@@ -166,16 +170,21 @@ def test_redis_url_reaches_routers_from_a_secret_file_only(rendered: dict[str, R
     redis = bundled.one("Deployment", "meshllm-redis")
     assert "env" not in container(redis)  # the password comes as a mounted file
     assert container(redis)["command"] == ["redis-server", "/etc/redis/redis.conf"]
-    assert bundled.one("NetworkPolicy", "meshllm-redis")["spec"]["ingress"][0]["from"][0][
-        "podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "router"  # fmt: skip
+    assert (
+        bundled.one("NetworkPolicy", "meshllm-redis")["spec"]["ingress"][0]["from"][0][
+            "podSelector"
+        ]["matchLabels"]["app.kubernetes.io/component"]
+        == "router"
+    )
 
 
 def test_tenants_come_from_a_secret_mounted_as_a_directory(rendered: dict[str, Rendered]) -> None:
     for r in rendered.values():
         mounts = {m["name"]: m for m in container(r.router)["volumeMounts"]}
         assert "subPath" not in mounts["tenants"]  # Secret updates reach the file: live re-read
-        volume = next(v for v in r.router["spec"]["template"]["spec"]["volumes"]
-                      if v["name"] == "tenants")  # fmt: skip
+        volume = next(
+            v for v in r.router["spec"]["template"]["spec"]["volumes"] if v["name"] == "tenants"
+        )
         wanted = r.values["auth"]["existingSecret"] or "meshllm-tenants"
         assert volume["secret"]["secretName"] == wanted
     empty = rendered["default"].secret_data("meshllm-tenants")
@@ -185,11 +194,17 @@ def test_tenants_come_from_a_secret_mounted_as_a_directory(rendered: dict[str, R
 
 def test_tls_secrets_are_mounted_where_the_flags_point(rendered: dict[str, Rendered]) -> None:
     r = rendered["tls"]
-    volumes = {v["name"]: v["secret"] for v in r.router["spec"]["template"]["spec"]["volumes"]
-               if "secret" in v}  # fmt: skip
+    volumes = {
+        v["name"]: v["secret"]
+        for v in r.router["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
     # the router gets the replicas' CA only, never their private key
-    assert volumes["tls-replica-ca"] == {"secretName": "meshllm-replica-tls", "defaultMode": 0o440,
-                                         "items": [{"key": "ca.crt", "path": "ca.crt"}]}  # fmt: skip
+    assert volumes["tls-replica-ca"] == {
+        "secretName": "meshllm-replica-tls",
+        "defaultMode": 0o440,
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
     assert volumes["tls-server"]["secretName"] == "meshllm-router-tls"
     assert volumes["tls-client-ca"]["secretName"] == "meshllm-client-ca"
     assert volumes["tls-replica-client"]["secretName"] == "meshllm-router-client-tls"
@@ -200,13 +215,17 @@ def test_tls_secrets_are_mounted_where_the_flags_point(rendered: dict[str, Rende
 
 
 def test_model_storage_is_mounted_read_only(rendered: dict[str, Rendered]) -> None:
-    for name, source in (("cpu", "hostPath"), ("redis", "persistentVolumeClaim"),
-                         ("tls", "persistentVolumeClaim")):  # fmt: skip
+    for name, source in (
+        ("cpu", "hostPath"),
+        ("redis", "persistentVolumeClaim"),
+        ("tls", "persistentVolumeClaim"),
+    ):
         r = rendered[name]
         mount = next(m for m in container(r.replicas)["volumeMounts"] if m["name"] == "models")
         assert mount["readOnly"] is True and mount["mountPath"] == "/models"
-        volume = next(v for v in r.replicas["spec"]["template"]["spec"]["volumes"]
-                      if v["name"] == "models")  # fmt: skip
+        volume = next(
+            v for v in r.replicas["spec"]["template"]["spec"]["volumes"] if v["name"] == "models"
+        )
         assert source in volume
         if source == "persistentVolumeClaim":
             assert volume[source]["readOnly"] is True
@@ -229,8 +248,10 @@ def test_disruption_budgets_autoscaler_and_service_monitors(rendered: dict[str, 
     assert "replicas" not in redis.router["spec"]  # the HPA owns it
     monitors = {m["metadata"]["name"]: m for m in redis.all("ServiceMonitor")}
     assert set(monitors) == {"meshllm-router", "meshllm-replica"}
-    assert monitors["meshllm-replica"]["spec"]["selector"]["matchLabels"].items() <= redis.one(
-        "Service", "meshllm-replicas")["metadata"]["labels"].items()  # fmt: skip
+    assert (
+        monitors["meshllm-replica"]["spec"]["selector"]["matchLabels"].items()
+        <= redis.one("Service", "meshllm-replicas")["metadata"]["labels"].items()
+    )
     assert rendered["default"].all("HorizontalPodAutoscaler") == []
     assert rendered["default"].all("ServiceMonitor") == []
 

@@ -29,8 +29,11 @@ async def scrape(port: int | None) -> Samples:
             return str(r.read().decode())
 
     text = await asyncio.to_thread(get)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -48,8 +51,16 @@ async def test_router_and_replica_metrics_count_the_traffic(
     }
     channel, client = stub(router.port)
     async with channel:
-        streams = await asyncio.gather(*(collect(client.GenerateStream(gen.GenerateRequest(
-            model="demo", prompt=f"hi {i}", max_tokens=12))) for i in range(5)))  # fmt: skip
+        streams = await asyncio.gather(
+            *(
+                collect(
+                    client.GenerateStream(
+                        gen.GenerateRequest(model="demo", prompt=f"hi {i}", max_tokens=12)
+                    )
+                )
+                for i in range(5)
+            )
+        )
         unary = await client.Generate(gen.GenerateRequest(model="demo", prompt="x", max_tokens=7))
         with pytest.raises(grpc.aio.AioRpcError):
             await client.Generate(gen.GenerateRequest(model="demo", prompt="x", temperature=-1))
@@ -96,8 +107,11 @@ async def test_each_request_logs_one_access_line_without_the_prompt(
     channel, client = stub(router.port)
     with caplog.at_level(logging.INFO, logger="meshllm.requests"):
         async with channel:
-            await client.Generate(gen.GenerateRequest(model="demo", prompt="secret prompt", max_tokens=5,
-                                                      request_id="req-7"))  # fmt: skip
+            await client.Generate(
+                gen.GenerateRequest(
+                    model="demo", prompt="secret prompt", max_tokens=5, request_id="req-7"
+                )
+            )
     lines = [r for r in caplog.records if r.name == "meshllm.requests"]
     assert len(lines) == 2  # the router's and the replica's
     for line in lines:

@@ -47,12 +47,18 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.
 
 
 async def test_n_requests_per_minute_admit_exactly_n_of_3n_concurrent(
-    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path,
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     n = 5
-    router = await start_router(await start_replica(demo_spec()), auth="api-key", metrics_port=0,
-                                tenants_file=tenants_file(tmp_path, requests_per_minute=n))  # fmt: skip
+    router = await start_router(
+        await start_replica(demo_spec()),
+        auth="api-key",
+        metrics_port=0,
+        tenants_file=tenants_file(tmp_path, requests_per_minute=n),
+    )
     with caplog.at_level(logging.INFO, logger="meshllm.requests"):
         results = await asyncio.gather(*(generate(router) for _ in range(3 * n)))
     admitted = [headers for r, headers in results if isinstance(r, gen.GenerateResponse)]
@@ -82,9 +88,11 @@ async def test_a_cancelled_stream_gives_its_unused_tokens_back(
     start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
 ) -> None:
     replica = await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"}))
-    router = await start_router(replica, auth="api-key",
-                                tenants_file=tenants_file(tmp_path, tokens_per_minute=60_000,
-                                                          tokens_per_day=1_000_000))  # fmt: skip
+    router = await start_router(
+        replica,
+        auth="api-key",
+        tenants_file=tenants_file(tmp_path, tokens_per_minute=60_000, tokens_per_day=1_000_000),
+    )
     request = gen.GenerateRequest(model="demo", token_ids=[5] * 8, max_tokens=2000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
         call = gen_grpc.GenerationStub(channel).GenerateStream(request, metadata=bearer(USER))
@@ -113,8 +121,11 @@ async def test_a_cancelled_stream_gives_its_unused_tokens_back(
 async def test_retry_info_delay_is_honoured(
     start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
 ) -> None:
-    router = await start_router(await start_replica(demo_spec()), auth="api-key",
-                                tenants_file=tenants_file(tmp_path, requests_per_minute=30))  # fmt: skip
+    router = await start_router(
+        await start_replica(demo_spec()),
+        auth="api-key",
+        tenants_file=tenants_file(tmp_path, requests_per_minute=30),
+    )
     while True:  # spend the burst: one request refills every 2 s
         result, _ = await generate(router, max_tokens=1)
         if isinstance(result, MeshError):
@@ -135,8 +146,9 @@ async def test_retry_info_delay_is_honoured(
 async def test_keys_and_roles_guard_every_service(
     start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
 ) -> None:
-    router = await start_router(await start_replica(demo_spec()), auth="api-key",
-                                tenants_file=tenants_file(tmp_path))  # fmt: skip
+    router = await start_router(
+        await start_replica(demo_spec()), auth="api-key", tenants_file=tenants_file(tmp_path)
+    )
     ok, headers = await generate(router)
     assert (
         isinstance(ok, gen.GenerateResponse) and headers.get("x-ratelimit-limit-requests") is None
@@ -146,8 +158,10 @@ async def test_keys_and_roles_guard_every_service(
         assert isinstance(refused, MeshError) and refused.code == grpc.StatusCode.UNAUTHENTICATED
     async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
         admin, generation = adm_grpc.AdminStub(channel), gen_grpc.GenerationStub(channel)
-        for call in (admin.ListReplicas(adm.ListReplicasRequest(), metadata=bearer(USER)),
-                     admin.GetQuotaUsage(adm.GetQuotaUsageRequest(), metadata=bearer(USER))):  # fmt: skip
+        for call in (
+            admin.ListReplicas(adm.ListReplicasRequest(), metadata=bearer(USER)),
+            admin.GetQuotaUsage(adm.GetQuotaUsageRequest(), metadata=bearer(USER)),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as denied:
                 await call
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -168,8 +182,11 @@ async def test_concurrent_requests_limit_and_a_request_that_never_fits(
     start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
 ) -> None:
     replica = await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"}))
-    router = await start_router(replica, auth="api-key", tenants_file=tenants_file(
-        tmp_path, concurrent_requests=1, tokens_per_minute=1000))  # fmt: skip
+    router = await start_router(
+        replica,
+        auth="api-key",
+        tenants_file=tenants_file(tmp_path, concurrent_requests=1, tokens_per_minute=1000),
+    )
     slow = asyncio.create_task(generate(router, max_tokens=100))
     await eventually(lambda: _running(router))
     second, _ = await generate(router)

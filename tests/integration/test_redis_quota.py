@@ -58,13 +58,28 @@ async def test_redis_scripts_give_the_ledgers_results(
     stores: tuple[Clock, QuotaStore, QuotaStore],
 ) -> None:
     clock, memory, shared = stores
-    limits = TenantLimits(requests_per_minute=4, tokens_per_minute=300, concurrent_requests=3,
-                          tokens_per_day=700)  # fmt: skip
+    limits = TenantLimits(
+        requests_per_minute=4, tokens_per_minute=300, concurrent_requests=3, tokens_per_day=700
+    )
     held: dict[int, list[object]] = {0: [], 1: []}
     # (advance the clock by, reserve tokens) or (advance, settle the oldest with this many used)
-    steps = [(0, "r", 100), (0, "r", 100), (1, "r", 150), (0, "r", 50), (0, "s", 20), (0, "r", 50),
-             (0, "r", 5), (7.5, "r", 10), (0, "s", 400), (0, "s", 0), (30, "r", 200), (0, "r", 400),
-             (61, "r", 10), (0, "s", 10), (0, "s", 10)]  # fmt: skip
+    steps = [
+        (0, "r", 100),
+        (0, "r", 100),
+        (1, "r", 150),
+        (0, "r", 50),
+        (0, "s", 20),
+        (0, "r", 50),
+        (0, "r", 5),
+        (7.5, "r", 10),
+        (0, "s", 400),
+        (0, "s", 0),
+        (30, "r", 200),
+        (0, "r", 400),
+        (61, "r", 10),
+        (0, "s", 10),
+        (0, "s", 10),
+    ]
     for advance, op, amount in steps:
         clock.now += advance
         results = []
@@ -75,13 +90,23 @@ async def test_redis_scripts_give_the_ledgers_results(
                     held[i].append(result)
                     r = result.remaining  # type: ignore[attr-defined]
                     # Lua keeps 14 significant digits: compare to the microsecond
-                    result = ("admitted", replace(r, reset_requests_s=round(r.reset_requests_s, 6),
-                                                  reset_tokens_s=round(r.reset_tokens_s, 6)))  # fmt: skip
+                    result = (
+                        "admitted",
+                        replace(
+                            r,
+                            reset_requests_s=round(r.reset_requests_s, 6),
+                            reset_tokens_s=round(r.reset_tokens_s, 6),
+                        ),
+                    )
                 results.append(result)
             else:
                 await store.settle(held[i].pop(0), amount)  # type: ignore[arg-type]
-                results.append(sorted((u.limit, u.used, round(u.resets_in_s, 3))
-                                      for u in await store.usage("t", limits)))  # fmt: skip
+                results.append(
+                    sorted(
+                        (u.limit, u.used, round(u.resets_in_s, 3))
+                        for u in await store.usage("t", limits)
+                    )
+                )
         assert results[0] == results[1], (advance, op, amount)
     # the day rolled over during the run (it started 90 s before midnight): only the last
     # reservation counts, and settling yesterday's ones left today's count alone
@@ -118,8 +143,12 @@ async def test_two_routers_sharing_redis_admit_exactly_the_global_limit(
     if url_from == "redis_url_file":  # as the Helm chart mounts it from a Secret
         (tmp_path / "redis-url").write_text(url + "\n")
         url = str(tmp_path / "redis-url")
-    shared = {"auth": "api-key", "tenants_file": tenants_file(tmp_path, requests_per_minute=n),
-              "quota_store": "redis", url_from: url}  # fmt: skip
+    shared = {
+        "auth": "api-key",
+        "tenants_file": tenants_file(tmp_path, requests_per_minute=n),
+        "quota_store": "redis",
+        url_from: url,
+    }
     a, b = await start_router(replica, **shared), await start_router(replica, **shared)
     results = await asyncio.gather(
         *(generate(router) for _ in range(3 * n // 2) for router in (a, b))
@@ -146,14 +175,22 @@ def failures(metrics: str, outcome: str) -> float:
 
 @pytest.mark.parametrize("policy", ["deny", "allow"])
 async def test_redis_down_follows_the_setting_loudly(  # noqa: PLR0917 (fixtures)
-    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path,
-    redis_server: RedisServer, caplog: pytest.LogCaptureFixture, policy: str,
-) -> None:  # fmt: skip
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    policy: str,
+) -> None:
     router = await start_router(
-        await start_replica(demo_spec()), auth="api-key", quota_store="redis", metrics_port=0,
-        tenants_file=tenants_file(tmp_path, requests_per_minute=100), redis_unavailable=policy,
+        await start_replica(demo_spec()),
+        auth="api-key",
+        quota_store="redis",
+        metrics_port=0,
+        tenants_file=tenants_file(tmp_path, requests_per_minute=100),
+        redis_unavailable=policy,
         redis_url=redis_server.url,
-    )  # fmt: skip
+    )
     assert isinstance((await generate(router))[0], gen.GenerateResponse)
     # off the event loop: the router and replica in this process must keep reporting meanwhile
     await asyncio.to_thread(redis_server.stop)

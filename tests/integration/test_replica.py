@@ -27,8 +27,9 @@ def reference_greedy(demo_dir: Path, prompt: str, max_tokens: int) -> list[int]:
     generator = ctranslate2.Generator(str(demo_dir), compute_type="float32")
     try:
         tokens = [tok.id_to_token(i) for i in tok.encode(prompt).ids]
-        result = generator.generate_batch([tokens], max_length=max_tokens, sampling_topk=1,
-                                          include_prompt_in_result=False)  # fmt: skip
+        result = generator.generate_batch(
+            [tokens], max_length=max_tokens, sampling_topk=1, include_prompt_in_result=False
+        )
         ids: list[int] = result[0].sequences_ids[0]
         return ids
     finally:
@@ -83,9 +84,13 @@ async def test_stop_string_ends_generation_before_it(
     expected = full[: full.index(stop)]
     channel, client = stub(demo_replica.port)
     async with channel:
-        chunks = await collect(client.GenerateStream(
-            gen.GenerateRequest(model="demo", prompt="stop test", temperature=0.0, max_tokens=60, stop=[stop])
-        ))  # fmt: skip
+        chunks = await collect(
+            client.GenerateStream(
+                gen.GenerateRequest(
+                    model="demo", prompt="stop test", temperature=0.0, max_tokens=60, stop=[stop]
+                )
+            )
+        )
     assert "".join(c.text for c in chunks) == expected
     assert chunks[-1].finish_reason == gen.FINISH_REASON_STOP
     assert chunks[-1].stop_sequence == stop
@@ -95,8 +100,11 @@ async def test_chat_messages_use_the_chat_template(demo_replica: ReplicaServer) 
     channel, client = stub(demo_replica.port)
     messages = [gen.ChatMessage(role="user", content="hi")]
     async with channel:
-        resp = await client.Generate(gen.GenerateRequest(model="demo", messages=messages, instructions="be brief",
-                                                         max_tokens=4))  # fmt: skip
+        resp = await client.Generate(
+            gen.GenerateRequest(
+                model="demo", messages=messages, instructions="be brief", max_tokens=4
+            )
+        )
     rendered = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     specials = (
         1 + rendered.count("<|im_start|>") + rendered.count("<|im_end|>")
@@ -160,9 +168,14 @@ async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaS
             slow_chunks.append(chunk)
             break
         started = time.perf_counter()
-        others = await asyncio.gather(*[
-            client.Generate(gen.GenerateRequest(model="demo", prompt=f"fast {i}", max_tokens=32)) for i in range(8)
-        ])  # fmt: skip
+        others = await asyncio.gather(
+            *[
+                client.Generate(
+                    gen.GenerateRequest(model="demo", prompt=f"fast {i}", max_tokens=32)
+                )
+                for i in range(8)
+            ]
+        )
         fast_elapsed = time.perf_counter() - started
         await asyncio.sleep(1.0)  # stall: the engine runs ahead of the reader
         async for chunk in slow:  # the slow reader now drains what piled up
@@ -182,9 +195,16 @@ async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaS
 async def test_coalesce_option_batches_tokens_per_chunk(demo_replica: ReplicaServer) -> None:
     channel, client = stub(demo_replica.port)
     async with channel:
-        chunks = await collect(client.GenerateStream(gen.GenerateRequest(
-            model="demo", prompt="c", max_tokens=64, stream_options=gen.StreamOptions(coalesce_tokens=8)
-        )))  # fmt: skip
+        chunks = await collect(
+            client.GenerateStream(
+                gen.GenerateRequest(
+                    model="demo",
+                    prompt="c",
+                    max_tokens=64,
+                    stream_options=gen.StreamOptions(coalesce_tokens=8),
+                )
+            )
+        )
     sizes = [len(c.token_ids) for c in chunks if c.token_ids]
     assert sum(sizes) == 64
     assert all(s >= 8 for s in sizes[1:-1])  # the first chunk is sent without waiting for 8
@@ -198,18 +218,57 @@ def _status(e: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, set[str], str]:
 BAD_REQUESTS = [
     (gen.GenerateRequest(model="demo"), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     (gen.GenerateRequest(model="nope", prompt="x"), grpc.StatusCode.NOT_FOUND, ""),
-    (gen.GenerateRequest(model="demo", prompt="x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    (gen.GenerateRequest(model="demo", prompt="x", top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    (gen.GenerateRequest(model="demo", prompt="x", top_k=100000), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
-    (gen.GenerateRequest(model="demo", prompt="x", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    (gen.GenerateRequest(model="demo", prompt="x", max_tokens=100), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    (gen.GenerateRequest(model="demo", prompt="x" * 200), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-    (gen.GenerateRequest(model="demo", prompt="x", token_ids=[5]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
-    (gen.GenerateRequest(model="demo", token_ids=[10**6]), grpc.StatusCode.INVALID_ARGUMENT, "token_ids[0]"),
-    (gen.GenerateRequest(model="demo", prompt="x", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]"),
-    (gen.GenerateRequest(model="demo", messages=[gen.ChatMessage(content="x")]), grpc.StatusCode.INVALID_ARGUMENT,
-     "messages[0].role"),
-]  # fmt: skip
+    (
+        gen.GenerateRequest(model="demo", prompt="x", temperature=-1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    (
+        gen.GenerateRequest(model="demo", prompt="x", top_p=1.5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
+    (
+        gen.GenerateRequest(model="demo", prompt="x", top_k=100000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_k",
+    ),
+    (
+        gen.GenerateRequest(model="demo", prompt="x", max_tokens=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_tokens",
+    ),
+    (
+        gen.GenerateRequest(model="demo", prompt="x", max_tokens=100),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_tokens",
+    ),
+    (
+        gen.GenerateRequest(model="demo", prompt="x" * 200),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "prompt",
+    ),
+    (
+        gen.GenerateRequest(model="demo", prompt="x", token_ids=[5]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "token_ids",
+    ),
+    (
+        gen.GenerateRequest(model="demo", token_ids=[10**6]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "token_ids[0]",
+    ),
+    (
+        gen.GenerateRequest(model="demo", prompt="x", stop=[""]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "stop[0]",
+    ),
+    (
+        gen.GenerateRequest(model="demo", messages=[gen.ChatMessage(content="x")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "messages[0].role",
+    ),
+]
 
 
 async def test_every_bad_input_gets_its_status_and_the_replica_keeps_serving(
@@ -276,8 +335,14 @@ async def test_queue_limit_returns_resource_exhausted_with_retry_info(
     server = await start_replica(demo_spec(max_queued=1, inter_threads=1, max_batch_size=1))
     channel, client = stub(server.port)
     async with channel:
-        calls = [client.Generate(gen.GenerateRequest(model="demo", prompt=f"q{i}", max_tokens=300, temperature=0.5 + i / 100))
-                 for i in range(6)]  # fmt: skip
+        calls = [
+            client.Generate(
+                gen.GenerateRequest(
+                    model="demo", prompt=f"q{i}", max_tokens=300, temperature=0.5 + i / 100
+                )
+            )
+            for i in range(6)
+        ]
         results = await asyncio.gather(*calls, return_exceptions=True)
     errors = [from_rpc_error(r) for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert errors, "with one slot and a queue of one, some of 6 concurrent requests must be refused"
@@ -302,9 +367,11 @@ async def test_the_generation_configs_eos_ids_end_a_completion(
     replica = await start_replica(demo_spec(id="eot", path=str(folder)))
     channel, client = stub(replica.port)
     async with channel:
-        chunks = await collect(client.GenerateStream(
-            gen.GenerateRequest(model="eot", prompt="eos test", temperature=0.0, max_tokens=40)
-        ))  # fmt: skip
+        chunks = await collect(
+            client.GenerateStream(
+                gen.GenerateRequest(model="eot", prompt="eos test", temperature=0.0, max_tokens=40)
+            )
+        )
     assert [i for c in chunks for i in c.token_ids] == greedy[:stops_at]
     assert chunks[-1].finish_reason == gen.FINISH_REASON_STOP
 

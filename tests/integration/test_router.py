@@ -152,8 +152,9 @@ async def test_draining_replica_gets_no_new_work(
     await wait_routed(router, 2)
     channel, client = stub(router.port)
     async with channel:
-        results = await asyncio.gather(*(collect(client.GenerateStream(request(i, max_tokens=8)))
-                                         for i in range(12)))  # fmt: skip
+        results = await asyncio.gather(
+            *(collect(client.GenerateStream(request(i, max_tokens=8))) for i in range(12))
+        )
     assert Counter(served_by(c) for c in results).keys() == {"r0", "r2"}
 
 

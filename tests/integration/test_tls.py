@@ -101,10 +101,16 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     _issue(d, "client", ca, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     other = _issue(d, "other-ca", None)
     _issue(d, "other-client", other, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    return Certs(ca=f"{d}/ca.pem", server_cert=f"{d}/server.pem", server_key=f"{d}/server.key",
-                 client_cert=f"{d}/client.pem", client_key=f"{d}/client.key",
-                 other_ca=f"{d}/other-ca.pem", other_client_cert=f"{d}/other-client.pem",
-                 other_client_key=f"{d}/other-client.key")  # fmt: skip
+    return Certs(
+        ca=f"{d}/ca.pem",
+        server_cert=f"{d}/server.pem",
+        server_key=f"{d}/server.key",
+        client_cert=f"{d}/client.pem",
+        client_key=f"{d}/client.key",
+        other_ca=f"{d}/other-ca.pem",
+        other_client_cert=f"{d}/other-client.pem",
+        other_client_key=f"{d}/other-client.key",
+    )
 
 
 def serving(certs: Certs, client_ca: str = "") -> dict[str, str]:
@@ -133,8 +139,9 @@ async def test_tls_client_router_replica(
     replica = await start_replica(demo_spec(), **serving(certs))
     # start_router waits until the replica is routed: the router reached it over TLS, checking
     # the replica's certificate against replica_tls_server_name (it names localhost).
-    router = await start_router(replica, replica_tls_ca=certs.ca,
-                                replica_tls_server_name="localhost", **serving(certs))  # fmt: skip
+    router = await start_router(
+        replica, replica_tls_ca=certs.ca, replica_tls_server_name="localhost", **serving(certs)
+    )
     text, finish = await stream_text(f"127.0.0.1:{router.port}", ChannelTLS(ca=certs.ca))
     assert finish is FinishReason.LENGTH
     assert text
@@ -172,8 +179,9 @@ async def test_router_mutual_tls_refuses_clients_without_a_signed_certificate(
     assert finish is FinishReason.LENGTH
     assert text
     await refused(target, ChannelTLS(ca=certs.ca))  # no client certificate
-    await refused(target, ChannelTLS(ca=certs.ca, cert=certs.other_client_cert,
-                                     key=certs.other_client_key))  # fmt: skip
+    await refused(
+        target, ChannelTLS(ca=certs.ca, cert=certs.other_client_cert, key=certs.other_client_key)
+    )
 
 
 async def test_replica_mutual_tls_admits_only_a_router_with_a_certificate(
@@ -184,8 +192,12 @@ async def test_replica_mutual_tls_admits_only_a_router_with_a_certificate(
 ) -> None:
     replica = await start_replica(demo_spec(), **serving(certs, client_ca=certs.ca))
     # Routed at all (start_router waits for it) only if the handshake with the certificate works.
-    good = await start_router(replica, replica_tls_ca=certs.ca, replica_tls_cert=certs.client_cert,
-                              replica_tls_key=certs.client_key)  # fmt: skip
+    good = await start_router(
+        replica,
+        replica_tls_ca=certs.ca,
+        replica_tls_cert=certs.client_cert,
+        replica_tls_key=certs.client_key,
+    )
     assert [r.address for r in good.registry.ready_models()["demo"]] == [
         f"127.0.0.1:{replica.port}"
     ]
@@ -299,8 +311,10 @@ def test_tls_settings_are_checked_with_errors_that_name_them(certs: Certs, tmp_p
 
 def test_router_tls_settings_in_the_config_file(certs: Certs, tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
-    path.write_text(f'[router.tls]\ncert = "{certs.server_cert}"\nkey = "{certs.server_key}"\n'
-                    f'[router.replica_tls]\nca = "{certs.ca}"\n')  # fmt: skip
+    path.write_text(
+        f'[router.tls]\ncert = "{certs.server_cert}"\nkey = "{certs.server_key}"\n'
+        f'[router.replica_tls]\nca = "{certs.ca}"\n'
+    )
     config = RouterConfig.from_mapping(read_config_file(path))
     assert config.tls.loaded is not None
     assert not config.tls.loaded.mutual
@@ -311,20 +325,41 @@ def test_router_tls_settings_in_the_config_file(certs: Certs, tmp_path: Path) ->
 
 
 def test_router_cli_tls_flags_reach_the_config(certs: Certs) -> None:
-    args = router_cli.parse_args([
-        "--replica", "10.0.0.5:50061", "--no-auth",
-        "--tls-cert", certs.server_cert, "--tls-key", certs.server_key, "--tls-client-ca", certs.ca,
-        "--replica-tls-ca", certs.other_ca, "--replica-tls-cert", certs.client_cert,
-        "--replica-tls-key", certs.client_key, "--replica-tls-server-name", "replicas.internal",
-    ])  # fmt: skip
+    args = router_cli.parse_args(
+        [
+            "--replica",
+            "10.0.0.5:50061",
+            "--no-auth",
+            "--tls-cert",
+            certs.server_cert,
+            "--tls-key",
+            certs.server_key,
+            "--tls-client-ca",
+            certs.ca,
+            "--replica-tls-ca",
+            certs.other_ca,
+            "--replica-tls-cert",
+            certs.client_cert,
+            "--replica-tls-key",
+            certs.client_key,
+            "--replica-tls-server-name",
+            "replicas.internal",
+        ]
+    )
     config = router_cli.config_from_args(args)
     assert (config.tls.cert, config.tls.key, config.tls.client_ca) == (
-        certs.server_cert, certs.server_key, certs.ca
-    )  # fmt: skip
+        certs.server_cert,
+        certs.server_key,
+        certs.ca,
+    )
     assert config.tls.loaded is not None
     assert config.tls.loaded.mutual
-    assert config.replica_tls.loaded == ChannelTLS(ca=certs.other_ca, cert=certs.client_cert,
-                                            key=certs.client_key, server_name="replicas.internal")  # fmt: skip
+    assert config.replica_tls.loaded == ChannelTLS(
+        ca=certs.other_ca,
+        cert=certs.client_cert,
+        key=certs.client_key,
+        server_name="replicas.internal",
+    )
     plain = router_cli.config_from_args(
         router_cli.parse_args(["--replica", "10.0.0.5:50061", "--no-auth"])
     )
@@ -333,12 +368,22 @@ def test_router_cli_tls_flags_reach_the_config(certs: Certs) -> None:
 
 
 def test_replica_cli_tls_flags_reach_the_config(certs: Certs) -> None:
-    args = replica_cli.parse_args(["--tls-cert", certs.server_cert, "--tls-key", certs.server_key,
-                                   "--tls-client-ca", certs.ca])  # fmt: skip
+    args = replica_cli.parse_args(
+        [
+            "--tls-cert",
+            certs.server_cert,
+            "--tls-key",
+            certs.server_key,
+            "--tls-client-ca",
+            certs.ca,
+        ]
+    )
     config = replica_cli.config_from_args(args)
     assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
-        certs.server_cert, certs.server_key, certs.ca
-    )  # fmt: skip
+        certs.server_cert,
+        certs.server_key,
+        certs.ca,
+    )
     assert config.tls is not None
     assert config.tls.mutual
     with pytest.raises(InvalidArgument, match="tls_key: must be set together with tls_cert"):
@@ -363,9 +408,14 @@ async def test_a_plaintext_health_port_lets_probes_reach_tls_servers(
     assert await health(replica.health_port, GENERATION) == NOT_SERVING
     await replica.replica.load(demo_spec(), wait=True)
     assert await health(replica.health_port, GENERATION) == SERVING
-    router = await start_router(replica, health_port=0, replica_tls_ca=certs.ca,
-                                replica_tls_cert=certs.client_cert, replica_tls_key=certs.client_key,
-                                **serving(certs))  # fmt: skip
+    router = await start_router(
+        replica,
+        health_port=0,
+        replica_tls_ca=certs.ca,
+        replica_tls_cert=certs.client_cert,
+        replica_tls_key=certs.client_key,
+        **serving(certs),
+    )
     assert router.health_port
     assert await health(router.health_port, GENERATION) == SERVING
     for port in (replica.health_port, router.health_port):  # health only: no way to the models
@@ -390,15 +440,18 @@ async def test_a_plaintext_health_port_lets_probes_reach_tls_servers(
 
 
 def test_the_health_port_flags_reach_the_configs() -> None:
-    router = router_cli.config_from_args(router_cli.parse_args(
-        ["--replica", "10.0.0.5:50061", "--no-auth", "--health-port", "8081"]
-    ))  # fmt: skip
+    router = router_cli.config_from_args(
+        router_cli.parse_args(["--replica", "10.0.0.5:50061", "--no-auth", "--health-port", "8081"])
+    )
     assert router.health_port == 8081
     replica = replica_cli.config_from_args(replica_cli.parse_args(["--health-port", "8082"]))
     assert replica.health_port == 8082
-    assert router_cli.config_from_args(
-        router_cli.parse_args(["--replica", "10.0.0.5:50061", "--no-auth"])
-    ).health_port is None  # fmt: skip
+    assert (
+        router_cli.config_from_args(
+            router_cli.parse_args(["--replica", "10.0.0.5:50061", "--no-auth"])
+        ).health_port
+        is None
+    )
     with pytest.raises(InvalidArgument, match="health_port: 70000 is out of range"):
         ReplicaConfig(health_port=70000).validate()
     with pytest.raises(InvalidArgument, match="health_port"):

@@ -64,8 +64,9 @@ async def test_quota_admission_is_a_span_of_the_request(
     start_router: StartRouter,
     tmp_path: Path,
 ) -> None:
-    router = await start_router(demo_replica, auth="api-key",
-                                tenants_file=tenants_file(tmp_path, requests_per_minute=1))  # fmt: skip
+    router = await start_router(
+        demo_replica, auth="api-key", tenants_file=tenants_file(tmp_path, requests_per_minute=1)
+    )
     spans.clear()
     async with AsyncClient(f"127.0.0.1:{router.port}", api_key=USER) as client:
         await client.generate("hello", model="demo", max_tokens=2)

@@ -33,9 +33,14 @@ def test_unusable_rows_are_invalid_argument(line: bytes) -> None:
 def test_error_rows_carry_code_message_and_reason() -> None:
     error = errors.ResourceExhausted("over quota", reason="QUOTA_EXCEEDED")
     assert result_row(9, {"id": 1}, None, error) == {
-        "index": 9, "id": 1,
-        "error": {"code": "RESOURCE_EXHAUSTED", "message": "over quota", "reason": "QUOTA_EXCEEDED"},
-    }  # fmt: skip
+        "index": 9,
+        "id": 1,
+        "error": {
+            "code": "RESOURCE_EXHAUSTED",
+            "message": "over quota",
+            "reason": "QUOTA_EXCEEDED",
+        },
+    }
 
 
 def lines(*rows: dict[str, object]) -> bytes:
@@ -60,8 +65,17 @@ def test_resume_cuts_a_torn_last_line_and_keeps_every_finished_row(tmp_path: Pat
 
 def test_resume_drops_transient_failures_so_they_run_again(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    out.write_bytes(lines(ok(0), failed(1, "UNAVAILABLE"), ok(2), failed(3, "RESOURCE_EXHAUSTED"),
-                          failed(4, "ABORTED"), failed(5, "DEADLINE_EXCEEDED")) + b'{"ind')  # fmt: skip
+    out.write_bytes(
+        lines(
+            ok(0),
+            failed(1, "UNAVAILABLE"),
+            ok(2),
+            failed(3, "RESOURCE_EXHAUSTED"),
+            failed(4, "ABORTED"),
+            failed(5, "DEADLINE_EXCEEDED"),
+        )
+        + b'{"ind'
+    )
     done = resume(out)
     assert done.count == 2 and 0 in done and 2 in done and 1 not in done
     assert out.read_bytes() == lines(ok(0), ok(2))
@@ -103,8 +117,14 @@ def level(c: int, tokens_per_s: float, p99_s: float, errors: int = 0) -> Level:
 
 
 def test_recommendation_is_the_lowest_level_near_peak_within_the_p99_limit() -> None:
-    levels = [level(1, 100, 0.01), level(2, 180, 0.012), level(4, 250, 0.02),
-              level(8, 310, 0.05), level(16, 312, 0.4), level(32, 330, 0.9, errors=2)]  # fmt: skip
+    levels = [
+        level(1, 100, 0.01),
+        level(2, 180, 0.012),
+        level(4, 250, 0.02),
+        level(8, 310, 0.05),
+        level(16, 312, 0.4),
+        level(32, 330, 0.9, errors=2),
+    ]
     best, within = recommend(levels), recommend(levels, max_p99_ms=30)
     assert best is not None and best.concurrency == 8  # 310 >= 95 % of 312; 32 had errors
     assert within is not None and within.concurrency == 4

@@ -132,12 +132,17 @@ def test_only_a_shared_refusal_pauses_the_whole_batch() -> None:
 
 
 def test_rate_limit_metadata_is_parsed_and_partial_sets_are_ignored() -> None:
-    limits = parse_rate_limits([
-        ("x-ratelimit-limit-requests", "600"), ("x-ratelimit-remaining-requests", "599"),
-        ("x-ratelimit-reset-requests", "0.100"), ("x-ratelimit-limit-tokens", "1000"),
-        ("x-ratelimit-remaining-tokens", "oops"), ("x-ratelimit-reset-tokens", "1.0"),
-        ("other", "1"),
-    ])  # fmt: skip
+    limits = parse_rate_limits(
+        [
+            ("x-ratelimit-limit-requests", "600"),
+            ("x-ratelimit-remaining-requests", "599"),
+            ("x-ratelimit-reset-requests", "0.100"),
+            ("x-ratelimit-limit-tokens", "1000"),
+            ("x-ratelimit-remaining-tokens", "oops"),
+            ("x-ratelimit-reset-tokens", "1.0"),
+            ("other", "1"),
+        ]
+    )
     assert limits == RateLimits(requests=Limit(600.0, 599.0, 0.1), tokens=None)
     assert limits.requests is not None and limits.requests.rate == pytest.approx(10.0)
     assert parse_rate_limits(None) == RateLimits()
@@ -215,12 +220,22 @@ def test_failure_ratio_aborts_only_after_min_items() -> None:
 
 def completion(text: str, tokens: int = 3) -> Completion:
     return Completion(
-        text=text, token_ids=(1,) * tokens, request_id="r", model="m",
-        finish_reason=FinishReason.LENGTH, stop_sequence="",
+        text=text,
+        token_ids=(1,) * tokens,
+        request_id="r",
+        model="m",
+        finish_reason=FinishReason.LENGTH,
+        stop_sequence="",
         usage=Usage(prompt_tokens=1, completion_tokens=tokens),
-        timing=Timing(queue_wait_ms=0, time_to_first_token_ms=0, decode_ms=0, total_ms=0,
-                      tokens_per_second=0, replica="fake"),
-    )  # fmt: skip
+        timing=Timing(
+            queue_wait_ms=0,
+            time_to_first_token_ms=0,
+            decode_ms=0,
+            total_ms=0,
+            tokens_per_second=0,
+            replica="fake",
+        ),
+    )
 
 
 Script = Callable[[int, int], MeshError | None]
@@ -286,8 +301,9 @@ class FakeClock:
 
 def runner(transport: FakeTransport, clock: FakeClock | None = None, **options: Any) -> BatchRunner:
     clock = clock or FakeClock()
-    return BatchRunner(transport, BatchOptions(**options), clock=clock, sleep=clock.sleep,
-                       rng=random.Random(0))  # fmt: skip
+    return BatchRunner(
+        transport, BatchOptions(**options), clock=clock, sleep=clock.sleep, rng=random.Random(0)
+    )
 
 
 async def collect(r: BatchRunner, prompts: Any) -> list[BatchItem]:
@@ -303,8 +319,9 @@ async def test_results_come_in_input_order_though_they_finish_out_of_order() -> 
 
 
 async def test_unordered_yields_every_index_once_in_completion_order() -> None:
-    items = await collect(runner(FakeTransport(), concurrency=8, ordered=False),
-                          (str(i) for i in range(300)))  # fmt: skip
+    items = await collect(
+        runner(FakeTransport(), concurrency=8, ordered=False), (str(i) for i in range(300))
+    )
     assert sorted(i.index for i in items) == list(range(300))
     assert [i.index for i in items] != list(range(300))
 
@@ -353,8 +370,7 @@ async def test_transient_failures_are_retried_with_backoff_and_retry_info() -> N
         return None
 
     clock, transport = FakeClock(), FakeTransport(script)
-    items = await collect(runner(transport, clock, concurrency=1, retry=NO_JITTER),
-                          ["0", "1", "2"])  # fmt: skip
+    items = await collect(runner(transport, clock, concurrency=1, retry=NO_JITTER), ["0", "1", "2"])
     assert [i.attempts for i in items] == [1, 3, 2]
     assert all(i.ok for i in items)
     assert clock.sleeps[:2] == [0.2, 0.4]  # exponential backoff for item 1
@@ -405,8 +421,10 @@ async def test_abort_cancels_calls_in_flight_and_never_hangs() -> None:
 
 async def test_explicit_pacing_spaces_calls_in_the_runner() -> None:
     clock = FakeClock()
-    await collect(runner(FakeTransport(), clock, concurrency=1,
-                         pacing=Pacing(requests_per_minute=30)), ["0", "1", "2", "3"])  # fmt: skip
+    await collect(
+        runner(FakeTransport(), clock, concurrency=1, pacing=Pacing(requests_per_minute=30)),
+        ["0", "1", "2", "3"],
+    )
     assert sum(clock.sleeps) == pytest.approx(6.0)  # 2 s apart after the first (0.5/s: no burst)
 
 
@@ -420,7 +438,10 @@ async def test_learned_quota_from_replies_paces_the_next_calls() -> None:
 def test_item_fields_and_token_estimate() -> None:
     chat = [{"role": "user", "content": "hi there"}]
     assert item_fields({"messages": chat, "id": 3}, {"max_tokens": 8}) == {
-        "prompt": chat, "id": 3, "max_tokens": 8}  # fmt: skip
+        "prompt": chat,
+        "id": 3,
+        "max_tokens": 8,
+    }
     assert item_fields("text", {"model": "m"}) == {"model": "m", "prompt": "text"}
     assert token_estimate({"prompt": "x" * 9, "max_tokens": 10}) == 13.0
     assert token_estimate({"prompt": chat}) == 3 + 4 + 256

@@ -15,25 +15,56 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_current() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"],
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_pinned_names_exist() -> None:
     req = generation_pb2.GenerateRequest.DESCRIPTOR.fields_by_name
-    for name in ("model", "prompt", "messages", "token_ids", "max_tokens", "temperature", "top_k", "top_p", "stop",
-                 "seed", "request_id", "priority", "stream_options"):  # fmt: skip
+    for name in (
+        "model",
+        "prompt",
+        "messages",
+        "token_ids",
+        "max_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "stop",
+        "seed",
+        "request_id",
+        "priority",
+        "stream_options",
+    ):
         assert name in req, name
     chunk = generation_pb2.GenerateChunk.DESCRIPTOR.fields_by_name
     assert {"text", "token_ids", "finish_reason", "usage", "timing"} <= set(chunk)
     services = {
-        generation_pb2.DESCRIPTOR.services_by_name["Generation"]: {"Generate", "GenerateStream", "ListModels"},
-        replica_control_pb2.DESCRIPTOR.services_by_name["ReplicaControl"]: {"LoadModel", "UnloadModel", "GetStatus",
-                                                                            "WatchLoad"},
-        admin_pb2.DESCRIPTOR.services_by_name["Admin"]: {"ListModels", "LoadModel", "UnloadModel", "ScaleModel",
-                                                         "DrainReplica", "UndrainReplica"},
-    }  # fmt: skip
+        generation_pb2.DESCRIPTOR.services_by_name["Generation"]: {
+            "Generate",
+            "GenerateStream",
+            "ListModels",
+        },
+        replica_control_pb2.DESCRIPTOR.services_by_name["ReplicaControl"]: {
+            "LoadModel",
+            "UnloadModel",
+            "GetStatus",
+            "WatchLoad",
+        },
+        admin_pb2.DESCRIPTOR.services_by_name["Admin"]: {
+            "ListModels",
+            "LoadModel",
+            "UnloadModel",
+            "ScaleModel",
+            "DrainReplica",
+            "UndrainReplica",
+        },
+    }
     for service, methods in services.items():
         assert service.full_name.startswith("meshllm.api.v1.")
         assert methods <= set(service.methods_by_name)

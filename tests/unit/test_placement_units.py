@@ -32,29 +32,60 @@ def violations(tables: dict[str, object]) -> list[str]:
 
 
 def test_catalog_tables_become_models_and_every_mistake_names_its_field() -> None:
-    (model,) = parse_catalog({"qwen": {"path": "/m/q", "device": "cuda", "desired_replicas": 2,
-                                       "options": {"cache_size": "8192"}}})  # fmt: skip
-    assert (model.id, model.spec.engine, model.spec.options, model.fits("cuda:1"), model.fits("cpu")) == (
-        "qwen", "ctranslate2", {"cache_size": "8192"}, True, False)  # fmt: skip
+    (model,) = parse_catalog(
+        {
+            "qwen": {
+                "path": "/m/q",
+                "device": "cuda",
+                "desired_replicas": 2,
+                "options": {"cache_size": "8192"},
+            }
+        }
+    )
+    assert (
+        model.id,
+        model.spec.engine,
+        model.spec.options,
+        model.fits("cuda:1"),
+        model.fits("cpu"),
+    ) == ("qwen", "ctranslate2", {"cache_size": "8192"}, True, False)
     assert violations({"a": {"path": 3, "speed": 1, "id": "x"}}) == [
-        "models.a.path: must be a string", "models.a.speed: unknown setting",
-        "models.a.id: comes from the table name; remove it"]  # fmt: skip
-    assert violations({"a": {"path": "p", "engine": "vllm", "device": "tpu", "desired_replicas": 3,
-                             "max_replicas": 2, "inter_threads": -1}}) == [
+        "models.a.path: must be a string",
+        "models.a.speed: unknown setting",
+        "models.a.id: comes from the table name; remove it",
+    ]
+    assert violations(
+        {
+            "a": {
+                "path": "p",
+                "engine": "vllm",
+                "device": "tpu",
+                "desired_replicas": 3,
+                "max_replicas": 2,
+                "inter_threads": -1,
+            }
+        }
+    ) == [
         "models.a.engine: 'vllm' is not one of ctranslate2, exllamav3, fake",
         "models.a.device: 'tpu' is not 'cpu', 'cuda' or ''",
         "models.a.inter_threads: must not be negative",
-        "models.a.desired_replicas: 3 is above max_replicas 2"]  # fmt: skip
-    assert violations({"b": {"desired_replicas": True}, "c": {"path": "p", "options": {"k": 1}}}) == [
+        "models.a.desired_replicas: 3 is above max_replicas 2",
+    ]
+    assert violations(
+        {"b": {"desired_replicas": True}, "c": {"path": "p", "options": {"k": 1}}}
+    ) == [
         "models.b.desired_replicas: must be an integer",
-        'models.c.options: must be a table of strings, e.g. options = { cache_size = "8192" }']  # fmt: skip
+        'models.c.options: must be a table of strings, e.g. options = { cache_size = "8192" }',
+    ]
     assert violations({"d": {}}) == ["models.d.path: is required"]
 
 
 def test_the_router_config_file_carries_the_catalog(tmp_path: Path) -> None:
     path = tmp_path / "router.toml"
-    path.write_text('[router]\nauth = "none"\n[router.discovery]\nreplicas = ["a:1"]\n'
-                    '[models.demo]\npath = "demo"\ndesired_replicas = 1\n')  # fmt: skip
+    path.write_text(
+        '[router]\nauth = "none"\n[router.discovery]\nreplicas = ["a:1"]\n'
+        '[models.demo]\npath = "demo"\ndesired_replicas = 1\n'
+    )
     config = RouterConfig.from_mapping(read_config_file(path)).validate()
     assert config.models == (CatalogModel.of(id="demo", path="demo", desired_replicas=1),)
     path.write_text('[model.demo]\npath = "demo"\n')  # a typo'd table is not silently ignored
@@ -95,15 +126,30 @@ def replicas(*states: tuple[ReplicaState, str, str]) -> tuple[Registry, list[Rep
     out = []
     for i, (state, model, device) in enumerate(states):
         replica = registry.add(f"10.0.0.{i}:1")
-        registry.update(replica, LoadReport(replica_id=f"r{i}", state=state, model=model, queued=0,
-                                            running=0, tokens_in_flight=0, tokens_per_second=0.0,
-                                            device=device))  # fmt: skip
+        registry.update(
+            replica,
+            LoadReport(
+                replica_id=f"r{i}",
+                state=state,
+                model=model,
+                queued=0,
+                running=0,
+                tokens_in_flight=0,
+                tokens_per_second=0.0,
+                device=device,
+            ),
+        )
         out.append(replica)
     return registry, out
 
 
-E, R, L, D, F = (ReplicaState.EMPTY, ReplicaState.READY, ReplicaState.LOADING,
-                 ReplicaState.DRAINING, ReplicaState.FAILED)  # fmt: skip
+E, R, L, D, F = (
+    ReplicaState.EMPTY,
+    ReplicaState.READY,
+    ReplicaState.LOADING,
+    ReplicaState.DRAINING,
+    ReplicaState.FAILED,
+)
 
 
 def test_placement_fills_idle_replicas_in_name_order_up_to_the_desired_count() -> None:
@@ -123,8 +169,13 @@ def test_placement_fills_idle_replicas_in_name_order_up_to_the_desired_count() -
 
 
 def test_scale_down_frees_failed_then_loading_then_drained_then_the_least_busy() -> None:
-    _, rs = replicas((R, "demo", "cpu"), (L, "demo", "cpu"), (R, "demo", "cpu"), (D, "demo", "cpu"),
-                     (R, "other", "cpu"))  # fmt: skip
+    _, rs = replicas(
+        (R, "demo", "cpu"),
+        (L, "demo", "cpu"),
+        (R, "demo", "cpu"),
+        (D, "demo", "cpu"),
+        (R, "other", "cpu"),
+    )
     rs[0].inflight, rs[2].inflight = 3, 1
     assert [r.name for r in plan.hosting(rs, "demo")] == ["r0", "r1", "r2", "r3"]
     assert [r.name for r in plan.to_unload(rs, "demo", keep=1)] == ["r1", "r3", "r2"]
@@ -138,7 +189,8 @@ def test_pending_says_why_a_model_has_fewer_replicas_than_wanted() -> None:
         "1 of 3 ready: 1 loading; last load failed: r9: out of memory; no idle replica for 1 more"
     )
     assert plan.pending(rs, replace(DEMO, device="cuda"), 3, NOW, STALE) == (
-        "1 of 3 ready: 1 loading; no idle replica on cuda for 1 more")  # fmt: skip
+        "1 of 3 ready: 1 loading; no idle replica on cuda for 1 more"
+    )
 
 
 def test_meshllm_up_without_a_config_puts_its_model_on_every_replica(tmp_path: Path) -> None:

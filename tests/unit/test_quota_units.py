@@ -159,9 +159,14 @@ def test_prompt_estimate_counts_every_input_form() -> None:
 
 
 @contextlib.asynccontextmanager
-async def admitted(admission: Admission, tenant: Tenant, request: gen.GenerateRequest,  # noqa: PLR0917 (mirrors the call)
-                   budget: Callable[[], int], record: RequestRecord,
-                   span: trace.Span) -> AsyncIterator[tuple[tuple[str, str], ...]]:  # fmt: skip
+async def admitted(  # noqa: PLR0917 (mirrors the router's call)
+    admission: Admission,
+    tenant: Tenant,
+    request: gen.GenerateRequest,
+    budget: Callable[[], int],
+    record: RequestRecord,
+    span: trace.Span,
+) -> AsyncIterator[tuple[tuple[str, str], ...]]:
     """What the router does around one request: reserve, run, settle with what it used."""
     routed = RoutedRequest(request, record, span, prompt_estimate(request))
     held = await admission.reserve(tenant, routed.prompt_estimate + budget(), span)
@@ -308,8 +313,11 @@ def test_authenticator_maps_bearer_keys_to_tenants() -> None:
     auth = Authenticator([user, admin], CollectorRegistry())
     assert auth.authenticate([("authorization", "Bearer ku")]) is user
     assert auth.authenticate([("authorization", "bearer  ka ")]) is admin
-    for metadata, words in [([], "missing"), ([("authorization", "Basic ku")], "malformed"),
-                            ([("authorization", "Bearer nope")], "invalid")]:  # fmt: skip
+    for metadata, words in [
+        ([], "missing"),
+        ([("authorization", "Basic ku")], "malformed"),
+        ([("authorization", "Bearer nope")], "invalid"),
+    ]:
         with pytest.raises(Unauthenticated, match=words):
             auth.authenticate(metadata)
     auth.require_admin(admin)
@@ -390,8 +398,9 @@ def test_the_redis_url_can_come_from_a_file(
     monkeypatch.delenv("MESHLLM_REDIS_URL", raising=False)
     path = tmp_path / "url"
     path.write_text(f"  {URL}\n")  # as `kubectl create secret --from-file` may leave it
-    args = parse_args(["--replica", "a:1", "--no-auth", "--quota-store", "redis",
-                       "--redis-url-file", str(path)])  # fmt: skip
+    args = parse_args(
+        ["--replica", "a:1", "--no-auth", "--quota-store", "redis", "--redis-url-file", str(path)]
+    )
     config = config_from_args(args)
     assert (config.redis.url_file, config.redis.url) == (str(path), "")
     path.write_text("redis://changed:6379/0")
@@ -435,8 +444,9 @@ def test_a_bad_redis_url_file_is_named_but_never_shown(
         path.write_text(content)
     elif content is not None:
         path.write_bytes(content)
-    config = RouterConfig.from_flat({"replicas": ("a:1",), "auth": "none", "quota_store": "redis",
-                                     "redis_url_file": str(path)})  # fmt: skip
+    config = RouterConfig.from_flat(
+        {"replicas": ("a:1",), "auth": "none", "quota_store": "redis", "redis_url_file": str(path)}
+    )
     with pytest.raises(InvalidArgument) as info:
         config.validate()
     (violation,) = info.value.field_violations

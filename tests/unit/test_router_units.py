@@ -26,10 +26,18 @@ class Clock:
         return self.now
 
 
-def report(model: str = "m", state: ReplicaState = ReplicaState.READY, queued: int = 0,
-           tokens: int = 0) -> LoadReport:  # fmt: skip
-    return LoadReport(replica_id="", state=state, model=model, queued=queued, running=0,
-                      tokens_in_flight=tokens, tokens_per_second=0.0)  # fmt: skip
+def report(
+    model: str = "m", state: ReplicaState = ReplicaState.READY, queued: int = 0, tokens: int = 0
+) -> LoadReport:
+    return LoadReport(
+        replica_id="",
+        state=state,
+        model=model,
+        queued=queued,
+        running=0,
+        tokens_in_flight=tokens,
+        tokens_per_second=0.0,
+    )
 
 
 def registry_with(*reports: LoadReport) -> tuple[Registry, list[Replica], Clock]:
@@ -50,8 +58,18 @@ def test_load_counts_own_work_exactly_and_adds_other_routers_work_from_reports()
         assert load(a, tokens_per_request=100) == 1 + 200 / 100
         # The report shows our request (running, 200 tokens left) and another router's 2 queued
         # requests with 400 tokens: only those count on top of our own figures.
-        registry.update(a, LoadReport(replica_id="", state=ReplicaState.READY, model="m", queued=2,
-                                      running=1, tokens_in_flight=600, tokens_per_second=0.0))  # fmt: skip
+        registry.update(
+            a,
+            LoadReport(
+                replica_id="",
+                state=ReplicaState.READY,
+                model="m",
+                queued=2,
+                running=1,
+                tokens_in_flight=600,
+                tokens_per_second=0.0,
+            ),
+        )
         assert (a.others_requests, a.others_tokens) == (2, 400)
         assert load(a, tokens_per_request=100) == 3 + 600 / 100
         lease.received(150)  # fresh progress counts at once, without waiting for a report
@@ -100,8 +118,9 @@ def test_candidates_are_ready_fresh_listed_replicas_of_the_model() -> None:
     assert registry.candidates("m", exclude=[ok]) == []
     assert registry.knows("x") and not registry.knows("y")
     assert {m: [r.address for r in rs] for m, rs in registry.ready_models().items()} == {
-        "m": [ok.address], "x": [other.address]
-    }  # fmt: skip
+        "m": [ok.address],
+        "x": [other.address],
+    }
     registry.update(ejected, report())  # a new report re-admits it
     assert ejected in registry.candidates("m")
 
@@ -164,9 +183,17 @@ def test_status_name_names_how_a_request_ended() -> None:
     rpc = grpc.aio.AioRpcError(
         grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
     )
-    assert [status_name(e) for e in (None, InvalidArgument("x"), rpc, asyncio.CancelledError(),
-                                     GeneratorExit(), ValueError())] == [
-        "OK", "INVALID_ARGUMENT", "UNAVAILABLE", "CANCELLED", "CANCELLED", "INTERNAL"]  # fmt: skip
+    assert [
+        status_name(e)
+        for e in (
+            None,
+            InvalidArgument("x"),
+            rpc,
+            asyncio.CancelledError(),
+            GeneratorExit(),
+            ValueError(),
+        )
+    ] == ["OK", "INVALID_ARGUMENT", "UNAVAILABLE", "CANCELLED", "CANCELLED", "INTERNAL"]
 
 
 def test_a_flat_router_table_still_loads_and_a_setting_given_twice_is_refused(

@@ -25,10 +25,26 @@ def test_the_formatter_formats_library_code() -> None:
 
 
 def test_each_shared_domain_type_is_defined_once() -> None:
-    shared = ("ModelSpec", "ReplicaState", "LoadReport", "FinishReason", "Usage", "Timing",
-              "ModelInfo", "DeviceMemory", "ReplicaStatus", "QuotaUsage")  # fmt: skip
-    found = {name: [str(p.relative_to(ROOT)) for p in library_files()
-                    if re.search(rf"^class {name}\b", p.read_text(), re.M)] for name in shared}  # fmt: skip
+    shared = (
+        "ModelSpec",
+        "ReplicaState",
+        "LoadReport",
+        "FinishReason",
+        "Usage",
+        "Timing",
+        "ModelInfo",
+        "DeviceMemory",
+        "ReplicaStatus",
+        "QuotaUsage",
+    )
+    found = {
+        name: [
+            str(p.relative_to(ROOT))
+            for p in library_files()
+            if re.search(rf"^class {name}\b", p.read_text(), re.M)
+        ]
+        for name in shared
+    }
     assert {k: len(v) for k, v in found.items()} == dict.fromkeys(shared, 1), found
 
 

@@ -18,8 +18,13 @@ from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
 from meshllm.replica.types import ChatMessage, GenerationRequest, SamplingParams
 from meshllm.replica.validation import Limits, check_input, resolve_sampling
 
-LIMITS = Limits(context_length=100, default_max_tokens=16, max_tokens_limit=64, vocab_size=261,
-                max_input_chars=1000)  # fmt: skip
+LIMITS = Limits(
+    context_length=100,
+    default_max_tokens=16,
+    max_tokens_limit=64,
+    vocab_size=261,
+    max_input_chars=1000,
+)
 
 
 # -- stop strings ---------------------------------------------------------------------------------

@@ -20,18 +20,17 @@ import grpc
 from meshllm.api import convert
 from meshllm.api.errors import InvalidArgument, from_rpc_error
 from meshllm.api.spec import SPEC_FIELDS
-from meshllm.api.tls import ChannelTLS, channel
+from meshllm.api.tls import ChannelTLS
 from meshllm.api.types import ModelPlacement, QuotaUsage, ReplicaStatus
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
-from meshllm.client._loop import BackgroundLoop
+from meshllm.client._connection import Connection, SyncTwin
 from meshllm.client._options import (
     USE_CLIENT_DEFAULT,
     CallTimeout,
     Timeout,
     TimeoutArg,
-    as_timeout,
     resolve_timeout,
 )
 
@@ -83,14 +82,17 @@ class AsyncAdminClient:
         timeout: TimeoutArg = None,
         tls: ChannelTLS | bool | None = None,
     ) -> None:
-        self.target = target
-        self.timeout = as_timeout(timeout)
-        self.tls = ChannelTLS() if tls is True else tls or None
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._conn = Connection(
+            target, adm_grpc.AdminStub, api_key=api_key, timeout=timeout, tls=tls
         )
-        self._channel: grpc.aio.Channel | None = None
-        self._stub_obj: adm_grpc.AdminStub | None = None
+
+    @property
+    def target(self) -> str:
+        return self._conn.target
+
+    @property
+    def timeout(self) -> Timeout:
+        return self._conn.timeout
 
     async def __aenter__(self) -> AsyncAdminClient:
         return self
@@ -99,22 +101,19 @@ class AsyncAdminClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub_obj = None
+        await self._conn.close()
 
     def _stub(self) -> adm_grpc.AdminStub:
-        if self._stub_obj is None:
-            self._channel = channel(self.target, self.tls)
-            self._stub_obj = adm_grpc.AdminStub(self._channel)
-        return self._stub_obj
+        return self._conn.stub()
 
     async def _call(
         self, method: Callable[..., Awaitable[R]], request: object, timeout: CallTimeout
     ) -> R:
         try:
             return await method(
-                request, timeout=resolve_timeout(timeout, self.timeout), metadata=self._metadata
+                request,
+                timeout=resolve_timeout(timeout, self.timeout),
+                metadata=self._conn.metadata,
             )
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
@@ -207,7 +206,7 @@ class AsyncAdminClient:
         return [convert.quota_usage_from_pb(u) for u in reply.usage]
 
 
-class AdminClient:
+class AdminClient(SyncTwin[AsyncAdminClient]):
     """Blocking client with the same methods as :class:`AsyncAdminClient`."""
 
     def __init__(
@@ -218,31 +217,14 @@ class AdminClient:
         timeout: TimeoutArg = None,
         tls: ChannelTLS | bool | None = None,
     ) -> None:
-        self._loop = BackgroundLoop("meshllm-admin-client")
-        self._async = AsyncAdminClient(target, api_key=api_key, timeout=timeout, tls=tls)
-
-    @property
-    def target(self) -> str:
-        return self._async.target
-
-    @property
-    def timeout(self) -> Timeout:
-        return self._async.timeout
-
-    def __enter__(self) -> AdminClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._loop.close(self._async.close())
+        core = AsyncAdminClient(target, api_key=api_key, timeout=timeout, tls=tls)
+        super().__init__("meshllm-admin-client", core)
 
     def list_models(self, *, timeout: CallTimeout = USE_CLIENT_DEFAULT) -> list[ModelPlacement]:
-        return self._loop.run(self._async.list_models(timeout=timeout))
+        return self._run(self._async.list_models(timeout=timeout))
 
     def list_replicas(self, *, timeout: CallTimeout = USE_CLIENT_DEFAULT) -> list[ReplicaStatus]:
-        return self._loop.run(self._async.list_replicas(timeout=timeout))
+        return self._run(self._async.list_replicas(timeout=timeout))
 
     def load_model(
         self,
@@ -253,7 +235,7 @@ class AdminClient:
         wait: bool = True,
         timeout: CallTimeout = USE_CLIENT_DEFAULT,
     ) -> ModelPlacement:
-        return self._loop.run(
+        return self._run(
             self._async.load_model(
                 model, replicas=replicas, overrides=overrides, wait=wait, timeout=timeout
             )
@@ -266,7 +248,7 @@ class AdminClient:
         drain_timeout_s: float = 0.0,
         timeout: CallTimeout = USE_CLIENT_DEFAULT,
     ) -> ModelPlacement:
-        return self._loop.run(
+        return self._run(
             self._async.unload_model(model, drain_timeout_s=drain_timeout_s, timeout=timeout)
         )
 
@@ -279,7 +261,7 @@ class AdminClient:
         wait: bool = True,
         timeout: CallTimeout = USE_CLIENT_DEFAULT,
     ) -> ModelPlacement:
-        return self._loop.run(
+        return self._run(
             self._async.scale_model(
                 model, replicas, drain_timeout_s=drain_timeout_s, wait=wait, timeout=timeout
             )
@@ -288,14 +270,14 @@ class AdminClient:
     def drain_replica(
         self, replica_id: str, *, timeout: CallTimeout = USE_CLIENT_DEFAULT
     ) -> ReplicaStatus:
-        return self._loop.run(self._async.drain_replica(replica_id, timeout=timeout))
+        return self._run(self._async.drain_replica(replica_id, timeout=timeout))
 
     def undrain_replica(
         self, replica_id: str, *, timeout: CallTimeout = USE_CLIENT_DEFAULT
     ) -> ReplicaStatus:
-        return self._loop.run(self._async.undrain_replica(replica_id, timeout=timeout))
+        return self._run(self._async.undrain_replica(replica_id, timeout=timeout))
 
     def quota_usage(
         self, tenant: str = "", *, timeout: CallTimeout = USE_CLIENT_DEFAULT
     ) -> list[QuotaUsage]:
-        return self._loop.run(self._async.quota_usage(tenant, timeout=timeout))
+        return self._run(self._async.quota_usage(tenant, timeout=timeout))

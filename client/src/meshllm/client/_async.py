@@ -11,13 +11,14 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import from_rpc_error
-from meshllm.api.tls import ChannelTLS, channel
+from meshllm.api.tls import ChannelTLS
 from meshllm.api.tracing import ending, inject, tracer
 from meshllm.api.types import ModelInfo
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.client._batch import BatchOptions, BatchRunner, Prepared
 from meshllm.client._cache import ResponseCache, cache_key
+from meshllm.client._connection import Connection
 from meshllm.client._convert import (
     build_request,
     canonical_request,
@@ -30,8 +31,8 @@ from meshllm.client._options import (
     USE_CLIENT_DEFAULT,
     CallTimeout,
     RequestFields,
+    Timeout,
     TimeoutArg,
-    as_timeout,
     resolve_timeout,
 )
 from meshllm.client._pacing import RateLimits, parse_rate_limits
@@ -65,18 +66,30 @@ class AsyncClient:
         tls: ChannelTLS | bool | None = None,
         cache: CacheArg = None,
     ) -> None:
-        self.target = target
-        self.timeout = as_timeout(timeout)
-        self.tls = ChannelTLS() if tls is True else tls or None
+        self._conn = Connection(
+            target, gen_grpc.GenerationStub, api_key=api_key, timeout=timeout, tls=tls
+        )
         self._owns_cache = cache is not None and not isinstance(cache, ResponseCache)
         self.cache = (
             cache if isinstance(cache, ResponseCache) or cache is None else ResponseCache(cache)
         )
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        )
-        self._channel: grpc.aio.Channel | None = None
-        self._stub_obj: gen_grpc.GenerationStub | None = None
+
+    @property
+    def target(self) -> str:
+        return self._conn.target
+
+    @property
+    def timeout(self) -> Timeout:
+        """Every call's deadline unless the call gives its own."""
+        return self._conn.timeout
+
+    @property
+    def tls(self) -> ChannelTLS | None:
+        return self._conn.tls
+
+    @property
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._conn.metadata
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -85,17 +98,12 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub_obj = None
+        await self._conn.close()
         if self.cache is not None and self._owns_cache:  # a ResponseCache passed in is the caller's
             self.cache.close()
 
     def _stub(self) -> gen_grpc.GenerationStub:
-        if self._stub_obj is None:
-            self._channel = channel(self.target, self.tls)
-            self._stub_obj = gen_grpc.GenerationStub(self._channel)
-        return self._stub_obj
+        return self._conn.stub()
 
     async def generate(
         self,

@@ -15,18 +15,17 @@ from meshllm.api.tls import ChannelTLS
 from meshllm.api.types import ModelInfo
 from meshllm.client._async import DEFAULT_BATCH, AsyncClient, CacheArg, PromptArg
 from meshllm.client._batch import BatchOptions
-from meshllm.client._loop import BackgroundLoop
+from meshllm.client._connection import SyncTwin
 from meshllm.client._options import (
     USE_CLIENT_DEFAULT,
     CallTimeout,
     RequestFields,
-    Timeout,
     TimeoutArg,
 )
 from meshllm.client._types import BatchItem, Completion, Prompt, StreamChunk
 
 
-class Client:
+class Client(SyncTwin[AsyncClient]):
     """Blocking client with the same methods as :class:`AsyncClient`."""
 
     def __init__(
@@ -38,26 +37,8 @@ class Client:
         tls: ChannelTLS | bool | None = None,
         cache: CacheArg = None,
     ) -> None:
-        self._loop = BackgroundLoop("meshllm-client")
-        self._async = AsyncClient(target, api_key=api_key, timeout=timeout, tls=tls, cache=cache)
-
-    @property
-    def target(self) -> str:
-        return self._async.target
-
-    @property
-    def timeout(self) -> Timeout:
-        """Every call's deadline unless the call gives its own."""
-        return self._async.timeout
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._loop.close(self._async.close())
+        core = AsyncClient(target, api_key=api_key, timeout=timeout, tls=tls, cache=cache)
+        super().__init__("meshllm-client", core)
 
     def generate(
         self,
@@ -78,7 +59,7 @@ class Client:
         timeout: CallTimeout = USE_CLIENT_DEFAULT,
     ) -> Completion:
         """See :meth:`AsyncClient.generate`."""
-        return self._loop.run(
+        return self._run(
             self._async.generate(
                 prompt,
                 model=model,
@@ -148,7 +129,7 @@ class Client:
         timeout: CallTimeout = USE_CLIENT_DEFAULT,
     ) -> Completion:
         """See :meth:`AsyncClient.generate_with`."""
-        return self._loop.run(
+        return self._run(
             self._async.generate_with(prompt, model=model, fields=fields, timeout=timeout)
         )
 
@@ -189,7 +170,7 @@ class Client:
 
     def list_models(self, *, timeout: CallTimeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
         """See :meth:`AsyncClient.list_models`."""
-        return self._loop.run(self._async.list_models(timeout=timeout))
+        return self._run(self._async.list_models(timeout=timeout))
 
     def iter_batch(
         self,
@@ -248,7 +229,7 @@ class Client:
         options: BatchOptions = DEFAULT_BATCH,
     ) -> list[BatchItem]:
         """See :meth:`AsyncClient.generate_batch`."""
-        return self._loop.run(
+        return self._run(
             self._async.generate_batch(
                 prompts,
                 model=model,

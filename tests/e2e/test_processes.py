@@ -201,7 +201,8 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
             assert line, "meshllm up exited before the mesh was up"
         lines.append(line)
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) == 3  # a router and two replicas
+        assert len(psutil.Process(up.pid).children()) == 3  # a router and two replicas
+        assert len(engine_processes(children)) == 2  # each replica's engine, in its own process
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             client = gen_grpc.GenerationStub(channel)
             (info,) = client.ListModels(gen.ListModelsRequest(), timeout=5).models
@@ -226,6 +227,10 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
     )
 
 
+def engine_processes(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if "meshllm.replica.engines.worker" in " ".join(p.cmdline())]
+
+
 def test_killing_meshllm_up_itself_stops_its_children(model_cache: Path) -> None:
     up = subprocess.Popen(
         [str(Path(sys.executable).parent / "meshllm"), "up", "--replicas", "1", "--port", "0"],
@@ -237,7 +242,7 @@ def test_killing_meshllm_up_itself_stops_its_children(model_cache: Path) -> None
         while "meshllm is up" not in (line := up.stdout.readline()):
             assert line, "meshllm up exited before the mesh was up"
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) == 2
+        assert (len(children), len(engine_processes(children))) == (3, 1)
         up.kill()  # no chance to clean up: the children must notice on their own
         up.wait()
         _, alive = psutil.wait_procs(children, timeout=30)

@@ -58,6 +58,7 @@ async def test_device_and_compute_type_flags_reach_ctranslate2(
         replica_name="r",
         max_input_chars=1000,
         batch_window_ms=0,
+        engine_process=False,  # the patched library lives in this process
     )
     await model.close()
     (call,) = RecordingGenerator.calls

@@ -668,7 +668,9 @@ async def test_replica_streams_stops_and_cancels_through_the_loop(
     start_replica: StartReplica, tiny_llama_dir: Path, scripted_exllamav3: list[ScriptedGenerator]
 ) -> None:
     spec = ModelSpec(id="llama", path=str(tiny_llama_dir), engine="exllamav3")
-    server = await start_replica(spec)
+    server = await start_replica(
+        spec, engine_process=False
+    )  # the scripted library is this process's
     channel, client = stub(server.port)
     async with channel:
         chunks = await collect(

@@ -66,7 +66,7 @@ def test_catalog_tables_become_models_and_every_mistake_names_its_field() -> Non
             }
         }
     ) == [
-        "models.a.engine: 'vllm' is not one of ctranslate2, exllamav3, fake",
+        "models.a.engine: 'vllm' is not one of ctranslate2, exllamav3, fake, sim",
         "models.a.device: 'tpu' is not 'cpu', 'cuda' or ''",
         "models.a.inter_threads: must not be negative",
         "models.a.desired_replicas: 3 is above max_replicas 2",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from meshllm.api.errors import FieldViolation, invalid_fields
 
-ENGINES = ("ctranslate2", "exllamav3", "fake")
+ENGINES = ("ctranslate2", "exllamav3", "fake", "sim")
 """Engine names a replica knows (pinned against the replica's registry by a test)."""
 DEFAULT_ENGINE = "ctranslate2"
 BUILTIN_MODELS = ("demo", "bench")

@@ -83,6 +83,11 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
         "(0: one message per token when the reader keeps up)",
     )
     p.add_argument(
+        "--in-process-engine",
+        action="store_true",
+        help="run the engine inside this process instead of a process of its own",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -142,6 +147,7 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
         drain_grace_s=args.drain_grace,
         batch_window_ms=args.batch_window_ms,
         default_coalesce_ms=args.default_coalesce_ms,
+        engine_process=not args.in_process_engine,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
         tls_cert=args.tls_cert,

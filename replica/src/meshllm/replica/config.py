@@ -41,6 +41,10 @@ class ReplicaConfig:
     default_coalesce_ms: int = 10
     """For requests without stream_options: how long a chunk may hold tokens (the first token is
     never held). Sending one message per token costs more CPU than generating it on small models."""
+    engine_process: bool = True
+    """Run the engine in a process of its own (the model, batching, device), so its Python and
+    this process's gRPC work hold two GILs, not one; a crashed engine fails its requests and
+    sets the replica FAILED instead of taking the server down. False: in this process."""
     tls_cert: str = ""
     """PEM certificate (chain) the replica presents; with ``tls_key`` it speaks TLS only ("":
     plaintext, for local development)."""

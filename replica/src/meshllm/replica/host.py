@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -14,6 +15,7 @@ from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavaila
 from meshllm.api.spec import ModelSpec
 from meshllm.api.types import LoadReport, ModelInfo, ReplicaState, ReplicaStatus
 from meshllm.replica.config import ReplicaConfig
+from meshllm.replica.engines.process import ProcessEngine
 from meshllm.replica.memory import device_memory
 from meshllm.replica.model import LoadedModel
 from meshllm.replica.types import Chunk, GenerationRequest
@@ -76,6 +78,7 @@ class Replica:
         self._unloading = False
         self._shutting_down = False
         self.on_state_change: list[Callable[[ReplicaState], Awaitable[None]]] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -114,7 +117,10 @@ class Replica:
                 max_input_chars=self.config.max_input_chars,
                 batch_window_ms=self.config.batch_window_ms,
                 default_coalesce_ms=self.config.default_coalesce_ms,
+                engine_process=self.config.engine_process,
             )
+            if isinstance(model.engine, ProcessEngine):
+                model.engine.on_exit = functools.partial(self._engine_died, model)
             await model.engine.start()
         except Exception as e:  # any load failure leaves the replica idle, with the reason
             self.error = e.message if isinstance(e, MeshError) else f"{type(e).__name__}: {e}"
@@ -124,6 +130,16 @@ class Replica:
         self.model = model
         log.info("loaded %s (%s) in %.2fs", spec.id, spec.engine, time.perf_counter() - started)
         await self._set_state(ReplicaState.READY)
+
+    def _engine_died(self, model: LoadedModel, reason: str) -> None:
+        """The engine process of ``model`` ended on its own: its requests have failed already;
+        the replica becomes FAILED with the reason, and a new load starts a new process."""
+        if self.model is not model:
+            return
+        self.model, self.error = None, reason
+        task = asyncio.get_running_loop().create_task(self._set_state(ReplicaState.FAILED))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def unload(self, *, drain_timeout_s: float, model: str = "") -> None:
         """Drain (stop admitting, let in-flight finish up to the timeout), then free the model."""

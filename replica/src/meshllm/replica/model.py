@@ -7,10 +7,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from meshllm.api.errors import FailedPrecondition, Internal, ResourceExhausted
+from meshllm.api.errors import FailedPrecondition, Internal, ResourceExhausted, Unavailable
 from meshllm.api.spec import BUILTIN_MODELS, DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_QUEUED, ModelSpec
 from meshllm.api.types import FinishReason, ModelInfo, Timing, Usage
 from meshllm.replica.engines import Engine, EngineSettings, TokenStream, create_engine
+from meshllm.replica.engines.process import EngineDied, ProcessEngine
 from meshllm.replica.stops import StopMatcher
 from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
 from meshllm.replica.types import ChatMessage, Chunk, GenerationRequest, PreparedRequest
@@ -64,6 +65,7 @@ class LoadedModel:
         max_input_chars: int,
         batch_window_ms: float,
         default_coalesce_ms: int = 0,
+        engine_process: bool = True,
     ) -> LoadedModel:
         folder = resolve_model_dir(spec.path)
         try:
@@ -99,7 +101,11 @@ class LoadedModel:
             vocabulary=tuple(tokenizer.tokens(range(tokenizer.vocab_size))),
             options=dict(spec.options),
         )
-        engine = create_engine(spec.engine, settings)
+        engine = (
+            ProcessEngine(spec.engine, settings)
+            if engine_process
+            else create_engine(spec.engine, settings)
+        )
         return cls(
             spec, tokenizer, engine, limits, replica_name, default_coalesce_ms=default_coalesce_ms
         )
@@ -177,6 +183,8 @@ class LoadedModel:
     def _final_chunk(
         self, stream: TokenStream, req: PreparedRequest, text: str, stop: str, ids: list[int]
     ) -> Chunk:
+        if isinstance(stream.error, EngineDied):
+            raise _engine_died(stream.error, stream.generated)
         if stream.error is not None:
             raise Internal(f"engine failed: {type(stream.error).__name__}: {stream.error}")
         reason = FinishReason.STOP if stop else (stream.finish_reason or FinishReason.STOP)
@@ -206,6 +214,19 @@ class LoadedModel:
 
     async def close(self) -> None:
         await self.engine.close()
+
+
+def _engine_died(error: EngineDied, streamed: int) -> Unavailable:
+    """Before the first token, another replica can take the request (the router retries
+    UNAVAILABLE); after it, the reply is cut short and must never look complete."""
+    if streamed == 0:
+        return Unavailable(
+            f"{error}; retry on another replica", reason="ENGINE_DIED", retry_after=1.0
+        )
+    return Unavailable(
+        f"{error} after {streamed} tokens; the reply is incomplete", reason="STREAM_INTERRUPTED",
+        metadata={"tokens_streamed": str(streamed)},
+    )  # fmt: skip
 
 
 def _coalescing(req: PreparedRequest) -> tuple[int, float]:

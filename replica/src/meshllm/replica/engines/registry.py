@@ -37,10 +37,17 @@ def _fake(settings: EngineSettings) -> Engine:
     return FakeEngine(settings)
 
 
+def _sim(settings: EngineSettings) -> Engine:
+    from meshllm.replica.engines.sim import SimEngine
+
+    return SimEngine(settings)
+
+
 _REGISTRY: dict[str, EngineFactory] = {
     "ctranslate2": _ctranslate2,
     "exllamav3": _exllamav3,
     "fake": _fake,
+    "sim": _sim,
 }
 
 

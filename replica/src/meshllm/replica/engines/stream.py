@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 
 from meshllm.api.types import FinishReason
 
@@ -39,11 +40,16 @@ class TokenStream:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.first_pending: float | None = None
+        self.observer: Callable[[TokenStream], None] | None = None
+        """Called (on the producer's thread) after each change: start, token, finish. The engine
+        process uses it to relay a step's tokens of every running sequence in one message."""
 
     # -- producer side (any thread) -------------------------------------------------------------
 
     def mark_started(self) -> None:
         self.started = time.perf_counter()
+        if self.observer is not None:
+            self.observer(self)
 
     def push(self, token_id: int) -> bool:
         """Add one generated token; return True when the engine should stop this request."""
@@ -69,6 +75,8 @@ class TokenStream:
                 self._want = _NEVER
         if wake:
             self._loop.call_soon_threadsafe(self._wake)
+        if self.observer is not None:
+            self.observer(self)
         return done
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
@@ -81,12 +89,21 @@ class TokenStream:
             self._want = _NEVER
         if wake:
             self._loop.call_soon_threadsafe(self._wake)
+        if self.observer is not None:
+            self.observer(self)
 
     # -- consumer side (event loop) -------------------------------------------------------------
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def take(self) -> list[int]:
+        """Every pending token, now (any thread); the relay's non-waiting read."""
+        with self._lock:
+            taken, self._pending = self._pending, []
+            self.first_pending = None
+        return taken
 
     def cancel(self) -> None:
         """Ask the engine to stop; it notices at the next token (or before the batch starts)."""

@@ -45,6 +45,9 @@ class RemoteStream(TokenStream):
         super().__init__(engine.loop, max_tokens=max_tokens, eos_ids=eos_ids)
         self._engine, self.rid = engine, rid
 
+    def _notify(self) -> None:
+        self._wake()  # the producer is the front's own event loop: no cross-thread wake-up
+
     def cancel(self) -> None:
         if not self.cancelled and not self.done:
             self._engine.send([ipc.CANCEL, self.rid])

@@ -74,7 +74,7 @@ class TokenStream:
             if wake:
                 self._want = _NEVER
         if wake:
-            self._loop.call_soon_threadsafe(self._wake)
+            self._notify()
         if self.observer is not None:
             self.observer(self)
         return done
@@ -88,7 +88,7 @@ class TokenStream:
             wake = self._waiter is not None
             self._want = _NEVER
         if wake:
-            self._loop.call_soon_threadsafe(self._wake)
+            self._notify()
         if self.observer is not None:
             self.observer(self)
 
@@ -141,6 +141,10 @@ class TokenStream:
                 await waiter
             finally:
                 self._waiter = None
+
+    def _notify(self) -> None:
+        """Wake the reader from the producer's thread."""
+        self._loop.call_soon_threadsafe(self._wake)
 
     def _wake(self) -> None:
         waiter = self._waiter

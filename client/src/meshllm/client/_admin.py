@@ -25,11 +25,10 @@ from meshllm.api.types import ModelPlacement, QuotaUsage, ReplicaStatus
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
-from meshllm.client._connection import Connection, SyncTwin
+from meshllm.client._connection import Connected, Connection, SyncTwin
 from meshllm.client._options import (
     USE_CLIENT_DEFAULT,
     CallTimeout,
-    Timeout,
     TimeoutArg,
     resolve_timeout,
 )
@@ -63,7 +62,7 @@ def overrides_to_pb(overrides: SpecOverrides) -> rc.ModelSpec:
     return spec
 
 
-class AsyncAdminClient:
+class AsyncAdminClient(Connected[adm_grpc.AdminStub]):
     """Client of a router's ``Admin`` service: the catalog's placement, replicas, quota use.
 
     Args:
@@ -85,23 +84,6 @@ class AsyncAdminClient:
         self._conn = Connection(
             target, adm_grpc.AdminStub, api_key=api_key, timeout=timeout, tls=tls
         )
-
-    @property
-    def target(self) -> str:
-        return self._conn.target
-
-    @property
-    def timeout(self) -> Timeout:
-        return self._conn.timeout
-
-    async def __aenter__(self) -> AsyncAdminClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._conn.close()
 
     def _stub(self) -> adm_grpc.AdminStub:
         return self._conn.stub()

@@ -18,7 +18,7 @@ from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.client._batch import BatchOptions, BatchRunner, Prepared
 from meshllm.client._cache import ResponseCache, cache_key
-from meshllm.client._connection import Connection
+from meshllm.client._connection import Connected, Connection
 from meshllm.client._convert import (
     build_request,
     canonical_request,
@@ -31,7 +31,6 @@ from meshllm.client._options import (
     USE_CLIENT_DEFAULT,
     CallTimeout,
     RequestFields,
-    Timeout,
     TimeoutArg,
     resolve_timeout,
 )
@@ -43,7 +42,7 @@ CacheArg = str | os.PathLike[str] | ResponseCache | None
 DEFAULT_BATCH = BatchOptions()
 
 
-class AsyncClient:
+class AsyncClient(Connected[gen_grpc.GenerationStub]):
     """Client for a meshllm router or replica (both serve ``meshllm.api.v1.Generation``).
 
     Args:
@@ -75,27 +74,8 @@ class AsyncClient:
         )
 
     @property
-    def target(self) -> str:
-        return self._conn.target
-
-    @property
-    def timeout(self) -> Timeout:
-        """Every call's deadline unless the call gives its own."""
-        return self._conn.timeout
-
-    @property
-    def tls(self) -> ChannelTLS | None:
-        return self._conn.tls
-
-    @property
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return self._conn.metadata
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def close(self) -> None:
         await self._conn.close()

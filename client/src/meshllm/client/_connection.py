@@ -49,6 +49,34 @@ class Connection(Generic[S]):
             self._channel = self._stub = None
 
 
+class Connected(Generic[S]):
+    """An async client over one ``Connection``: its settings, ``async with`` and ``close``."""
+
+    _conn: Connection[S]
+
+    @property
+    def target(self) -> str:
+        return self._conn.target
+
+    @property
+    def timeout(self) -> Timeout:
+        """Every call's deadline unless the call gives its own."""
+        return self._conn.timeout
+
+    @property
+    def tls(self) -> ChannelTLS | None:
+        return self._conn.tls
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
 class AsyncCore(Protocol):
     @property
     def target(self) -> str: ...

@@ -83,6 +83,7 @@ class ProcessEngine:
         self._writer.write(ipc.raw_frame(pickle.dumps((self.name, self.settings))))
         first = await ipc.read(reader)
         if first is None or first[0] != ipc.READY:
+            self._writer.close()
             raise _load_error(first, await self._proc.wait())
         self._reader_task = asyncio.create_task(self._read(reader), name=f"engine {self.pid}")
 

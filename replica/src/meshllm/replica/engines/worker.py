@@ -9,6 +9,7 @@ here tokenizes, detokenizes or speaks gRPC: that is the front process's work, on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -112,10 +113,11 @@ async def serve(sock: socket.socket) -> int:
     finally:
         await engine.close()
         sender.cancel()
-        relay.flush(stats=True)
-        writer.write(ipc.frame([ipc.CLOSED]))
-        await writer.drain()
-        writer.close()
+        with contextlib.suppress(OSError):  # the front may be gone already (killed)
+            relay.flush(stats=True)
+            writer.write(ipc.frame([ipc.CLOSED]))
+            await writer.drain()
+            writer.close()
     return 0
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 import psutil
 import pytest
-from conftest import StartReplica, StartRouter, demo_spec, stub
+from conftest import StartReplica, StartRouter, capture_streams, demo_spec, stub
 
 from meshllm.api.errors import from_rpc_error
 from meshllm.api.types import ReplicaState
@@ -152,11 +152,17 @@ async def test_cancellation_reaches_the_engine_in_either_mode(
     )
     assert server.replica is not None and server.replica.model is not None
     engine = server.replica.model.engine
+    streams = capture_streams(server)
+    received = 0
     channel, client = stub(server.port)
     async with channel:
         call = client.GenerateStream(gen.GenerateRequest(model="demo", prompt="x", max_tokens=2000))
         async for chunk in call:
-            if chunk.token_ids:
+            received += len(chunk.token_ids)
+            if received >= 5:
                 break
         call.cancel()
     await until(lambda: engine.stats().running == 0 and engine.stats().queued == 0, 5.0)
+    (stream,) = streams
+    # one token per 5 ms: the engine stops within a few tokens of the client's cancel
+    assert stream.produced - received < 20, stream.produced - received

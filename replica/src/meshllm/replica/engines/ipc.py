@@ -5,7 +5,7 @@ is a msgpack list whose first item names the message.
 
 Front -> engine: ``[SUBMIT, rid, prompt_ids, sampling, priority]``, ``[CANCEL, rid]``, ``[CLOSE]``.
 Engine -> front: ``[READY]`` or ``[FAILED, status_name, message]`` once, then
-``[STEP, [[rid, tokens, started, finish, error], ...], stats]`` (every sequence that moved since
+``[STEP, [[rid, tokens, started, finish, error, generated], ...], stats]`` (every sequence that moved since
 the last message: one message per engine step, or fewer), and ``[CLOSED]`` at the end.
 """
 

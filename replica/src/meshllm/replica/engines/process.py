@@ -44,6 +44,12 @@ class RemoteStream(TokenStream):
             raise RuntimeError("engine not started")
         super().__init__(engine.loop, max_tokens=max_tokens, eos_ids=eos_ids)
         self._engine, self.rid = engine, rid
+        self.engine_generated = 0
+        """Tokens the engine process generated for it, as it last reported."""
+
+    @property
+    def produced(self) -> int:
+        return max(self.engine_generated, self.generated)
 
     def _notify(self) -> None:
         self._wake()  # the producer is the front's own event loop: no cross-thread wake-up
@@ -124,10 +130,11 @@ class ProcessEngine:
         await self._ended()
 
     def _step(self, moved: list[list[Any]], report: list[Any] | None) -> None:
-        for rid, tokens, started, finish, error in moved:
+        for rid, tokens, started, finish, error, generated in moved:
             stream = self._streams.get(rid)
             if stream is None:
                 continue
+            stream.engine_generated = generated
             if started and stream.started is None:
                 stream.mark_started()
             for token in tokens:

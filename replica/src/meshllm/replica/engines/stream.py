@@ -95,6 +95,12 @@ class TokenStream:
     # -- consumer side (event loop) -------------------------------------------------------------
 
     @property
+    def produced(self) -> int:
+        """Tokens the engine generated for this request (cancelled ones past ``generated`` too,
+        where the engine runs elsewhere)."""
+        return self.generated
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 

@@ -78,7 +78,7 @@ class Relay:
             finish = stream.finish_reason.value if stream.finish_reason is not None else None
             tokens = stream.take()
             error = f"{type(stream.error).__name__}: {stream.error}" if stream.error else None
-            moved.append([rid, tokens, stream.started is not None, finish, error])
+            moved.append([rid, tokens, stream.started is not None, finish, error, stream.generated])
             if finish is not None:
                 del self.streams[rid]
                 self._ids.pop(id(stream), None)

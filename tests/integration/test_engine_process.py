@@ -101,6 +101,9 @@ async def test_unload_ends_the_engine_process_and_its_memory(start_replica: Star
     process = psutil.Process(engine.pid)
     assert process.memory_info().rss > 20 * 2**20  # the model lives there, not in the front
     assert server.replica is not None
+    memory = server.replica.status().memory
+    assert memory is not None and memory.source == "process"
+    assert memory.used_bytes > process.memory_info().rss  # the report counts both processes
     await server.replica.unload(drain_timeout_s=1.0)
     assert server.replica.state == ReplicaState.EMPTY
     assert not psutil.pid_exists(engine.pid) or process.status() == psutil.STATUS_ZOMBIE

@@ -3,6 +3,7 @@ else the process's resident set (also on CUDA when NVML is missing: ``source`` s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import psutil
@@ -19,8 +20,19 @@ def device_memory(device: str) -> DeviceMemory:
         if gpu is not None:
             return gpu
     vm = psutil.virtual_memory()
-    rss = psutil.Process().memory_info().rss
-    return DeviceMemory(device=device, used_bytes=rss, total_bytes=vm.total, source="process")
+    return DeviceMemory(
+        device=device, used_bytes=replica_rss(), total_bytes=vm.total, source="process"
+    )
+
+
+def replica_rss() -> int:
+    """Resident memory of this process and its children: the engine process holds the model."""
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # it may have just exited
+            total += child.memory_info().rss
+    return total
 
 
 def nvml_device(device: str, visible: str | None) -> int | str | None:

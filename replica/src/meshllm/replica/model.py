@@ -224,9 +224,10 @@ def _engine_died(error: EngineDied, streamed: int) -> Unavailable:
             f"{error}; retry on another replica", reason="ENGINE_DIED", retry_after=1.0
         )
     return Unavailable(
-        f"{error} after {streamed} tokens; the reply is incomplete", reason="STREAM_INTERRUPTED",
+        f"{error} after {streamed} tokens; the reply is incomplete",
+        reason="STREAM_INTERRUPTED",
         metadata={"tokens_streamed": str(streamed)},
-    )  # fmt: skip
+    )
 
 
 def _coalescing(req: PreparedRequest) -> tuple[int, float]:

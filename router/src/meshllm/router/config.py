@@ -467,8 +467,10 @@ def _flat_keys_placed(path: Path, table: Mapping[str, Any]) -> dict[str, Any]:
         section, key = FLAT_NAMES[name]
         sub = out.setdefault(section, {})
         if not isinstance(sub, dict) or key in sub:
-            raise InvalidArgument(f"{path}: [router] {name} and [router.{section}] {key} are the same setting: set one",
-                                  field_violations=[FieldViolation(name, "set twice")])  # fmt: skip
+            raise InvalidArgument(
+                f"{path}: [router] {name} and [router.{section}] {key} are the same setting: set one",
+                field_violations=[FieldViolation(name, "set twice")],
+            )
         sub[key] = out.pop(name)
     return out
 

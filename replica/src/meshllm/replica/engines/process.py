@@ -117,8 +117,13 @@ class ProcessEngine:
         running = sum(s.started is not None for s in live)
         left = sum(s.max_tokens - s.generated for s in live)
         r = self._remote
-        return EngineStats(queued=len(live) - running, running=running, tokens_in_flight=left,
-                           cache_utilization=r.cache_utilization, extra=dict(r.extra))  # fmt: skip
+        return EngineStats(
+            queued=len(live) - running,
+            running=running,
+            tokens_in_flight=left,
+            cache_utilization=r.cache_utilization,
+            extra=dict(r.extra),
+        )
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -156,8 +161,10 @@ class ProcessEngine:
             reason = f"engine process {self.pid} exited with code {code}"
             log.error("%s with %d requests in flight", reason, len(self._streams))
         for stream in list(self._streams.values()):
-            stream.finish(FinishReason.CANCELLED if self._closing else FinishReason.ERROR,
-                          None if self._closing else EngineDied(reason))  # fmt: skip
+            stream.finish(
+                FinishReason.CANCELLED if self._closing else FinishReason.ERROR,
+                None if self._closing else EngineDied(reason),
+            )
         self._streams.clear()
         self._closed.set()
         if not self._closing and self.on_exit is not None:
@@ -189,5 +196,6 @@ def _load_error(first: list[Any] | None, code: int | None) -> MeshError:
             status, FailedPrecondition
         )
         return kind(message, reason=reason or "ENGINE_LOAD_FAILED")
-    return FailedPrecondition(f"the engine process exited with code {code} while loading",
-                              reason="ENGINE_LOAD_FAILED")  # fmt: skip
+    return FailedPrecondition(
+        f"the engine process exited with code {code} while loading", reason="ENGINE_LOAD_FAILED"
+    )

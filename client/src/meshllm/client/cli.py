@@ -14,6 +14,7 @@ import asyncio
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 from meshllm.api.errors import MeshError
 from meshllm.api.tls import ChannelTLS
@@ -59,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
     _add_tls_flags(p)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_bench(sub)
+    sub.add_parser("models", help="list the models that can serve requests")
+    add_admin_parser(sub)
+    _add_up(sub)
+    sub.add_parser("demo", help="start a local mesh on the demo model, stream a reply, run a batch")
+    return p
+
+
+def _add_generate(sub: Any) -> None:
     g = sub.add_parser("generate", help="stream one reply, or run a JSONL file through the mesh")
     g.add_argument("prompt", nargs="?", help="one prompt to stream (or use --input)")
     _sampling(g)
@@ -88,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     jsonl.add_argument(
         "--refresh-cache", action="store_true", help="ask the server again, update the cache"
     )
+
+
+def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="sweep concurrency; throughput, latency, a recommended level")
     _sampling(b)
     levels = b.add_mutually_exclusive_group()
@@ -102,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         "--max-p99-ms", type=float, help="recommend only levels with p99 latency within this"
     )
     b.add_argument("--json", action="store_true", help="print the report as JSON")
-    sub.add_parser("models", help="list the models that can serve requests")
-    add_admin_parser(sub)
+
+
+def _add_up(sub: Any) -> None:
     u = sub.add_parser("up", help="start a local mesh (a router and replicas) until Ctrl-C")
     u.add_argument("--replicas", type=int, default=2, help="replica processes (default 2)")
     u.add_argument(
@@ -121,8 +136,6 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="API keys and quotas for the router (with --api-key; default: no authentication)",
     )
-    sub.add_parser("demo", help="start a local mesh on the demo model, stream a reply, run a batch")
-    return p
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -171,7 +171,9 @@ async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaS
         others = await asyncio.gather(
             *[
                 client.Generate(
-                    gen.GenerateRequest(model="demo", prompt=f"fast {i}", max_tokens=32)
+                    gen.GenerateRequest(
+                        model="demo", prompt=f"fast {i}", max_tokens=32, temperature=0.0
+                    )
                 )
                 for i in range(8)
             ]

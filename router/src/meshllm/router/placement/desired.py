@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from meshllm.router.placement.catalog import CatalogModel
+from meshllm.router.quota.redis_store import connect
 
 log = logging.getLogger(__name__)
 KEY = "meshllm:placement:desired"
@@ -70,10 +71,7 @@ class RedisCounts:
     @classmethod
     def connect(cls, url: str, timeout_s: float) -> RedisCounts:
         """With a client of its own (the quota store does not use Redis)."""
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
-        )
-        return cls(client, owned=True)
+        return cls(connect(url, timeout_s), owned=True)
 
     async def read(self) -> dict[str, tuple[int, int]]:
         try:

@@ -44,6 +44,13 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def connect(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client whose every call gives up after ``timeout_s`` (then the router's policy decides)."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+    )
+
+
 def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
@@ -61,9 +68,7 @@ class RedisQuotaStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = redacted(url)
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
-        )
+        self.redis = connect(url, timeout_s)
         """The client (and its connection pool), which other router state stored in Redis
         borrows; closed with this store."""
         self._reserve = self.redis.register_script(_SCRIPTS.joinpath("reserve.lua").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -36,7 +37,6 @@ class Relay:
         self._engine, self._writer = engine, writer
         self._loop = asyncio.get_running_loop()
         self.streams: dict[int, TokenStream] = {}
-        self._ids: dict[int, int] = {}  # id(stream) -> rid
         self._dirty: set[int] = set()
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
@@ -44,15 +44,12 @@ class Relay:
 
     def add(self, rid: int, stream: TokenStream) -> None:
         self.streams[rid] = stream
-        self._ids[id(stream)] = rid
-        stream.observer = self.changed
-        self.changed(stream)
+        stream.observer = functools.partial(self.changed, rid)
+        self.changed(rid, stream)
 
-    def changed(self, stream: TokenStream) -> None:
-        """Any thread: remember the stream; wake the sender unless a wake-up is pending."""
-        rid = self._ids.get(id(stream))
-        if rid is None:
-            return
+    def changed(self, rid: int, stream: TokenStream) -> None:
+        """Any thread: mark ``rid`` moved; wake the sender unless a wake-up is pending (a rid
+        already relayed to its end is skipped by ``flush``)."""
         with self._lock:
             first = not self._dirty
             self._dirty.add(rid)
@@ -81,7 +78,6 @@ class Relay:
             moved.append([rid, tokens, stream.started is not None, finish, error, stream.generated])
             if finish is not None:
                 del self.streams[rid]
-                self._ids.pop(id(stream), None)
         now = time.perf_counter()
         report = None
         if stats or now - self._stats_at >= STATS_EVERY_S:

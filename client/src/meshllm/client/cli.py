@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models that can serve requests")
     add_admin_parser(sub)
     _add_up(sub)
-    sub.add_parser("demo", help="start a local mesh on the demo model, stream a reply, run a batch")
+    sub.add_parser(
+        "demo", help="start a local mesh on SmolLM2 (real, built in), stream a reply, run a batch"
+    )
     return p
 
 
@@ -122,7 +124,10 @@ def _add_up(sub: Any) -> None:
     u = sub.add_parser("up", help="start a local mesh (a router and replicas) until Ctrl-C")
     u.add_argument("--replicas", type=int, default=2, help="replica processes (default 2)")
     u.add_argument(
-        "--model", default="demo", help="'demo', 'bench' or a model folder (default demo)"
+        "--model",
+        default="smollm2",
+        help="'smollm2' (real, built in; default), 'demo' or 'bench' (generated, random weights, "
+        "instant) or a model folder",
     )
     u.add_argument(
         "--config",

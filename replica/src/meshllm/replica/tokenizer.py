@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from meshllm.api.errors import invalid_argument
 from meshllm.replica.types import ChatMessage
+from meshllm.replica.validation import SamplingDefaults
 
 _DEFAULT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -93,21 +94,52 @@ def config_eos_ids(folder: Path) -> tuple[int, ...]:
     """``eos_token_id`` (one id or a list) of ``generation_config.json``, else of a Hugging Face
     ``config.json`` (a CTranslate2 ``config.json`` has none); () where neither says."""
     for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if not path.exists():
-            continue
-        try:
-            config = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        value = config.get("eos_token_id") if isinstance(config, dict) else None
+        config = _json_config(folder / name)
+        value = config.get("eos_token_id")
         if value is None:
             continue
         ids = [value] if isinstance(value, int) else value
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-            raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+            raise ValueError(
+                f"{folder / name}: eos_token_id must be an id or a list of ids, got {value!r}"
+            )
         return tuple(ids)
     return ()
+
+
+def config_sampling_defaults(folder: Path) -> SamplingDefaults:
+    """Sampling defaults from ``generation_config.json`` (``temperature``, ``top_k``, ``top_p``,
+    ``repetition_penalty``); a value out of range is a ValueError naming it."""
+    path = folder / "generation_config.json"
+    config = _json_config(path)
+    found: dict[str, Any] = {}
+    for name, ok in _SAMPLING_RANGES.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+            raise ValueError(f"{path}: {name} {value!r} is out of range")
+        found[name] = int(value) if name == "top_k" else float(value)
+    return SamplingDefaults(**found)
+
+
+_SAMPLING_RANGES: dict[str, Callable[[float], bool]] = {
+    "temperature": lambda v: 0.0 <= v <= 10.0,
+    "top_k": lambda v: v >= 0 and v == int(v),
+    "top_p": lambda v: 0.0 < v <= 1.0,
+    "repetition_penalty": lambda v: 0.0 < v <= 10.0,
+}
+
+
+def _json_config(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} where it does not exist."""
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return config if isinstance(config, dict) else {}
 
 
 class IncrementalDetokenizer:

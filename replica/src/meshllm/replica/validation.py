@@ -16,6 +16,18 @@ MAX_COALESCE_MS = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
+class SamplingDefaults:
+    """What a request that leaves a sampling field unset gets: the model folder's
+    ``generation_config.json`` values where it has them (as vLLM and transformers do), else
+    plain sampling (temperature 1, no top-k/top-p cut, no repetition penalty)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Limits:
     """The loaded model's limits that requests are checked against."""
 
@@ -24,6 +36,7 @@ class Limits:
     max_tokens_limit: int
     vocab_size: int
     max_input_chars: int
+    defaults: SamplingDefaults = SamplingDefaults()
 
 
 def input_chars(req: GenerationRequest) -> int:
@@ -77,11 +90,12 @@ def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int)
     max_tokens = _max_tokens(req, limits, prompt_tokens, bad)
     _raise(bad)
     t, k, p, rp = req.temperature, req.top_k, req.top_p, req.repetition_penalty
+    d = limits.defaults
     return SamplingParams(
-        temperature=1.0 if t is None else t,
-        top_k=k or 0,
-        top_p=1.0 if p is None else p,
-        repetition_penalty=1.0 if rp is None else rp,
+        temperature=d.temperature if t is None else t,
+        top_k=d.top_k if k is None else k,
+        top_p=d.top_p if p is None else p,
+        repetition_penalty=d.repetition_penalty if rp is None else rp,
         max_tokens=max_tokens,
         stop=req.stop,
         seed=req.seed,

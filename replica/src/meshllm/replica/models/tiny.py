@@ -130,6 +130,7 @@ def llama_decoder_spec(
     *,
     rope_theta: float = 10000.0,
     head_dim: int | None = None,
+    rotary_dim: int = 0,
 ) -> Any:
     """An empty CTranslate2 Llama-style decoder (pre-norm RMSNorm, SwiGLU, rotary embeddings,
     grouped-query attention) for the caller to fill with weights."""
@@ -142,7 +143,7 @@ def llama_decoder_spec(
         pre_norm=True,
         ffn_glu=True,
         rms_norm=True,
-        rotary_dim=0,
+        rotary_dim=rotary_dim,  # 0: the whole head
         rotary_interleave=False,
         rotary_base=rope_theta,
         num_heads_kv=num_kv_heads,

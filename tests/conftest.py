@@ -25,11 +25,17 @@ from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.client.local import free_port
 from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.engines import TokenStream
+from meshllm.replica.models import smollm2
 from meshllm.replica.models.tiny import DEMO, ensure_model
 from meshllm.replica.models.tiny_llama import ensure_tiny_llama
 from meshllm.replica.server import ReplicaServer
+from meshllm.replica.settings import cache_dir
 from meshllm.router import RouterConfig, RouterServer
 from meshllm.router.tenants import hash_key
+
+USER_CACHE = cache_dir()
+"""The cache ``make setup`` prepared the real model in (read before the tests switch to a
+temporary one): converting SmolLM2 takes half a minute, so the tests reuse that folder."""
 
 TIERS = {"unit": "unit", "integration": "integration", "e2e": "e2e"}
 """Test folders by cost: ``unit`` (no servers, no processes), ``integration`` (real gRPC servers
@@ -56,6 +62,27 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("meshllm-cache")
     os.environ["MESHLLM_CACHE_DIR"] = str(cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache: Path) -> Path:
+    """The real SmolLM2-135M-Instruct (int8) that ``make setup`` prepared, linked into the
+    tests' cache so replicas asked for ``smollm2`` (in process or not) find it; never skipped."""
+    try:
+        prepared = smollm2.ensure_model(root=USER_CACHE)
+    except MeshError as e:
+        pytest.fail(f"{e.message}: the real-model tests need `make setup` first")
+    link = model_cache / "models" / prepared.name
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(prepared)
+    return prepared
+
+
+@pytest.fixture(scope="session")
+def smollm2_float32_dir(smollm2_dir: Path) -> Path:
+    """SmolLM2 converted to float32 from the same wheel (once per machine: ~40 s, 540 MB)."""
+    return smollm2.ensure_model(quantization="float32", root=USER_CACHE)
 
 
 @pytest.fixture(scope="session")

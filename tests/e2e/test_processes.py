@@ -56,6 +56,44 @@ def test_grpcurl_lists_services_checks_health_and_streams(replica_process: Start
     assert chunks[-1]["usage"]["completion_tokens"] == 12
 
 
+@pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (it comes with `make setup`)")
+def test_grpcurl_chat_with_the_real_model_reads_as_english_and_stops(
+    replica_process: StartProcess, smollm2_dir: Path
+) -> None:
+    _, port = replica_process("--model", "smollm2")
+    request = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 64,
+    }
+    out = json.loads(
+        grpcurl(
+            "-d", json.dumps(request), f"127.0.0.1:{port}", "meshllm.api.v1.Generation/Generate"
+        )
+    )
+    assert out["finish_reason"] == "FINISH_REASON_STOP", out
+    assert "Paris" in out["text"] and "<|im_end|>" not in out["text"], out
+
+
+def test_meshllm_demo_streams_english_and_answers_the_batch(smollm2_dir: Path) -> None:
+    """The README's main job (``make demo`` runs ``meshllm demo``)."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "meshllm"), "demo"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "models: [('smollm2', 2)]" in out, out
+    assert "batch: 8/8 done" in out and "error:" not in out, out
+    answers = dict(line.split(" -> ", 1) for line in out.splitlines() if " -> " in line)
+    assert len(answers) == 8
+    assert "Paris" in answers["  [0] What is the capital of France?"], out
+    assert "served by: {'replica-0': " in out and "'replica-1': " in out, out
+
+
 def test_sigterm_drains_in_flight_streams_then_exits(replica_process: StartProcess) -> None:
     proc, port = replica_process("--model", "demo", "--drain-grace", "30")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -186,6 +224,8 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
         [
             str(Path(sys.executable).parent / "meshllm"),
             "up",
+            "--model",
+            "demo",
             "--replicas",
             "2",
             "--port",
@@ -233,7 +273,16 @@ def engine_processes(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 def test_killing_meshllm_up_itself_stops_its_children(model_cache: Path) -> None:
     up = subprocess.Popen(
-        [str(Path(sys.executable).parent / "meshllm"), "up", "--replicas", "1", "--port", "0"],
+        [
+            str(Path(sys.executable).parent / "meshllm"),
+            "up",
+            "--model",
+            "demo",
+            "--replicas",
+            "1",
+            "--port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -257,7 +306,9 @@ def test_a_local_mesh_with_a_tenants_file_needs_keys(model_cache: Path, tmp_path
     tenants.write_text(f'[[tenants]]\nname = "dev"\nkeys = ["{hash_key("dev-key")}"]\n')
     with pytest.raises(ValueError, match="api_key"):
         LocalMeshConfig(tenants_file=str(tenants)).validate()
-    config = LocalMeshConfig(replicas=1, port=0, tenants_file=str(tenants), api_key="dev-key")
+    config = LocalMeshConfig(
+        replicas=1, port=0, model="demo", tenants_file=str(tenants), api_key="dev-key"
+    )
     with (
         LocalMesh(config) as mesh,
         Client(mesh.address, timeout=30) as anonymous,

@@ -133,7 +133,9 @@ class GGUFFile:
             raise ConversionError(f"GGUF tensor {name} is missing")
         data = self._gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        return np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
+        # a copy: F32 tensors are read-only views of the memory-mapped file, and CTranslate2
+        # quantizes in place
+        return np.array(data.reshape(shape), dtype=np.float32)
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -15,7 +15,13 @@ from meshllm.replica.engines.process import EngineDied, ProcessEngine
 from meshllm.replica.stops import StopMatcher
 from meshllm.replica.tokenizer import IncrementalDetokenizer, ModelTokenizer
 from meshllm.replica.types import ChatMessage, Chunk, GenerationRequest, PreparedRequest
-from meshllm.replica.validation import Limits, check_input, input_chars, resolve_sampling
+from meshllm.replica.validation import (
+    Limits,
+    check_fits,
+    check_input,
+    input_chars,
+    resolve_sampling,
+)
 
 _BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop
 
@@ -121,6 +127,7 @@ class LoadedModel:
     async def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Validate and tokenize; raises InvalidArgument with field violations."""
         check_input(req, self.limits)
+        check_fits(req, self.limits, self.tokenizer.max_token_chars)
         if input_chars(req) > _BIG_INPUT_CHARS:
             ids = await asyncio.to_thread(self._tokenize, req)
         else:
@@ -167,13 +174,14 @@ class LoadedModel:
                 ids = await stream.read(1 if first else want, wait_s)
                 if not ids:
                     break
-                first = False
                 text = stops.feed(detok.add(ids))
                 if stops.matched:
                     stream.cancel()
                     held_ids, tail = ids, text
                     break
-                yield Chunk(text=text, token_ids=tuple(ids))
+                # the contract names the model on the first chunk and the last
+                yield Chunk(text=text, token_ids=tuple(ids), model=self.spec.id if first else "")
+                first = False
             if not stops.matched:
                 tail = stops.feed(detok.flush()) + stops.flush()
             yield self._final_chunk(stream, req, tail, stops.matched, held_ids)

@@ -30,7 +30,8 @@ from meshllm.router.quota.limits import LIMITS, TenantLimits
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HASH = re.compile(r"sha256:([0-9a-f]{64})")
-_FIELDS = {"name", "role", "keys", "max_priority", *LIMITS}
+TENANT_FIELDS = frozenset({"name", "role", "keys", "max_priority", *LIMITS})
+"""The settings of one ``[[tenants]]`` entry (the Helm chart's schema lists the same)."""
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 """``GenerateRequest.priority`` is an int32."""
 
@@ -86,9 +87,9 @@ def _tenant(path: Path, i: int, entry: Any) -> Tenant:
     where = f"tenants[{i}]"
     if not isinstance(entry, dict):
         raise _bad(path, where, "must be a table")
-    if unknown := sorted(set(entry) - _FIELDS):
+    if unknown := sorted(set(entry) - TENANT_FIELDS):
         raise _bad(
-            path, f"{where}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(_FIELDS))})"
+            path, f"{where}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(TENANT_FIELDS))})"
         )
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):

@@ -45,8 +45,7 @@ from meshllm.replica import cli as replica_cli
 from meshllm.router import cli as router_cli
 from meshllm.router.config import FLAT_NAMES, SECTIONS, RouterConfig, read_config_file
 from meshllm.router.placement.catalog import CatalogModel
-from meshllm.router.tenants import TENANT_FIELDS
-from meshllm.router.tenants import load_tenants
+from meshllm.router.tenants import TENANT_FIELDS, load_tenants
 
 CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"
 KUBE_VERSIONS = ("1.27.0", "1.37.0")  # the chart's kubeVersion floor and the newest schemas

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshllm.api.bounds import MAX_SHOWN_CHARS, UNKNOWN_MODEL_LABEL
 from meshllm.api.errors import from_rpc_error
+from meshllm.api.v1 import admin_pb2 as adm
+from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.replica.server import ReplicaServer
 from meshllm.router import RouterServer
@@ -268,3 +270,20 @@ async def test_the_first_chunk_names_the_model_and_router_health_knows_admin(
         assert all(c.model == "" for c in chunks[1:-1])
     assert await healthy(router.port, ADMIN)
     assert await healthy(router.port, GENERATION)
+
+
+async def test_admin_calls_bound_and_truncate_what_they_echo(
+    demo_replica: ReplicaServer, start_router: StartRouter
+) -> None:
+    router = await start_router(demo_replica)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
+        admin = adm_grpc.AdminStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await admin.ScaleModel(adm.ScaleModelRequest(model="m" * 100_000, replicas=1))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(e.value.details() or "") < 300
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await admin.GetQuotaUsage(adm.GetQuotaUsageRequest(tenant="t" * 100_000))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "100000 characters" in (e.value.details() or "")
+        assert len(e.value.details() or "") < 300

@@ -23,7 +23,8 @@ from meshllm.replica.validation import (
     resolve_sampling,
 )
 
-_BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop
+_BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop,
+_MANY_MESSAGES = 64  # and chats whose template renders many messages
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -128,7 +129,7 @@ class LoadedModel:
         """Validate and tokenize; raises InvalidArgument with field violations."""
         check_input(req, self.limits)
         check_fits(req, self.limits, self.tokenizer.max_token_chars)
-        if input_chars(req) > _BIG_INPUT_CHARS:
+        if input_chars(req) > _BIG_INPUT_CHARS or len(req.messages) > _MANY_MESSAGES:
             ids = await asyncio.to_thread(self._tokenize, req)
         else:
             ids = self._tokenize(req)

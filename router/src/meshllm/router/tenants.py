@@ -89,7 +89,9 @@ def _tenant(path: Path, i: int, entry: Any) -> Tenant:
         raise _bad(path, where, "must be a table")
     if unknown := sorted(set(entry) - TENANT_FIELDS):
         raise _bad(
-            path, f"{where}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(TENANT_FIELDS))})"
+            path,
+            f"{where}.{unknown[0]}",
+            f"unknown setting (known: {', '.join(sorted(TENANT_FIELDS))})",
         )
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):

@@ -32,6 +32,7 @@ GENERATE_STREAM = "/meshllm.api.v1.Generation/GenerateStream"
 ADMIN_LIST = "/meshllm.api.v1.Admin/ListModels"
 CONTROL_STATUS = "/meshllm.api.v1.ReplicaControl/GetStatus"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 # A string field (model, 1) whose bytes are not UTF-8; a length running past the end; noise.
 BAD_UTF8 = b"\x0a\x02\xff\xfe"
@@ -40,13 +41,16 @@ NOISE = bytes(range(256)) * 3
 
 
 async def raw_call(
-    port: int, method: str, payload: bytes, *, stream: bool = False
+    port: int, method: str, payload: bytes, *, stream: bool | str = False
 ) -> grpc.StatusCode:
     """Send ``payload`` as the request bytes of ``method``; the status it ends with."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         raw: Any = channel
         try:
-            if stream:
+            if stream == "both":
+                async for _ in raw.stream_stream(method)(iter([payload]), timeout=10):
+                    pass
+            elif stream:
                 call = raw.unary_stream(method)(payload, timeout=10)
                 async for _ in call:
                     pass
@@ -118,7 +122,7 @@ async def test_undecodable_bytes_are_invalid_argument_on_every_service_with_no_t
     replica = await start_replica(demo_spec(), health_port=0)
     router = await start_router(replica)
     decoding._refusals = decoding._RefusalLog()  # a fresh rate limit: this test counts lines
-    targets = [
+    targets: list[tuple[int, str, bool | str]] = [
         (replica.port, GENERATE, False),
         (replica.port, GENERATE_STREAM, True),
         (replica.port, CONTROL_STATUS, False),
@@ -127,6 +131,8 @@ async def test_undecodable_bytes_are_invalid_argument_on_every_service_with_no_t
         (router.port, GENERATE_STREAM, True),
         (router.port, ADMIN_LIST, False),
         (router.port, HEALTH_CHECK, False),
+        (replica.port, REFLECTION, "both"),
+        (router.port, REFLECTION, "both"),
     ]
     assert replica.health_port is not None
     targets.append((replica.health_port, HEALTH_CHECK, False))
@@ -141,7 +147,7 @@ async def test_undecodable_bytes_are_invalid_argument_on_every_service_with_no_t
                 assert code in fine, (port, method, payload[:8], code)
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     refusals = [r for r in caplog.records if "undecodable" in r.getMessage()]
-    assert len(refusals) == 1  # one short line for the 27 refusals
+    assert len(refusals) == 1  # one short line for the 33 refusals
     assert await healthy(replica.port) and await healthy(router.port)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,14 +165,12 @@ async def test_long_strings_are_refused_before_tokenizing_and_health_keeps_answe
         (content, "prompt", "at least"),  # refused on its length, not tokenized
         (gen.GenerateRequest(model="demo", prompt="x", stop=["s" * 300]), "stop[0]", "1 to 256"),
     ):
-        started = time.perf_counter()
         health = asyncio.ensure_future(healthy(port))
         error = from_rpc_error(await error_of(port, request))
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
         violations = {v.field: v.description for v in error.field_violations}
         assert says in violations[field], violations
-        assert await health
-        assert time.perf_counter() - started < 5.0  # seconds of tokenizing before the fix
+        assert await health  # within its 5 s deadline: on main the loop was blocked 4-22 s
 
 
 async def test_request_id_is_validated_before_it_reaches_a_log_line(

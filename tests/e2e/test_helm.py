@@ -45,8 +45,7 @@ from meshllm.replica import cli as replica_cli
 from meshllm.router import cli as router_cli
 from meshllm.router.config import FLAT_NAMES, SECTIONS, RouterConfig, read_config_file
 from meshllm.router.placement.catalog import CatalogModel
-from meshllm.router.quota.limits import LIMITS
-from meshllm.router.tenants import load_tenants
+from meshllm.router.tenants import TENANT_FIELDS, load_tenants
 
 CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"
 KUBE_VERSIONS = ("1.27.0", "1.37.0")  # the chart's kubeVersion floor and the newest schemas
@@ -278,7 +277,11 @@ def test_router_loads_the_rendered_config(
     assert config.placement.share_counts == (config.quota.store == "redis")
     if config.auth == "api-key":
         assert Path(config.tenants_file).is_file()
-        load_tenants(Path(config.tenants_file))  # parses: hashes only, known fields
+        tenants = load_tenants(Path(config.tenants_file))  # parses: hashes only, known fields
+        if not r.values["auth"]["existingSecret"]:  # written from values, ceilings included
+            assert {t.name: t.max_priority for t in tenants} == {
+                t["name"]: t.get("max_priority", 0) for t in r.values["auth"]["tenants"]
+            }
     # the catalog is the values' catalog, field for field
     expected = [CatalogModel.of(**m) for m in r.values["catalog"]]
     assert list(config.models) == expected
@@ -346,7 +349,7 @@ def test_chart_settings_and_router_config_values_cover_router_config() -> None:
     catalog = schema["properties"]["catalog"]["items"]["properties"]
     assert set(catalog) == set(SPEC_FIELDS) | {f.name for f in fields(CatalogModel)} - {"spec"}
     tenant = schema["properties"]["auth"]["properties"]["tenants"]["items"]["properties"]
-    assert set(tenant) == {"name", "role", "keys", *LIMITS}
+    assert set(tenant) == TENANT_FIELDS
 
 
 # --- the replica flags: the replica's own parser -------------------------------------------------

@@ -38,11 +38,12 @@ def request_from_pb(msg: gen.GenerateRequest) -> GenerationRequest:
 
 
 def chunk_to_pb(chunk: Chunk, request_id: str) -> gen.GenerateChunk:
-    out = gen.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids, request_id=request_id)
+    out = gen.GenerateChunk(
+        text=chunk.text, token_ids=chunk.token_ids, request_id=request_id, model=chunk.model
+    )
     if chunk.finish_reason is not None:
         out.finish_reason = finish_to_pb(chunk.finish_reason)
         out.stop_sequence = chunk.stop_sequence
-        out.model = chunk.model
     if chunk.usage is not None:
         out.usage.CopyFrom(usage_to_pb(chunk.usage))
     if chunk.timing is not None:

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 
+from meshllm.api.bounds import shown
 from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
 from meshllm.api.spec import ModelSpec
 from meshllm.api.types import LoadReport, ModelInfo, ReplicaState, ReplicaStatus
@@ -145,7 +146,7 @@ class Replica:
         """Drain (stop admitting, let in-flight finish up to the timeout), then free the model."""
         async with self._lifecycle:
             if model and (self.spec is None or self.spec.id != model):
-                raise NotFound(f"model {model!r} is not loaded on this replica")
+                raise NotFound(f"model {shown(model)} is not loaded on this replica")
             if self._load_task is not None and not self._load_task.done():
                 await self._load_task
             if self.state in (ReplicaState.EMPTY, ReplicaState.FAILED):
@@ -252,12 +253,14 @@ class Replica:
     def _admit(self, model_id: str) -> LoadedModel:
         state, spec = self.state, self.spec
         if spec is not None and model_id and model_id != spec.id:
-            raise NotFound(f"unknown model {model_id!r}; this replica serves {spec.id!r}")
+            raise NotFound(f"unknown model {shown(model_id)}; this replica serves {spec.id!r}")
         if state == ReplicaState.READY and self.model is not None:
             return self.model
         if state == ReplicaState.LOADING:
             raise Unavailable(
-                f"model {model_id!r} is still loading", reason="MODEL_LOADING", retry_after=1.0
+                f"model {shown(model_id)} is still loading",
+                reason="MODEL_LOADING",
+                retry_after=1.0,
             )
         if state in (ReplicaState.DRAINING, ReplicaState.UNLOADING):
             raise Unavailable(
@@ -266,7 +269,7 @@ class Replica:
                 retry_after=1.0,
             )
         raise FailedPrecondition(
-            f"no model is loaded on this replica (asked for {model_id!r})",
+            f"no model is loaded on this replica (asked for {shown(model_id)})",
             reason="MODEL_NOT_LOADED",
         )
 

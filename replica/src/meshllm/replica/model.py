@@ -19,9 +19,16 @@ from meshllm.replica.tokenizer import (
     config_sampling_defaults,
 )
 from meshllm.replica.types import ChatMessage, Chunk, GenerationRequest, PreparedRequest
-from meshllm.replica.validation import Limits, check_input, input_chars, resolve_sampling
+from meshllm.replica.validation import (
+    Limits,
+    check_fits,
+    check_input,
+    input_chars,
+    resolve_sampling,
+)
 
-_BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop
+_BIG_INPUT_CHARS = 20_000  # tokenize bigger inputs off the event loop,
+_MANY_MESSAGES = 64  # and chats whose template renders many messages
 
 
 def resolve_model_dir(path: str) -> Path:
@@ -132,7 +139,8 @@ class LoadedModel:
     async def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Validate and tokenize; raises InvalidArgument with field violations."""
         check_input(req, self.limits)
-        if input_chars(req) > _BIG_INPUT_CHARS:
+        check_fits(req, self.limits, self.tokenizer.max_token_chars)
+        if input_chars(req) > _BIG_INPUT_CHARS or len(req.messages) > _MANY_MESSAGES:
             ids = await asyncio.to_thread(self._tokenize, req)
         else:
             ids = self._tokenize(req)
@@ -178,13 +186,14 @@ class LoadedModel:
                 ids = await stream.read(1 if first else want, wait_s)
                 if not ids:
                     break
-                first = False
                 text = stops.feed(detok.add(ids))
                 if stops.matched:
                     stream.cancel()
                     held_ids, tail = ids, text
                     break
-                yield Chunk(text=text, token_ids=tuple(ids))
+                # the contract names the model on the first chunk and the last
+                yield Chunk(text=text, token_ids=tuple(ids), model=self.spec.id if first else "")
+                first = False
             if not stops.matched:
                 tail = stops.feed(detok.flush()) + stops.flush()
             yield self._final_chunk(stream, req, tail, stops.matched, held_ids)

@@ -20,6 +20,7 @@ from meshllm.replica.control import ReplicaControlService
 from meshllm.replica.host import Replica
 from meshllm.replica.metrics import replica_metrics
 from meshllm.replica.service import GenerationService
+from meshllm.server.decoding import DecodingServer, add_reflection
 from meshllm.server.metrics import serve_metrics
 from meshllm.server.serving import listen, serve_until_signal, server_options, start_health_port
 
@@ -61,11 +62,12 @@ class ReplicaServer:
         replica = Replica(self.config, self.config.name(self.port))
         replica.on_state_change.append(self._on_state)
         registry, request_metrics = replica_metrics(replica)
+        services = DecodingServer(server)  # undecodable requests: INVALID_ARGUMENT
         gen_grpc.add_GenerationServicer_to_server(
-            GenerationService(replica, request_metrics), server
+            GenerationService(replica, request_metrics), services
         )
-        rc_grpc.add_ReplicaControlServicer_to_server(ReplicaControlService(replica), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        rc_grpc.add_ReplicaControlServicer_to_server(ReplicaControlService(replica), services)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
         for name, status in (("", SERVING), (CONTROL, SERVING), (GENERATION, NOT_SERVING)):
             await self._health.set(name, status)
         names = (
@@ -74,7 +76,7 @@ class ReplicaServer:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(names, server)
+        add_reflection(server, names)
         await self._on_state(ReplicaState.EMPTY)
         await server.start()
         self._server, self.replica = server, replica

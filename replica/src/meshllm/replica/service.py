@@ -11,6 +11,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from meshllm.api import convert as api_convert
+from meshllm.api.bounds import UNKNOWN_MODEL_LABEL
 from meshllm.api.convert import model_info_to_pb
 from meshllm.api.tracing import child_of, end_with_error, extract, tracer
 from meshllm.api.types import Timing, Usage
@@ -18,6 +19,7 @@ from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.replica import convert
 from meshllm.replica.host import Replica
+from meshllm.replica.validation import check_identity
 from meshllm.server.metrics import RequestMetrics, RequestRecord
 from meshllm.server.serving import streaming, unary
 
@@ -54,24 +56,21 @@ class GenerationService(gen_grpc.GenerationServicer):
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
-        spec = self._replica.spec
         span = tracer.start_span(
             "meshllm.replica/generate",
             context=extract(context.invocation_metadata()),
             kind=SpanKind.SERVER,
-            attributes={
-                "meshllm.request_id": req.request_id,
-                "meshllm.replica": self._replica.name,
-            },
+            attributes={"meshllm.replica": self._replica.name},
         )
 
         def end_span(record: RequestRecord) -> None:
             end_with_error(span, record.code)
 
-        with self._metrics.track(
-            req.model or (spec.id if spec else ""), req.request_id, on_end=end_span
-        ) as record:
+        with self._metrics.track(self._model_label(req.model), on_end=end_span) as record:
             record.replica = self._replica.name
+            check_identity(req)  # before the id goes into the log line and the span
+            record.request_id = req.request_id
+            span.set_attribute("meshllm.request_id", req.request_id)
             async for chunk in self._replica.generate(req):
                 record.tokens(len(chunk.token_ids))
                 if chunk.usage is not None:
@@ -79,6 +78,14 @@ class GenerationService(gen_grpc.GenerationServicer):
                 if chunk.timing is not None and chunk.usage is not None:
                     engine_spans(span, chunk.timing, chunk.usage)
                 yield convert.chunk_to_pb(chunk, req.request_id)
+
+    def _model_label(self, model: str) -> str:
+        """The metrics label of a request for ``model``: the loaded model's id (an empty model
+        means it), else one value for every other name a caller sends."""
+        spec = self._replica.spec
+        if spec is not None and model in ("", spec.id):
+            return spec.id
+        return UNKNOWN_MODEL_LABEL
 
     @streaming
     async def GenerateStream(

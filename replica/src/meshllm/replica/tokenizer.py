@@ -43,6 +43,10 @@ class ModelTokenizer:
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._id_to_token = [self._tok.id_to_token(i) or "" for i in range(self.vocab_size)]
+        self.max_token_chars = max(1, *(len(t) for t in self._id_to_token))
+        """The longest token's string: no token covers more characters of the input, so text
+        of ``n`` characters is at least ``n / max_token_chars`` tokens (checked before
+        tokenizing, which can take seconds for a long input)."""
         eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_ids = frozenset(
             i

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from meshllm.api.bounds import identity_violations
 from meshllm.api.errors import FieldViolation, InvalidArgument
 from meshllm.replica.types import GenerationRequest, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 4096
+MAX_ROLE_CHARS = 64
 MAX_COALESCE_TOKENS = 4096
 MAX_COALESCE_MS = 10_000
 
@@ -40,8 +42,10 @@ class Limits:
 
 
 def input_chars(req: GenerationRequest) -> int:
-    """Characters of text input: prompt, instructions and message contents."""
-    return len(req.prompt) + len(req.instructions) + sum(len(m.content) for m in req.messages)
+    """Characters of every text a request sends: prompt, instructions, each message's role and
+    content, and the stop strings (all of it is read, rendered or matched)."""
+    text = len(req.prompt) + len(req.instructions) + sum(len(s) for s in req.stop)
+    return text + sum(len(m.role) + len(m.content) for m in req.messages)
 
 
 def check_input(req: GenerationRequest, limits: Limits) -> None:
@@ -69,8 +73,12 @@ def check_input(req: GenerationRequest, limits: Limits) -> None:
     if len(req.messages) > MAX_MESSAGES:
         bad.append(FieldViolation("messages", f"at most {MAX_MESSAGES} messages"))
     for i, m in enumerate(req.messages):
-        if not m.role:
-            bad.append(FieldViolation(f"messages[{i}].role", "must not be empty"))
+        if not m.role or len(m.role) > MAX_ROLE_CHARS:
+            rule = f"must be 1 to {MAX_ROLE_CHARS} characters"
+            bad.append(FieldViolation(f"messages[{i}].role", rule))
+    if req.instructions and req.token_ids:
+        why = "cannot go with token_ids (pre-tokenized input is used as is)"
+        bad.append(FieldViolation("instructions", why))
     for i, t in enumerate(req.token_ids):
         if t >= limits.vocab_size:
             bad.append(
@@ -81,7 +89,29 @@ def check_input(req: GenerationRequest, limits: Limits) -> None:
             break
     if not req.model:
         bad.append(FieldViolation("model", "must name a model (see ListModels)"))
+    bad.extend(identity_violations(req.model, req.request_id))
     _raise(bad)
+
+
+def check_fits(req: GenerationRequest, limits: Limits, max_token_chars: int) -> None:
+    """Text that cannot fit the context whatever its tokenization is refused before it is
+    tokenized: ``n`` characters are at least ``n / max_token_chars`` tokens."""
+    if req.token_ids:
+        return
+    text = len(req.prompt) + len(req.instructions)
+    text += sum(len(m.role) + len(m.content) for m in req.messages)
+    floor = -(-text // max_token_chars)
+    if floor >= limits.context_length:
+        why = (
+            f"input is {text} characters, at least {floor} tokens; "
+            f"the model's context is {limits.context_length}"
+        )
+        _raise([FieldViolation("prompt", why)])
+
+
+def check_identity(req: GenerationRequest) -> None:
+    """The request's model and id are fit to log, label and echo (checked before anything is)."""
+    _raise(identity_violations(req.model, req.request_id))
 
 
 def resolve_sampling(req: GenerationRequest, limits: Limits, prompt_tokens: int) -> SamplingParams:

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from meshllm.api import convert
+from meshllm.api.bounds import MAX_MODEL_CHARS, shown
 from meshllm.api.errors import NotFound, invalid_argument
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
@@ -26,12 +27,17 @@ Context = grpc.aio.ServicerContext[Any, Any]
 def _model(name: str) -> str:
     if not name:
         raise invalid_argument("model", "must name a model (Admin.ListModels shows them)")
+    if len(name) > MAX_MODEL_CHARS:
+        raise invalid_argument("model", f"is {len(name)} characters; at most {MAX_MODEL_CHARS}")
     return name
 
 
 def _replica(name: str) -> str:
     if not name:
         raise invalid_argument("replica_id", "must name a replica (Admin.ListReplicas)")
+    if len(name) > MAX_MODEL_CHARS:
+        why = f"is {len(name)} characters; at most {MAX_MODEL_CHARS}"
+        raise invalid_argument("replica_id", why)
     return name
 
 
@@ -117,7 +123,7 @@ class RouterAdminService(adm_grpc.AdminServicer):
         tenants = self._auth.tenants
         if request.tenant and request.tenant not in tenants:
             raise NotFound(
-                f"unknown tenant {request.tenant!r}; tenants: {', '.join(sorted(tenants))}"
+                f"unknown tenant {shown(request.tenant)}; tenants: {', '.join(sorted(tenants))}"
             )
         names = [request.tenant] if request.tenant else sorted(tenants)
         response = adm.GetQuotaUsageResponse()

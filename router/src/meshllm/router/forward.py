@@ -76,6 +76,7 @@ class Forwarder:
             metrics=self._metrics,
             admission=self._admission,
             served=self._picker.served,
+            label=self._picker.label,
         )
 
     async def stream(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from meshllm.api.bounds import UNKNOWN_MODEL_LABEL, shown
 from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
 from meshllm.api.types import ReplicaState
 from meshllm.router.balancer import Policy
@@ -38,6 +39,13 @@ class Picker:
             if link is not None:
                 return link
             tried = [*tried, replica]  # removed between listing and picking
+
+    def label(self, model: str) -> str:
+        """The metrics label of a request for ``model``: its name when the catalog or some
+        replica knows it, else one value for every name callers invent."""
+        if model in self._catalog or self._registry.knows(model):
+            return model
+        return UNKNOWN_MODEL_LABEL
 
     def served(self, model: str) -> ServedModel | None:
         """The model as some replica serving it now reports it (before one is picked)."""
@@ -75,7 +83,7 @@ class Picker:
         ready = self._registry.ready_models()
         if not states and (ready or self._catalog) and not self._registry.knows(model):
             available = sorted({*ready, *self._catalog})
-            return NotFound(f"unknown model {model!r}; available: {', '.join(available)}")
+            return NotFound(f"unknown model {shown(model)}; available: {', '.join(available)}")
         return Unavailable(
             f"no healthy replica serves {model!r} now",
             reason="NO_HEALTHY_REPLICA",

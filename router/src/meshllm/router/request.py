@@ -16,7 +16,8 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from meshllm.api.errors import invalid_argument
+from meshllm.api.bounds import identity_violations
+from meshllm.api.errors import FieldViolation, invalid_fields
 from meshllm.api.spec import DEFAULT_MAX_TOKENS
 from meshllm.api.tracing import end_with_error, extract, tracer
 from meshllm.api.types import prompt_tokens_estimate
@@ -88,6 +89,21 @@ class RoutedRequest:
         return self.prompt_estimate + r.completion_tokens if r.completion_tokens else 0
 
 
+def check_request(request: gen.GenerateRequest, tenant: Tenant) -> None:
+    """What the router itself checks: a model named and bounded, a request id fit for logs,
+    a priority within the tenant's ceiling (the replica checks the rest)."""
+    bad = identity_violations(request.model, request.request_id)
+    if not request.model:
+        bad.append(FieldViolation("model", "must name a model (ListModels shows them)"))
+    if request.priority > tenant.max_priority:
+        why = (
+            f"{request.priority} is above tenant {tenant.name!r}'s ceiling of {tenant.max_priority}"
+        )
+        bad.append(FieldViolation("priority", why))
+    if bad:
+        raise invalid_fields("invalid request", bad)
+
+
 def _end_span(span: trace.Span, record: RequestRecord) -> None:
     span.set_attribute("meshllm.request_id", record.request_id)
     span.set_attribute("meshllm.completion_tokens", record.completion_tokens)
@@ -103,19 +119,20 @@ async def routed(
     metrics: RouterMetrics,
     admission: Admission,
     served: Callable[[str], ServedModel | None],
+    label: Callable[[str], str],
 ) -> AsyncIterator[RoutedRequest]:
     """Track ``request`` (span, metrics, access log) and hold its tenant's quota while the block
     runs; settle with the tokens it used, however it ends."""
+    model = label(request.model)
     span = tracer.start_span(
         name,
         context=extract(call.metadata),
         kind=SpanKind.SERVER,
-        attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name},
+        attributes={"meshllm.model": model, "meshllm.tenant": call.tenant.name},
     )
-    with metrics.track(request.model, on_end=functools.partial(_end_span, span)) as record:
+    with metrics.track(model, on_end=functools.partial(_end_span, span)) as record:
         record.tenant = call.tenant.name
-        if not request.model:
-            raise invalid_argument("model", "must name a model (ListModels shows them)")
+        check_request(request, call.tenant)  # before the id is logged or the model echoed
         request.request_id = request.request_id or uuid.uuid4().hex
         record.request_id = request.request_id
         routed = RoutedRequest(request, record, span, prompt_estimate(request))

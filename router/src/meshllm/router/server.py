@@ -34,6 +34,7 @@ from meshllm.router.quota import make_store
 from meshllm.router.quota.redis_store import RedisQuotaStore
 from meshllm.router.registry import Registry
 from meshllm.router.service import RouterGenerationService
+from meshllm.server.decoding import DecodingServer, add_reflection
 from meshllm.server.metrics import serve_metrics
 from meshllm.server.serving import listen, serve_until_signal, server_options, start_health_port
 
@@ -51,8 +52,8 @@ SERVING, NOT_SERVING = (
 class RouterServer:
     """A running router: ``await start()``, then ``await stop()`` (lets in-flight streams end).
 
-    Health: the overall status ("") is SERVING while the router runs; the Generation service
-    is SERVING while at least one replica can take work.
+    Health: the overall status ("") and the Admin service are SERVING while the router runs;
+    the Generation service is SERVING while at least one replica can take work.
     """
 
     def __init__(self, config: RouterConfig) -> None:
@@ -102,6 +103,7 @@ class RouterServer:
         self.port = listen(server, self.config.host, self.config.port, tls)
         prometheus = self._add_services(server)
         await self._health.set("", SERVING)
+        await self._health.set(ADMIN, SERVING)  # Admin answers whenever the router runs
         await self._health.set(GENERATION, NOT_SERVING)
         self.pool.sync(await self._discovery.addresses())
         self.placement.start()
@@ -148,16 +150,15 @@ class RouterServer:
             max_attempts=c.max_attempts,
             retry_after_s=c.retry_after_s,
         )
+        services = DecodingServer(server)  # undecodable requests: INVALID_ARGUMENT
         gen_grpc.add_GenerationServicer_to_server(
-            RouterGenerationService(forwarder, self.registry, self.auth), server
+            RouterGenerationService(forwarder, self.registry, self.auth), services
         )
         adm_grpc.add_AdminServicer_to_server(
-            RouterAdminService(self.auth, self.placement, self._store), server
+            RouterAdminService(self.auth, self.placement, self._store), services
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (GENERATION, ADMIN, HEALTH, reflection.SERVICE_NAME), server
-        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
+        add_reflection(server, (GENERATION, ADMIN, HEALTH, reflection.SERVICE_NAME))
         return prometheus
 
     def _log_access(self) -> None:

@@ -11,6 +11,7 @@ Keys are stored hashed: the file holds ``sha256:<hex>`` of each key, never the k
     tokens_per_minute = 200000
     concurrent_requests = 32
     tokens_per_day = 20000000
+    max_priority = 0              # highest request priority it may ask for (default 0: normal)
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from meshllm.router.quota.limits import LIMITS, TenantLimits
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HASH = re.compile(r"sha256:([0-9a-f]{64})")
-_FIELDS = {"name", "role", "keys", *LIMITS}
+TENANT_FIELDS = frozenset({"name", "role", "keys", "max_priority", *LIMITS})
+"""The settings of one ``[[tenants]]`` entry (the Helm chart's schema lists the same)."""
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+"""``GenerateRequest.priority`` is an int32."""
 
 
 class Role(enum.Enum):
@@ -44,9 +48,14 @@ class Tenant:
     limits: TenantLimits
     key_digests: tuple[bytes, ...] = ()
     """SHA-256 digests of the tenant's API keys."""
+    max_priority: int = 0
+    """The highest ``priority`` its requests may ask for (higher is INVALID_ARGUMENT): by
+    default none may jump ahead of normal (0) work; any tenant may ask for less."""
 
 
-ANONYMOUS = Tenant(name="anonymous", role=Role.ADMIN, limits=TenantLimits())
+ANONYMOUS = Tenant(
+    name="anonymous", role=Role.ADMIN, limits=TenantLimits(), max_priority=PRIORITY_RANGE[1]
+)
 """Every caller when authentication is disabled (local development only)."""
 
 
@@ -78,9 +87,11 @@ def _tenant(path: Path, i: int, entry: Any) -> Tenant:
     where = f"tenants[{i}]"
     if not isinstance(entry, dict):
         raise _bad(path, where, "must be a table")
-    if unknown := sorted(set(entry) - _FIELDS):
+    if unknown := sorted(set(entry) - TENANT_FIELDS):
         raise _bad(
-            path, f"{where}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(_FIELDS))})"
+            path,
+            f"{where}.{unknown[0]}",
+            f"unknown setting (known: {', '.join(sorted(TENANT_FIELDS))})",
         )
     name = entry.get("name")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -101,7 +112,17 @@ def _tenant(path: Path, i: int, entry: Any) -> Tenant:
             )
         if value is not None:
             limits[limit] = value
-    return Tenant(name=name, role=Role(role), limits=TenantLimits(**limits), key_digests=digests)
+    ceiling = entry.get("max_priority", 0)
+    low, high = PRIORITY_RANGE
+    if type(ceiling) is not int or not low <= ceiling <= high:
+        raise _bad(path, f"{where}.max_priority", f"must be an integer from {low} to {high}")
+    return Tenant(
+        name=name,
+        role=Role(role),
+        limits=TenantLimits(**limits),
+        key_digests=digests,
+        max_priority=ceiling,
+    )
 
 
 def _digest(path: Path, where: str, key: Any) -> bytes:

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
+from meshllm.api.bounds import bounded
 from meshllm.api.errors import Internal, MeshError
 from meshllm.api.tls import ServerTLS
+from meshllm.server.decoding import CHECKS_ITSELF, Undecodable, refuse
 from meshllm.server.logs import setup_logging
 from meshllm.server.tracing import configure_from_env
 
@@ -34,6 +36,7 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception, w
     if not isinstance(error, MeshError):
         log.exception("%s failed unexpectedly", what, exc_info=error)
         error = Internal(f"internal error in {what} ({type(error).__name__}); see the server log")
+    error.message = bounded(error.message)  # a status must fit gRPC's metadata limit
     await context.abort_with_status(error.to_status())
 
 
@@ -44,6 +47,8 @@ def unary(
     async def wrapper(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> Resp:
+        if isinstance(request, Undecodable):
+            await refuse(context, request)
         try:
             return await fn(self, request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -52,6 +57,7 @@ def unary(
             await abort(context, e, fn.__name__)
             raise AssertionError("unreachable: abort raises") from e
 
+    setattr(wrapper, CHECKS_ITSELF, True)
     return wrapper
 
 
@@ -62,6 +68,8 @@ def streaming(
     async def wrapper(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
     ) -> AsyncGenerator[Resp]:
+        if isinstance(request, Undecodable):
+            await refuse(context, request)
         try:
             # aclosing: a cancelled stream runs the handler's cleanup now, not at garbage collection.
             async with contextlib.aclosing(fn(self, request, context)) as items:
@@ -72,6 +80,7 @@ def streaming(
         except Exception as e:
             await abort(context, e, fn.__name__)
 
+    setattr(wrapper, CHECKS_ITSELF, True)
     return wrapper
 
 
@@ -110,10 +119,12 @@ async def start_health_port(
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    from meshllm.server.decoding import DecodingServer, add_reflection
+
     server = grpc.aio.server(options=server_options(64 * 1024))
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, DecodingServer(server))
     name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-    reflection.enable_server_reflection((name, reflection.SERVICE_NAME), server)
+    add_reflection(server, (name, reflection.SERVICE_NAME))
     bound = listen(server, host, port)
     await server.start()
     return server, bound

@@ -44,6 +44,18 @@ def check_device(device: str, compute_type: str) -> None:
         )
 
 
+def ct2_seed(seed: int) -> int:
+    """A request's uint64 seed as CTranslate2's 32-bit one: the two halves folded together, so
+    seeds that differ only in their high bits still differ.
+
+    What the seed does on CTranslate2 4.8: each worker thread keeps one random generator, seeded
+    from the process-wide seed the first time that thread samples; ``set_random_seed`` later
+    changes only threads that have not sampled yet. So a seed makes a reply reproducible only
+    for the first sampled batch each worker thread runs after the model loads (docs/engines.md).
+    """
+    return (seed ^ (seed >> 32)) & 0xFFFF_FFFF
+
+
 class CTranslate2Engine(BatchingEngine):
     name = "ctranslate2"
 
@@ -73,7 +85,7 @@ class CTranslate2Engine(BatchingEngine):
             return streams[int(step.batch_id)].push(int(step.token_id))
 
         if sampling.seed is not None:
-            ctranslate2.set_random_seed(sampling.seed)
+            ctranslate2.set_random_seed(ct2_seed(sampling.seed))
         vocab = self._vocab
         self._generator.generate_batch(
             [[vocab[i] for i in w.prompt_ids] for w in batch],

@@ -46,7 +46,11 @@ def test_the_tokenizer_is_smollm2s(smollm2_dir: Path) -> None:
     assert tok.vocab_size == 49_152
     assert tok.encode("Hello world") == [19556, 905]  # as the Hugging Face tokenizer encodes it
     assert len(tok.encode("2024")) == 4  # the smollm pre-tokenizer: digits one by one
-    assert (tok.bos_token, tok.eos_token, tok.eos_ids) == ("<|im_start|>", "<|im_end|>", frozenset({2}))
+    assert (tok.bos_token, tok.eos_token, tok.eos_ids) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        frozenset({2}),
+    )
     ids = tok.encode_chat([ChatMessage("user", "Hi")])
     tokens = tok.tokens(ids)
     assert tokens[0] == "<|im_start|>" and tokens.count("<|im_end|>") == 2  # system + user turn

@@ -156,4 +156,3 @@ def _merge_pair(merge: str) -> tuple[str, str]:
     if not sep:
         raise TokenizerUnsupported(f"GGUF merge {merge!r} is not two tokens")
     return left, right
-

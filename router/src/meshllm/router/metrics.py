@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from meshllm.router.balancer import load
 from meshllm.router.registry import Registry
-from meshllm.server.metrics import RequestMetrics, on_loop
+from meshllm.server.metrics import MODEL_LABEL, RequestMetrics, on_loop, server_registry
 
 
 class ReplicaLoadCollector(Collector):
@@ -26,7 +26,7 @@ class ReplicaLoadCollector(Collector):
         return iter(on_loop(self._loop, self._families))
 
     def _families(self) -> list[GaugeMetricFamily]:
-        labels = ["replica", "address", "model"]
+        labels = ["replica", "address", MODEL_LABEL]
         families = {
             "inflight": GaugeMetricFamily(
                 "meshllm_router_replica_inflight_requests",
@@ -60,7 +60,7 @@ class RouterMetrics(RequestMetrics):
         self.retries = Counter(
             "meshllm_router_retries",
             "Attempts retried on another replica, by the failed attempt's code.",
-            ["model", "code"],
+            [MODEL_LABEL, "code"],
             registry=registry,
         )
 
@@ -68,6 +68,6 @@ class RouterMetrics(RequestMetrics):
 def router_metrics(
     registry: Registry, tokens_per_request: int
 ) -> tuple[CollectorRegistry, RouterMetrics]:
-    prometheus = CollectorRegistry()
+    prometheus = server_registry()
     prometheus.register(ReplicaLoadCollector(registry, tokens_per_request))
     return prometheus, RouterMetrics(prometheus)

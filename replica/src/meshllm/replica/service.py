@@ -12,7 +12,15 @@ from opentelemetry.trace import SpanKind
 
 from meshllm.api import convert as api_convert
 from meshllm.api.convert import model_info_to_pb
-from meshllm.api.tracing import child_of, end_with_error, extract, tracer
+from meshllm.api.tracing import (
+    child_of,
+    end_with_error,
+    extract,
+    generation_attributes,
+    rpc_attributes,
+    tracer,
+    usage_attributes,
+)
 from meshllm.api.types import Timing, Usage
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -51,7 +59,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         self._replica, self._metrics = replica, metrics
 
     async def _chunks(
-        self, request: gen.GenerateRequest, context: Context
+        self, request: gen.GenerateRequest, context: Context, method: str
     ) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
         spec = self._replica.spec
@@ -62,10 +70,17 @@ class GenerationService(gen_grpc.GenerationServicer):
             attributes={
                 "meshllm.request_id": req.request_id,
                 "meshllm.replica": self._replica.name,
+                **rpc_attributes(method),
+                **generation_attributes(request),
             },
         )
 
         def end_span(record: RequestRecord) -> None:
+            span.set_attributes(
+                usage_attributes(
+                    record.finish_reason, record.prompt_tokens, record.completion_tokens
+                )
+            )
             end_with_error(span, record.code)
 
         with self._metrics.track(
@@ -76,6 +91,8 @@ class GenerationService(gen_grpc.GenerationServicer):
                 record.tokens(len(chunk.token_ids))
                 if chunk.usage is not None:
                     record.prompt_tokens = chunk.usage.prompt_tokens
+                if chunk.finish_reason is not None:
+                    record.finish_reason = chunk.finish_reason.value
                 if chunk.timing is not None and chunk.usage is not None:
                     engine_spans(span, chunk.timing, chunk.usage)
                 yield convert.chunk_to_pb(chunk, req.request_id)
@@ -84,14 +101,14 @@ class GenerationService(gen_grpc.GenerationServicer):
     async def GenerateStream(
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncGenerator[gen.GenerateChunk]:
-        async for chunk in self._chunks(request, context):
+        async for chunk in self._chunks(request, context, "GenerateStream"):
             yield chunk
 
     @unary
     async def Generate(
         self, request: gen.GenerateRequest, context: Context
     ) -> gen.GenerateResponse:
-        chunks = [c async for c in self._chunks(request, context)]
+        chunks = [c async for c in self._chunks(request, context, "Generate")]
         return api_convert.response_from_chunks(chunks)
 
     @unary

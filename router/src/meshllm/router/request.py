@@ -18,7 +18,15 @@ from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import invalid_argument
 from meshllm.api.spec import DEFAULT_MAX_TOKENS
-from meshllm.api.tracing import end_with_error, extract, tracer
+from meshllm.api.tracing import (
+    end_with_error,
+    extract,
+    finish_reason_name,
+    generation_attributes,
+    rpc_attributes,
+    tracer,
+    usage_attributes,
+)
 from meshllm.api.types import prompt_tokens_estimate
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission, Headers
@@ -70,12 +78,15 @@ class RoutedRequest:
 
     def streamed(self, chunk: gen.GenerateChunk) -> None:
         self.record.tokens(len(chunk.token_ids))
+        if chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+            self.record.finish_reason = finish_reason_name(chunk.finish_reason)
         if chunk.HasField("usage"):
             self.record.prompt_tokens = chunk.usage.prompt_tokens
             self.record.replica = chunk.timing.replica
 
     def answered(self, response: gen.GenerateResponse) -> None:
         self.record.replica = response.timing.replica
+        self.record.finish_reason = finish_reason_name(response.finish_reason)
         self.record.prompt_tokens = response.usage.prompt_tokens
         self.record.completion_tokens = response.usage.completion_tokens
 
@@ -91,6 +102,9 @@ class RoutedRequest:
 def _end_span(span: trace.Span, record: RequestRecord) -> None:
     span.set_attribute("meshllm.request_id", record.request_id)
     span.set_attribute("meshllm.completion_tokens", record.completion_tokens)
+    span.set_attributes(
+        usage_attributes(record.finish_reason, record.prompt_tokens, record.completion_tokens)
+    )
     end_with_error(span, record.code)
 
 
@@ -110,7 +124,12 @@ async def routed(
         name,
         context=extract(call.metadata),
         kind=SpanKind.SERVER,
-        attributes={"meshllm.model": request.model, "meshllm.tenant": call.tenant.name},
+        attributes={
+            "meshllm.model": request.model,
+            "meshllm.tenant": call.tenant.name,
+            **rpc_attributes(name.rpartition("/")[2]),
+            **generation_attributes(request),
+        },
     )
     with metrics.track(request.model, on_end=functools.partial(_end_span, span)) as record:
         record.tenant = call.tenant.name

@@ -6,6 +6,7 @@ names."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import shutil
 import subprocess
@@ -64,9 +65,12 @@ async def test_a_scrape_in_either_format_keeps_every_name(
     router = await start_router(replica, metrics_port=0)
     channel, client = stub(router.port)
     async with channel:
-        await collect(
+        chunks = await collect(
             client.GenerateStream(gen.GenerateRequest(model="demo", prompt="hi", max_tokens=9))
         )
+    last = chunks[-1]
+    # the engine's decode time over the tokens after the first, on both servers
+    tpot = last.timing.decode_ms / 1e3 / (last.usage.completion_tokens - 1)
     status, content_type, _ = await asyncio.to_thread(get, replica.metrics_port, "/metrics", accept)
     assert status == 200
     assert content_type.startswith(
@@ -84,10 +88,12 @@ async def test_a_scrape_in_either_format_keeps_every_name(
         # the process's own metrics, and one streamed reply's time per output token
         assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names, part
         assert "python_info" in names, part
-        tpot = [
-            s for s in scraped if s.name == f"meshllm_{part}_time_per_output_token_seconds_count"
-        ]
-        assert [(s.labels, s.value) for s in tpot] == [({"model": "demo"}, 1.0)], part
+        count, total = (
+            [s for s in scraped if s.name == f"meshllm_{part}_time_per_output_token_seconds_{x}"]
+            for x in ("count", "sum")
+        )
+        assert [(s.labels, s.value) for s in count] == [({"model": "demo"}, 1.0)], part
+        assert total[0].value == pytest.approx(tpot), part
         # one label name for the model on every metric
         assert not [s for s in scraped if "model_name" in s.labels], part
 
@@ -99,6 +105,25 @@ async def test_the_metrics_server_answers_only_metrics(start_replica: StartRepli
         assert (status, "vllm:" in body) == (404, False), path
     status, _, body = await asyncio.to_thread(get, replica.metrics_port, "/metrics?x=1")
     assert status == 200 and "vllm:num_requests_waiting{" in body
+
+    def raw(method: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        port = replica.metrics_port
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://127.0.0.1:{port}/metrics", method=method, headers=headers
+                ),
+                timeout=10,
+            ) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    status, headers, zipped = await asyncio.to_thread(raw, "GET", {"Accept-Encoding": "gzip"})
+    assert (status, headers["Content-Encoding"]) == (200, "gzip")
+    assert b"vllm:num_requests_waiting{" in gzip.decompress(zipped)
+    status, headers, _ = await asyncio.to_thread(raw, "POST", {})
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
 
 
 PROMTOOL = shutil.which("promtool")

@@ -94,6 +94,7 @@ class GenerationService(gen_grpc.GenerationServicer):
                 if chunk.finish_reason is not None:
                     record.finish_reason = chunk.finish_reason.value
                 if chunk.timing is not None and chunk.usage is not None:
+                    record.decode_s = chunk.timing.decode_ms / 1e3
                     engine_spans(span, chunk.timing, chunk.usage)
                 yield convert.chunk_to_pb(chunk, req.request_id)
 

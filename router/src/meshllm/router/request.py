@@ -83,9 +83,11 @@ class RoutedRequest:
         if chunk.HasField("usage"):
             self.record.prompt_tokens = chunk.usage.prompt_tokens
             self.record.replica = chunk.timing.replica
+            self.record.decode_s = chunk.timing.decode_ms / 1e3
 
     def answered(self, response: gen.GenerateResponse) -> None:
         self.record.replica = response.timing.replica
+        self.record.decode_s = response.timing.decode_ms / 1e3
         self.record.finish_reason = finish_reason_name(response.finish_reason)
         self.record.prompt_tokens = response.usage.prompt_tokens
         self.record.completion_tokens = response.usage.completion_tokens

@@ -90,7 +90,8 @@ class RequestRecord:
     """Who asked (router only; empty on a replica, which never sees API keys)."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
-    last_token_s: float | None = None
+    decode_s: float | None = None
+    """First generated token to the last, as the engine measured it (the reply's timing)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
@@ -98,19 +99,17 @@ class RequestRecord:
     code: str = "OK"
 
     def tokens(self, count: int) -> None:
-        if count:
-            self.last_token_s = time.perf_counter() - self.started
-            if self.first_token_s is None:
-                self.first_token_s = self.last_token_s
+        if count and self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
         self.completion_tokens += count
 
     def time_per_output_token(self) -> float | None:
-        """Mean time per token after the first, of a reply streamed as it was made (None for
-        fewer than two tokens, or tokens that all came at once)."""
-        first, last, n = self.first_token_s, self.last_token_s, self.completion_tokens
-        if first is None or last is None or n < 2 or last <= first:
+        """Mean time per token after the first (None before the reply's timing came, or for
+        fewer than two tokens). From the engine's decode time, not from when messages arrived:
+        tokens that queue up behind a slow reader go out together in one message."""
+        if self.decode_s is None or self.completion_tokens < 2:
             return None
-        return (last - first) / (n - 1)
+        return self.decode_s / (self.completion_tokens - 1)
 
 
 class RequestMetrics:
@@ -133,7 +132,7 @@ class RequestMetrics:
         )
         self.tpot = Histogram(
             f"{prefix}_time_per_output_token_seconds",
-            "Mean time per generated token after the first, per streamed request.",
+            "Mean time per generated token after the first, per request (engine decode time).",
             [MODEL_LABEL],
             registry=registry,
             buckets=TOKEN_BUCKETS,

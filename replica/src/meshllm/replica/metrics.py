@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from meshllm.api.types import ReplicaState
 from meshllm.replica.host import Replica
-from meshllm.server.metrics import MODEL_LABEL, RequestMetrics, on_loop, server_registry
+from meshllm.server.metrics import RequestMetrics, on_loop, server_registry
 
 REPORTED_STATES = tuple(s for s in ReplicaState if s is not ReplicaState.UNKNOWN)
 """The states a replica can be in: ``UNKNOWN`` is the router's word for one not heard from."""
@@ -36,7 +36,7 @@ class LoadCollector(Collector):
             ("meshllm_replica_tokens_in_flight", "Tokens still to generate for admitted requests, at most.",
              report.tokens_in_flight),
         ):  # fmt: skip
-            family = GaugeMetricFamily(name, help_text, labels=[MODEL_LABEL])
+            family = GaugeMetricFamily(name, help_text, labels=["model"])
             family.add_metric([model], float(value))
             yield family
         state = GaugeMetricFamily(

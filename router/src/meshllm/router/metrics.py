@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from meshllm.router.balancer import load
 from meshllm.router.registry import Registry
-from meshllm.server.metrics import MODEL_LABEL, RequestMetrics, on_loop, server_registry
+from meshllm.server.metrics import RequestMetrics, on_loop, server_registry
 
 
 class ReplicaLoadCollector(Collector):
@@ -26,7 +26,7 @@ class ReplicaLoadCollector(Collector):
         return iter(on_loop(self._loop, self._families))
 
     def _families(self) -> list[GaugeMetricFamily]:
-        labels = ["replica", "address", MODEL_LABEL]
+        labels = ["replica", "address", "model"]
         families = {
             "inflight": GaugeMetricFamily(
                 "meshllm_router_replica_inflight_requests",
@@ -60,7 +60,7 @@ class RouterMetrics(RequestMetrics):
         self.retries = Counter(
             "meshllm_router_retries",
             "Attempts retried on another replica, by the failed attempt's code.",
-            [MODEL_LABEL, "code"],
+            ["model", "code"],
             registry=registry,
         )
 

@@ -66,9 +66,6 @@ TOKEN_BUCKETS = (
     2.5,
 )
 
-MODEL_LABEL = "model"
-"""The label that names the model, on every metric of router and replica."""
-
 
 def server_registry() -> CollectorRegistry:
     """A registry of one server's metrics, with the process's own: CPU, memory, open files and
@@ -120,40 +117,40 @@ class RequestMetrics:
         self.requests = Counter(
             f"{prefix}_requests",
             "Requests by model and final gRPC status code.",
-            [MODEL_LABEL, "code"],
+            ["model", "code"],
             registry=registry,
         )
         self.ttft = Histogram(
             f"{prefix}_time_to_first_token_seconds",
             "Request start to the first generated token.",
-            [MODEL_LABEL],
+            ["model"],
             registry=registry,
             buckets=LATENCY_BUCKETS,
         )
         self.tpot = Histogram(
             f"{prefix}_time_per_output_token_seconds",
             "Mean time per generated token after the first, per request (engine decode time).",
-            [MODEL_LABEL],
+            ["model"],
             registry=registry,
             buckets=TOKEN_BUCKETS,
         )
         self.duration = Histogram(
             f"{prefix}_request_duration_seconds",
             "Request start to its end, by model.",
-            [MODEL_LABEL],
+            ["model"],
             registry=registry,
             buckets=LATENCY_BUCKETS,
         )
         self.prompt_tokens = Counter(
             f"{prefix}_prompt_tokens",
             "Prompt tokens of finished requests.",
-            [MODEL_LABEL],
+            ["model"],
             registry=registry,
         )
         self.generated_tokens = Counter(
             f"{prefix}_generated_tokens",
             "Tokens generated (streamed) for requests.",
-            [MODEL_LABEL],
+            ["model"],
             registry=registry,
         )
 

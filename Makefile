@@ -10,7 +10,8 @@ STAMP := $(VENV)/.meshllm-installed
 # venv of its own; the tests find it at .venv-tools/bin/checkov
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
-# redis-server (Debian's package) runs the shared-quota tests; installing it needs root
+# redis-server (Debian's package) runs the shared-quota tests; Debian's prometheus package gives
+# promtool and a real Prometheus for the scrape tests; installing them needs root
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
@@ -25,6 +26,7 @@ model: $(STAMP)
 
 $(STAMP): $(PYPROJECTS) Makefile
 	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
+	command -v promtool >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
 	$(PY) -m pip install --quiet -e ./protos -e ./server -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev

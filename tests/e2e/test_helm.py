@@ -390,6 +390,16 @@ def test_replica_parses_the_rendered_flags(
         ({"tls": {"replicas": {"routerClientSecret": "x"}}}, "needs tls.replicas.enabled"),
         ({"redis": {"url": "redis://r:6379/0", "bundled": {"enabled": True}}}, "one way"),
         ({"catalog": [{"id": "a", "path": "x"}, {"id": "a", "path": "y"}]}, "appears twice"),
+        ({"serviceMonitor": {"enabled": True}}, "needs networkPolicy.metricsFrom"),
+        (
+            {
+                "serviceMonitor": {"enabled": True},
+                "router": {"metrics": {"enabled": False}},
+                "replica": {"metrics": {"enabled": False}},
+                "networkPolicy": {"enabled": False},
+            },
+            "nothing to scrape",
+        ),
     ],
 )
 def test_render_refuses(values: dict[str, Any], message: str) -> None:
@@ -425,6 +435,34 @@ def test_auth_none_mounts_no_tenants() -> None:
     assert router["auth"] == "none" and "tenants_file" not in router
     assert r.find("Secret", "meshllm-tenants") is None
     assert "AUTHENTICATION IS OFF" in r.files["meshllm/templates/NOTES.txt"]
+
+
+MONITORING = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+
+@pytest.mark.parametrize("policy", [True, False])
+def test_every_service_monitor_scrapes_a_port_the_policy_opens(policy: bool) -> None:
+    values = {
+        "serviceMonitor": {"enabled": True},
+        "networkPolicy": {"enabled": policy, "metricsFrom": MONITORING if policy else []},
+    }
+    r = render_set("default", values)
+    monitors = r.all("ServiceMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {"meshllm-router", "meshllm-replica"}
+    for monitor in monitors:
+        part = monitor["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+        policies = [p for p in r.all("NetworkPolicy") if p["metadata"]["name"] == f"meshllm-{part}"]
+        if not policy:
+            assert policies == []
+            continue
+        (policy_doc,) = policies
+        opened = [
+            rule["from"]
+            for rule in policy_doc["spec"]["ingress"]
+            if {"port": "metrics", "protocol": "TCP"} in rule["ports"]
+        ]
+        assert opened == [MONITORING], part
 
 
 # --- the commands the README shows ---------------------------------------------------------------

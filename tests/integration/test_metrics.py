@@ -83,8 +83,8 @@ async def test_router_and_replica_metrics_count_the_traffic(
             part
         )  # the router sees no token of a unary reply
     replica_now = await scrape(replica.metrics_port)
-    assert value(replica_now, "vllm:num_requests_waiting", model_name="demo") == 0
-    assert value(replica_now, "vllm:num_requests_running", model_name="demo") == 0
+    assert value(replica_now, "vllm:num_requests_waiting", model="demo") == 0
+    assert value(replica_now, "vllm:num_requests_running", model="demo") == 0
     assert value(replica_now, "meshllm_replica_state", state="ready") == 1
     router_now = await scrape(router.metrics_port)
     address = f"127.0.0.1:{replica.port}"

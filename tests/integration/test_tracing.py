@@ -12,8 +12,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-from meshllm.client import AsyncClient, ResourceExhausted
+from meshllm.client import AsyncClient, NotFound, ResourceExhausted
 from meshllm.replica.server import ReplicaServer
 
 
@@ -37,7 +38,8 @@ async def test_one_trace_from_the_client_to_the_engine(
     router = await start_router(demo_replica)
     spans.clear()
     async with AsyncClient(f"127.0.0.1:{router.port}") as client:
-        chunks = [c async for c in client.stream("hello", model="demo", max_tokens=6)]
+        # greedy: sampling on the random-weight demo model sometimes ends before max_tokens
+        chunks = [c async for c in client.stream("hello", model="demo", max_tokens=6, top_k=1)]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
     finished = spans.get_finished_spans()
     assert len({s.context.trace_id for s in finished}) == 1, [s.name for s in finished]
@@ -88,3 +90,80 @@ async def test_quota_admission_is_a_span_of_the_request(
         s for s in finished if s.name == "meshllm.router/Generate" and not s.status.is_ok
     )
     assert (refused.attributes or {}).get("meshllm.tenant") == "batch"
+
+
+async def test_spans_carry_the_rpc_and_genai_conventions(
+    spans: InMemorySpanExporter, demo_replica: ReplicaServer, start_router: StartRouter
+) -> None:
+    router = await start_router(demo_replica)
+    spans.clear()
+    target = f"127.0.0.1:{router.port}"
+    async with AsyncClient(target) as client:
+        chunks = [
+            c
+            async for c in client.stream(
+                [{"role": "user", "content": "hello"}],
+                model="demo",
+                max_tokens=5,
+                temperature=0.5,
+                top_p=0.9,
+                top_k=1,  # greedy: the random-weight demo model never ends before max_tokens
+            )
+        ]
+        with pytest.raises(NotFound):
+            await client.generate("hello", model="no-such-model", max_tokens=2)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 5
+    finished = spans.get_finished_spans()
+    by_name = {s.name: s for s in finished if not s.name.endswith("/Generate")}  # the refused call
+    assert len({s.context.trace_id for s in by_name.values()}) == 1
+    kinds = {name: s.kind for name, s in by_name.items()}
+    assert kinds == {
+        "meshllm.client/GenerateStream": SpanKind.CLIENT,
+        "meshllm.router/GenerateStream": SpanKind.SERVER,
+        "meshllm.router/forward": SpanKind.CLIENT,
+        "meshllm.replica/generate": SpanKind.SERVER,
+        "meshllm.replica/queue": SpanKind.INTERNAL,
+        "meshllm.engine/generate": SpanKind.INTERNAL,
+    }
+    rpc = {"rpc.system": "grpc", "rpc.service": "meshllm.api.v1.Generation"}
+    genai = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "demo",
+        "gen_ai.request.max_tokens": 5,
+        "gen_ai.request.temperature": 0.5,
+        "gen_ai.request.top_p": pytest.approx(0.9),  # a float32 on the wire
+        "gen_ai.request.top_k": 1,
+    }
+    answer = {
+        "gen_ai.response.finish_reasons": ("length",),
+        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": 5,
+    }
+    ok = {"rpc.grpc.status_code": 0, "rpc.method": "GenerateStream"}
+    expected = {
+        "meshllm.client/GenerateStream": {
+            **rpc,
+            **ok,
+            **genai,
+            "server.address": "127.0.0.1",
+            "server.port": router.port,
+        },
+        "meshllm.router/GenerateStream": {**rpc, **ok, **genai, **answer},
+        "meshllm.router/forward": {
+            **rpc,
+            **ok,
+            "server.address": "127.0.0.1",
+            "server.port": demo_replica.port,
+        },
+        "meshllm.replica/generate": {**rpc, **ok, **genai, **answer},
+    }
+    for name, attributes in expected.items():
+        got = dict(by_name[name].attributes or {})
+        assert {k: got.get(k) for k in attributes} == attributes, name
+    assert usage.prompt_tokens > 0
+    (refused,) = [s for s in finished if s.name == "meshllm.router/Generate"]
+    got = dict(refused.attributes or {})
+    assert (got["rpc.method"], got["rpc.grpc.status_code"]) == ("Generate", 5)  # NOT_FOUND
+    assert got["gen_ai.operation.name"] == "text_completion"
+    assert "gen_ai.response.finish_reasons" not in got and not refused.status.is_ok

@@ -40,6 +40,14 @@
 {{- end }}
 {{- $ids = append $ids $m.id }}
 {{- end }}
+{{- if .Values.serviceMonitor.enabled }}
+{{- if not (or .Values.router.metrics.enabled .Values.replica.metrics.enabled) }}
+{{- fail "serviceMonitor.enabled needs router.metrics.enabled or replica.metrics.enabled: there is nothing to scrape" }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.metricsFrom) }}
+{{- fail "serviceMonitor.enabled with networkPolicy.enabled needs networkPolicy.metricsFrom (who scrapes, e.g. [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]): the policy closes the metrics ports to everyone else" }}
+{{- end }}
+{{- end }}
 {{- if and (eq .Values.replica.modelStorage.type "pvc") (not .Values.replica.modelStorage.pvc.existingClaim) (not .Values.replica.modelStorage.pvc.size) }}
 {{- fail "replica.modelStorage.pvc needs existingClaim or a size for a new claim" }}
 {{- end }}

@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind
 
 from meshllm.api.errors import from_rpc_error
 from meshllm.api.tls import ChannelTLS
-from meshllm.api.tracing import ending, inject, tracer
+from meshllm.api.tracing import ending, generation_attributes, inject, rpc_attributes, tracer
 from meshllm.api.types import ModelInfo
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -209,7 +209,11 @@ class AsyncClient(Connected[gen_grpc.GenerationStub]):
         span = tracer.start_span(
             "meshllm.client/GenerateStream",
             kind=SpanKind.CLIENT,
-            attributes={"meshllm.model": model},
+            attributes={
+                "meshllm.model": model,
+                **rpc_attributes("GenerateStream", self._conn.target),
+                **generation_attributes(req),
+            },
         )
         call = self._stub().GenerateStream(
             req, timeout=self._deadline(timeout), metadata=(*self._metadata, *inject(span))
@@ -364,7 +368,13 @@ class _Transport:
         """One unary call; the router's ``x-ratelimit-*`` initial metadata comes back with it."""
         client, req = self.client, prepared.request
         span = tracer.start_span(
-            "meshllm.client/Generate", kind=SpanKind.CLIENT, attributes={"meshllm.model": req.model}
+            "meshllm.client/Generate",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "meshllm.model": req.model,
+                **rpc_attributes("Generate", client._conn.target),
+                **generation_attributes(req),
+            },
         )
         with ending(span):
             call = client._stub().Generate(

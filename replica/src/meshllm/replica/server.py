@@ -21,7 +21,7 @@ from meshllm.replica.host import Replica
 from meshllm.replica.metrics import replica_metrics
 from meshllm.replica.service import GenerationService
 from meshllm.server.decoding import DecodingServer, add_reflection
-from meshllm.server.metrics import serve_metrics
+from meshllm.server.exposition import serve_metrics
 from meshllm.server.serving import listen, serve_until_signal, server_options, start_health_port
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,15 @@ from opentelemetry.trace import SpanKind
 from meshllm.api import convert as api_convert
 from meshllm.api.bounds import UNKNOWN_MODEL_LABEL
 from meshllm.api.convert import model_info_to_pb
-from meshllm.api.tracing import child_of, end_with_error, extract, tracer
+from meshllm.api.tracing import (
+    child_of,
+    end_with_error,
+    extract,
+    generation_attributes,
+    rpc_attributes,
+    tracer,
+    usage_attributes,
+)
 from meshllm.api.types import Timing, Usage
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
@@ -53,17 +61,27 @@ class GenerationService(gen_grpc.GenerationServicer):
         self._replica, self._metrics = replica, metrics
 
     async def _chunks(
-        self, request: gen.GenerateRequest, context: Context
+        self, request: gen.GenerateRequest, context: Context, method: str
     ) -> AsyncGenerator[gen.GenerateChunk]:
         req = convert.request_from_pb(request)
         span = tracer.start_span(
             "meshllm.replica/generate",
             context=extract(context.invocation_metadata()),
             kind=SpanKind.SERVER,
-            attributes={"meshllm.replica": self._replica.name},
+            attributes={
+                "meshllm.replica": self._replica.name,
+                **rpc_attributes(method),
+                **generation_attributes(request),
+                "gen_ai.request.model": self._model_label(req.model),  # bounded, not as sent
+            },
         )
 
         def end_span(record: RequestRecord) -> None:
+            span.set_attributes(
+                usage_attributes(
+                    record.finish_reason, record.prompt_tokens, record.completion_tokens
+                )
+            )
             end_with_error(span, record.code)
 
         with self._metrics.track(self._model_label(req.model), on_end=end_span) as record:
@@ -75,7 +93,10 @@ class GenerationService(gen_grpc.GenerationServicer):
                 record.tokens(len(chunk.token_ids))
                 if chunk.usage is not None:
                     record.prompt_tokens = chunk.usage.prompt_tokens
+                if chunk.finish_reason is not None:
+                    record.finish_reason = chunk.finish_reason.value
                 if chunk.timing is not None and chunk.usage is not None:
+                    record.decode_s = chunk.timing.decode_ms / 1e3
                     engine_spans(span, chunk.timing, chunk.usage)
                 yield convert.chunk_to_pb(chunk, req.request_id)
 
@@ -91,14 +112,14 @@ class GenerationService(gen_grpc.GenerationServicer):
     async def GenerateStream(
         self, request: gen.GenerateRequest, context: Context
     ) -> AsyncGenerator[gen.GenerateChunk]:
-        async for chunk in self._chunks(request, context):
+        async for chunk in self._chunks(request, context, "GenerateStream"):
             yield chunk
 
     @unary
     async def Generate(
         self, request: gen.GenerateRequest, context: Context
     ) -> gen.GenerateResponse:
-        chunks = [c async for c in self._chunks(request, context)]
+        chunks = [c async for c in self._chunks(request, context, "Generate")]
         return api_convert.response_from_chunks(chunks)
 
     @unary

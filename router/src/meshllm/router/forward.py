@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind
 
 from meshllm.api import convert
 from meshllm.api.errors import DeadlineExceeded, MeshError, Unavailable, from_rpc_error
-from meshllm.api.tracing import child_of, ending, inject, tracer
+from meshllm.api.tracing import child_of, ending, inject, rpc_attributes, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission
 from meshllm.router.metrics import RouterMetrics
@@ -163,7 +163,10 @@ class Forwarder:
     @contextlib.contextmanager
     def _span(self, parent: trace.Span, link: ReplicaLink) -> Iterator[trace.Span]:
         """A span per replica tried; the replica's own spans nest under it."""
-        attributes = {"meshllm.replica": link.replica.name, "net.peer.name": link.replica.address}
+        attributes = {
+            "meshllm.replica": link.replica.name,
+            **rpc_attributes("GenerateStream", link.replica.address),
+        }
         span = tracer.start_span(
             "meshllm.router/forward",
             context=child_of(parent),

@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from meshllm.router.balancer import load
 from meshllm.router.registry import Registry
-from meshllm.server.metrics import RequestMetrics, on_loop
+from meshllm.server.metrics import RequestMetrics, on_loop, server_registry
 
 
 class ReplicaLoadCollector(Collector):
@@ -68,6 +68,6 @@ class RouterMetrics(RequestMetrics):
 def router_metrics(
     registry: Registry, tokens_per_request: int
 ) -> tuple[CollectorRegistry, RouterMetrics]:
-    prometheus = CollectorRegistry()
+    prometheus = server_registry()
     prometheus.register(ReplicaLoadCollector(registry, tokens_per_request))
     return prometheus, RouterMetrics(prometheus)

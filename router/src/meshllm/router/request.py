@@ -19,7 +19,15 @@ from opentelemetry.trace import SpanKind
 from meshllm.api.bounds import identity_violations
 from meshllm.api.errors import FieldViolation, invalid_fields
 from meshllm.api.spec import DEFAULT_MAX_TOKENS
-from meshllm.api.tracing import end_with_error, extract, tracer
+from meshllm.api.tracing import (
+    end_with_error,
+    extract,
+    finish_reason_name,
+    generation_attributes,
+    rpc_attributes,
+    tracer,
+    usage_attributes,
+)
 from meshllm.api.types import prompt_tokens_estimate
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission, Headers
@@ -71,12 +79,17 @@ class RoutedRequest:
 
     def streamed(self, chunk: gen.GenerateChunk) -> None:
         self.record.tokens(len(chunk.token_ids))
+        if chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+            self.record.finish_reason = finish_reason_name(chunk.finish_reason)
         if chunk.HasField("usage"):
             self.record.prompt_tokens = chunk.usage.prompt_tokens
             self.record.replica = chunk.timing.replica
+            self.record.decode_s = chunk.timing.decode_ms / 1e3
 
     def answered(self, response: gen.GenerateResponse) -> None:
         self.record.replica = response.timing.replica
+        self.record.decode_s = response.timing.decode_ms / 1e3
+        self.record.finish_reason = finish_reason_name(response.finish_reason)
         self.record.prompt_tokens = response.usage.prompt_tokens
         self.record.completion_tokens = response.usage.completion_tokens
 
@@ -107,6 +120,9 @@ def check_request(request: gen.GenerateRequest, tenant: Tenant) -> None:
 def _end_span(span: trace.Span, record: RequestRecord) -> None:
     span.set_attribute("meshllm.request_id", record.request_id)
     span.set_attribute("meshllm.completion_tokens", record.completion_tokens)
+    span.set_attributes(
+        usage_attributes(record.finish_reason, record.prompt_tokens, record.completion_tokens)
+    )
     end_with_error(span, record.code)
 
 
@@ -128,7 +144,13 @@ async def routed(
         name,
         context=extract(call.metadata),
         kind=SpanKind.SERVER,
-        attributes={"meshllm.model": model, "meshllm.tenant": call.tenant.name},
+        attributes={
+            "meshllm.model": model,
+            "meshllm.tenant": call.tenant.name,
+            **rpc_attributes(name.rpartition("/")[2]),
+            **generation_attributes(request),
+            "gen_ai.request.model": model,  # the bounded label, not what the caller sent
+        },
     )
     with metrics.track(model, on_end=functools.partial(_end_span, span)) as record:
         record.tenant = call.tenant.name

@@ -35,7 +35,7 @@ from meshllm.router.quota.redis_store import RedisQuotaStore
 from meshllm.router.registry import Registry
 from meshllm.router.service import RouterGenerationService
 from meshllm.server.decoding import DecodingServer, add_reflection
-from meshllm.server.metrics import serve_metrics
+from meshllm.server.exposition import serve_metrics
 from meshllm.server.serving import listen, serve_until_signal, server_options, start_health_port
 
 log = logging.getLogger(__name__)

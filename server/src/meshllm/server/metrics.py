@@ -1,6 +1,7 @@
 """Prometheus metrics shared by the router and the replica: one registry per server (so several
-servers can live in one process, as in tests), request counters and latency histograms, and the
-``/metrics`` HTTP endpoint."""
+servers can live in one process, as in tests) with the process's own metrics, request counters
+and latency histograms. Every metric names its model with the one label ``model``; the
+``/metrics`` endpoint is ``meshllm.server.exposition``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+)
 
 from meshllm.api.errors import status_name
 from meshllm.server.logs import log_request
@@ -38,6 +45,36 @@ LATENCY_BUCKETS = (
     300.0,
 )
 
+# Per generated token: a tenth of a millisecond (a tiny model on a CPU) to seconds (a long
+# context on a busy GPU).
+TOKEN_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+def server_registry() -> CollectorRegistry:
+    """A registry of one server's metrics, with the process's own: CPU, memory, open files and
+    start time (``process_*``, Linux), the Python version and the garbage collector."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
 
 @dataclass
 class RequestRecord:
@@ -50,8 +87,12 @@ class RequestRecord:
     """Who asked (router only; empty on a replica, which never sees API keys)."""
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    decode_s: float | None = None
+    """First generated token to the last, as the engine measured it (the reply's timing)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str = ""
+    """How the reply ended (``stop``, ``length``, ...), once its last chunk came."""
     code: str = "OK"
 
     def tokens(self, count: int) -> None:
@@ -59,10 +100,18 @@ class RequestRecord:
             self.first_token_s = time.perf_counter() - self.started
         self.completion_tokens += count
 
+    def time_per_output_token(self) -> float | None:
+        """Mean time per token after the first (None before the reply's timing came, or for
+        fewer than two tokens). From the engine's decode time, not from when messages arrived:
+        tokens that queue up behind a slow reader go out together in one message."""
+        if self.decode_s is None or self.completion_tokens < 2:
+            return None
+        return self.decode_s / (self.completion_tokens - 1)
+
 
 class RequestMetrics:
-    """``<prefix>_requests_total{model,code}``, time to first token and request duration
-    histograms, and prompt and generated token counters, all by model."""
+    """``<prefix>_requests_total{model,code}``, time to first token, time per output token and
+    request duration histograms, and prompt and generated token counters, all by model."""
 
     def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
         self.requests = Counter(
@@ -77,6 +126,13 @@ class RequestMetrics:
             ["model"],
             registry=registry,
             buckets=LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            f"{prefix}_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per request (engine decode time).",
+            ["model"],
+            registry=registry,
+            buckets=TOKEN_BUCKETS,
         )
         self.duration = Histogram(
             f"{prefix}_request_duration_seconds",
@@ -125,6 +181,9 @@ class RequestMetrics:
         self.duration.labels(r.model).observe(duration)
         if r.first_token_s is not None:
             self.ttft.labels(r.model).observe(r.first_token_s)
+        tpot = r.time_per_output_token()
+        if tpot is not None:
+            self.tpot.labels(r.model).observe(tpot)
         self.prompt_tokens.labels(r.model).inc(r.prompt_tokens)
         self.generated_tokens.labels(r.model).inc(r.completion_tokens)
         ttft_ms = round(r.first_token_s * 1000, 2) if r.first_token_s is not None else None
@@ -152,9 +211,3 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout_s: flo
         return fn()
 
     return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout_s)
-
-
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, int]:
-    """Serve ``/metrics`` over HTTP on a daemon thread; returns the server and its port."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    return server, int(server.server_port)

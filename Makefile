@@ -1,29 +1,44 @@
 # meshllm developer entry points. Everything installs into .venv from this repository's own files.
 #   make demo   start a local mesh (router + 2 replicas) on the built-in demo model, stream a reply, run a small batch
-#   make test   install everything, then run proto freshness, lint, format, type checks and all tests
+#   make test   install everything, then run proto freshness, buf lint/breaking, lint, format, type checks and all tests
 #   make chart  lint the Helm chart and render it for every value set in helm/meshllm/ci
+#   make dist   build every distribution's wheel and sdist into dist/
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# two steps: `env` is what running the mesh needs (the demo depends on nothing else); `setup` adds
+# what the tests need (the dev group, tracing extras, redis-server, checkov, buf)
+ENV_STAMP := $(VENV)/.meshllm-env
 STAMP := $(VENV)/.meshllm-installed
 # checkov (the chart's security scan in tests/e2e/test_helm.py) pins packages of its own, so it gets a
 # venv of its own; the tests find it at .venv-tools/bin/checkov
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
+# buf (protos/buf.py: lint and breaking-change checks) comes from npm, pinned in protos/package-lock.json
+BUF := protos/node_modules/.bin/buf
 # redis-server (Debian's package) runs the shared-quota tests; installing it needs root
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
+PARTS := protos server client router replica
 
-.PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
+.PHONY: env setup test-tools demo test check lint typecheck protos chart dist bench bench-router bench-quota bench-client bench-admin clean
 
-setup: $(STAMP) $(TOOLS_STAMP)
+env: $(ENV_STAMP)
 
-$(STAMP): $(PYPROJECTS) Makefile
-	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
+setup: $(STAMP) $(TOOLS_STAMP) $(BUF) test-tools
+
+$(ENV_STAMP): $(PYPROJECTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
-	$(PY) -m pip install --quiet -e ./protos -e ./server -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
+	$(PY) -m pip install --quiet -e ./protos -e ./server -e ./client -e ./router -e "./replica[ctranslate2]"
+	touch $(ENV_STAMP)
+
+$(STAMP): $(ENV_STAMP)
+	$(PY) -m pip install --quiet -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
 	touch $(STAMP)
+
+test-tools:
+	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
 
 $(TOOLS_STAMP): pyproject.toml Makefile
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
@@ -31,11 +46,17 @@ $(TOOLS_STAMP): pyproject.toml Makefile
 	$(TOOLS_VENV)/bin/python -m pip install --quiet --group helm-tools
 	touch $(TOOLS_STAMP)
 
-demo: setup
+$(BUF): protos/package.json protos/package-lock.json
+	npm ci --prefix protos --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+demo: env
 	$(PY) -m meshllm.client.demo
 
 check: setup
 	$(PY) protos/generate.py --check
+	$(PY) protos/buf.py lint
+	$(PY) protos/buf.py breaking
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -69,5 +90,10 @@ bench-client: setup
 bench-admin: setup
 	$(PY) benchmarks/admin.py
 
+dist: $(STAMP)
+	rm -rf dist
+	for part in $(PARTS); do $(PY) -m build --no-isolation --outdir dist $$part || exit 1; done
+	$(VENV)/bin/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) protos/node_modules dist .pytest_cache .mypy_cache .ruff_cache

@@ -20,6 +20,7 @@ BUF := protos/node_modules/.bin/buf
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 PARTS := protos server client router replica
+DIST ?= dist
 
 .PHONY: env setup test-tools demo test check lint typecheck protos chart dist bench bench-router bench-quota bench-client bench-admin clean
 
@@ -91,9 +92,9 @@ bench-admin: setup
 	$(PY) benchmarks/admin.py
 
 dist: $(STAMP)
-	rm -rf dist
-	for part in $(PARTS); do $(PY) -m build --no-isolation --outdir dist $$part || exit 1; done
-	$(VENV)/bin/twine check --strict dist/*
+	rm -rf $(DIST)
+	for part in $(PARTS); do $(PY) -m build --no-isolation --outdir $(DIST) $$part || exit 1; done
+	$(VENV)/bin/twine check --strict $(DIST)/*
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) protos/node_modules dist .pytest_cache .mypy_cache .ruff_cache

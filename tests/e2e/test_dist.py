@@ -189,3 +189,20 @@ def test_pip_install_the_client_alone_names_what_is_missing(tmp_path: Path) -> N
     )
     assert done.returncode != 0
     assert "meshllm-api" in done.stderr
+
+
+def test_pip_install_router_and_replica_from_a_checkout(tmp_path: Path) -> None:
+    """The README's router and replica installs (``./protos ./server './router[tracing]'``,
+    ``'./replica[ctranslate2]'``), in one fresh environment: both commands start."""
+    prefix = tmp_path / "servers"
+    python = fresh_venv(prefix, tmp_path)
+    parts = ("./protos", "./server", "./router[tracing]", "./replica[ctranslate2]")
+    printed = pip_install(python, "--no-build-isolation", *parts)
+    assert "meshllm-router-0.1.0" in printed and "meshllm-replica-0.1.0" in printed
+    for command in ("meshllm-router", "meshllm-replica"):
+        assert f"usage: {command}" in run(prefix / "bin" / command, "--help")
+    (site,) = prefix.glob("lib/python*/site-packages")
+    located = run(
+        python, "-c", "import meshllm.router, meshllm.replica; print(meshllm.router.__file__)"
+    )
+    assert located.startswith(str(site))

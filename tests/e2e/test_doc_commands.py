@@ -251,3 +251,23 @@ def test_the_block_parser_finds_commands_outputs_and_continuations() -> None:
     assert second.text == "ls" and not second.expects_error
     (only,) = parse_block("sh", "# a comment\n\nmeshllm models   # inline\n")
     assert only.text == "meshllm models   # inline"
+
+
+def test_the_check_fails_on_a_wrong_exit_status_or_a_different_error() -> None:
+    ok = Command("meshllm models", [])
+    refused = Command("meshllm admin load x", ["meshllm: FailedPrecondition: loading 'x' failed"])
+    grpc_error = Command("grpcurl ...", ["ERROR:", "  Code: InvalidArgument"])
+    check(ok, {"rc": 0, "output": "demo\tctranslate2"})
+    check(refused, {"rc": 1, "output": "meshllm: FailedPrecondition: loading 'x' failed: ..."})
+    check(grpc_error, {"rc": 64, "output": "ERROR:\n  Code: InvalidArgument\n"})
+    failing: list[tuple[Command, dict[str, Any]]] = [
+        (ok, {"rc": 1, "output": "meshllm: Unavailable: ..."}),
+        (ok, {"rc": None, "output": "timed out after 60 s"}),
+        (ok, {"rc": 0, "output": "Traceback (most recent call last):\n  ..."}),
+        (refused, {"rc": 0, "output": "x: 1 ready"}),
+        (refused, {"rc": 1, "output": "meshllm: NotFound: no model 'x'"}),
+        (grpc_error, {"rc": 64, "output": "ERROR:\n  Code: NotFound\n"}),
+    ]
+    for command, answer in failing:
+        with pytest.raises(AssertionError):
+            check(command, answer)

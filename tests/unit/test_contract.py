@@ -117,3 +117,23 @@ def test_public_client_api_is_pinned() -> None:
     for method in ("generate", "stream", "list_models", "iter_batch", "generate_batch"):
         assert callable(getattr(meshllm.client.Client, method))
         assert callable(getattr(meshllm.client.AsyncClient, method))
+
+
+STUB_OPTIONS = {
+    "go_package": "github.com/meshllm/meshllm/gen/go/meshllm/api/v1;apiv1",
+    "java_package": "io.github.meshllm.api.v1",
+    "java_multiple_files": True,
+}
+"""Other languages' stub packages (docs/protos.md). buf breaking leaves them out (protos/buf.yaml),
+so this pins them: a change moves every Go and Java caller's imports."""
+
+
+def test_every_proto_file_sets_the_stub_packages_for_other_languages() -> None:
+    files = [m.DESCRIPTOR for m in (admin_pb2, generation_pb2, replica_control_pb2)]
+    assert sorted(f.name for f in files) == sorted(
+        f"meshllm/api/v1/{p.name}" for p in (ROOT / "protos/meshllm/api/v1").glob("*.proto")
+    )
+    for descriptor in files:
+        options = descriptor.GetOptions()
+        got = {name: getattr(options, name) for name in STUB_OPTIONS}
+        assert got == STUB_OPTIONS, descriptor.name

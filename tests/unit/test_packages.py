@@ -7,8 +7,11 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BLOCKED = (
     "prometheus_client",
@@ -90,3 +93,42 @@ def test_the_router_does_not_require_the_client() -> None:
     """``meshllm up`` (the client) starts routers; the router never imports the client."""
     assert "meshllm-api" in requirement_names("meshllm-router")
     assert "meshllm-client" not in requirement_names("meshllm-router")
+
+
+def make_dry_run(target: str) -> str:
+    """Every command ``make TARGET`` would run from nothing (-B: all out of date; -n: run none)."""
+    done = subprocess.run(
+        ["make", "-n", "-B", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+TEST_ONLY = ("--group dev", "--group helm-tools", "apt-get", "npm ci", "[tracing]")
+"""What only the tests need: the dev tools, checkov's venv, redis-server (root), buf, tracing."""
+
+
+def test_make_demo_installs_only_what_the_mesh_needs() -> None:
+    commands = make_dry_run("demo")
+    assert "-m meshllm.client.demo" in commands
+    assert '-e ./protos -e ./server -e ./client -e ./router -e "./replica[ctranslate2]"' in commands
+    assert [what for what in TEST_ONLY if what in commands] == []
+
+
+def test_make_setup_still_installs_everything_the_tests_need() -> None:
+    commands = make_dry_run("setup")
+    assert [what for what in TEST_ONLY if what not in commands] == []
+
+
+@pytest.mark.parametrize("part", ["protos", "server", "client", "router", "replica"])
+def test_every_part_ships_the_repository_licence(part: str) -> None:
+    """Each part's LICENSE is a copy (a build cannot reach above its folder) of the same text."""
+    licence = ROOT / part / "LICENSE"
+    assert not licence.is_symlink()
+    assert licence.read_bytes() == (ROOT / "LICENSE").read_bytes()
+    assert (ROOT / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]

@@ -68,6 +68,7 @@ def create_engine(name: str, settings: EngineSettings) -> Engine:
 def _missing(engine: str, extra: str, error: ImportError) -> FailedPrecondition:
     return FailedPrecondition(
         f"engine {engine!r} is selected but its library is not installed ({error}); "
-        f"install it with: pip install '{extra}'",
+        f"install it with: pip install '{extra}' (from a checkout: pip install "
+        f"'./replica[{extra.partition('[')[2]}')",
         reason="ENGINE_NOT_INSTALLED",
     )

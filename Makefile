@@ -12,11 +12,14 @@ TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
 # redis-server (Debian's package) runs the shared-quota tests; installing it needs root
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# the Node stub example (docs/stubs.md) runs in the tests; npm ci installs its locked packages once
+NODE_EXAMPLE := examples/stubs/node
+NODE_STAMP := $(NODE_EXAMPLE)/node_modules/.meshllm-installed
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
 .PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
 
-setup: $(STAMP) $(TOOLS_STAMP)
+setup: $(STAMP) $(TOOLS_STAMP) $(NODE_STAMP)
 
 $(STAMP): $(PYPROJECTS) Makefile
 	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server'
@@ -30,6 +33,12 @@ $(TOOLS_STAMP): pyproject.toml Makefile
 	$(TOOLS_VENV)/bin/python -m pip install --quiet --upgrade "pip>=25.1"
 	$(TOOLS_VENV)/bin/python -m pip install --quiet --group helm-tools
 	touch $(TOOLS_STAMP)
+
+# --ignore-scripts: none of the example's packages needs an install script, so none runs
+$(NODE_STAMP): $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json
+	command -v npm >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm'
+	cd $(NODE_EXAMPLE) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 demo: setup
 	$(PY) -m meshllm.client.demo
@@ -70,4 +79,4 @@ bench-admin: setup
 	$(PY) benchmarks/admin.py
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) $(NODE_EXAMPLE)/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ The sync examples block, so they run in a worker thread while the servers run on
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,16 @@ import grpc
 import meshllm_stubs_aio_example as aio_ex
 import meshllm_stubs_example as ex
 import pytest
-from conftest import USER, StartReplica, StartRouter, capture_streams, demo_spec, tenants_file
-from conftest import generate as admit_one
+from conftest import (
+    USER,
+    StartReplica,
+    StartRouter,
+    bearer,
+    capture_streams,
+    demo_spec,
+    stub,
+    tenants_file,
+)
 
 from meshllm.api.v1 import generation_pb2 as pb
 from meshllm.router import RouterServer
@@ -97,33 +106,61 @@ async def test_sync_errors_decode_badrequest_and_unauthenticated(
 
 
 async def test_sync_generate_waits_out_a_real_quota_refusal_by_its_retryinfo(
-    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # 60 requests a minute: a bucket of 60 that refills one a second
-    router = await keyed_router(start_replica, start_router, tmp_path, requests_per_minute=60)
-    admitted = await asyncio.gather(*(admit_one(router, max_tokens=1) for _ in range(60)))
-    assert all(isinstance(r, pb.GenerateResponse) for r, _ in admitted)
+    # one request at a time; a refused one is told to come back in 0.3 s (RetryInfo)
+    router = await start_router(
+        await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"})),
+        auth="api-key",
+        tenants_file=tenants_file(tmp_path, concurrent_requests=1),
+        retry_after_s=0.3,
+    )
     sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:
         sleeps.append(seconds)
         time.sleep(seconds)
 
-    reply = await in_thread(
-        ex.generate,
-        router,
-        request=request(max_tokens=4),
-        api_key=USER,
-        timeout_s=30,
-        sleep=sleep,
-    )
-    assert reply.rate_limits["x-ratelimit-remaining-requests"] == "0"
-    # refused at least once, and each wait is the router's RetryInfo (<= 1 s) plus <= 20 % jitter
-    assert sleeps and all(0 < s <= 1.2 for s in sleeps), sleeps
-    refused = await failed(ex.generate, router, request=request(), api_key=USER, timeout_s=0.5)
+    channel, client = stub(router.port)
+    async with channel:
+        held = client.GenerateStream(request(max_tokens=2000), metadata=bearer(USER))  # ~10 s
+        await held.read()  # the tenant's one slot is taken
+        with caplog.at_level(logging.INFO, logger="meshllm.requests"):
+            retrying = asyncio.create_task(
+                in_thread(
+                    ex.generate,
+                    router,
+                    request=request(max_tokens=4),
+                    api_key=USER,
+                    timeout_s=30,
+                    sleep=sleep,
+                )
+            )
+            for _ in range(1500):  # until the router has refused the example's call (up to 30 s)
+                if any(getattr(r, "code", "") == "RESOURCE_EXHAUSTED" for r in caplog.records):
+                    break
+                await asyncio.sleep(0.02)
+            held.cancel()  # the slot frees; the next retry fits
+            reply = await retrying
+    assert 0 < reply.completion_tokens <= 4
+    # refused at least once, and each wait is the router's RetryInfo plus at most 20 % jitter
+    assert sleeps and all(0.3 <= s <= 0.3 * 1.2 for s in sleeps), sleeps
+
+
+async def test_sync_quota_refusal_decodes_errorinfo_retryinfo_and_quotafailure(
+    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
+) -> None:
+    router = await keyed_router(start_replica, start_router, tmp_path, requests_per_minute=1)
+    await in_thread(ex.generate, router, request=request(max_tokens=2), api_key=USER, timeout_s=30)
+    # RetryInfo says about a minute: more than the 2 s deadline, so no retry
+    refused = await failed(ex.generate, router, request=request(), api_key=USER, timeout_s=2)
     assert refused.failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused.failure.reason == "QUOTA_EXCEEDED"
-    assert refused.failure.retry_after_s is not None and 0 < refused.failure.retry_after_s <= 1
+    assert refused.failure.error_metadata["tenant"] == "batch"
+    assert refused.failure.retry_after_s is not None and 1 < refused.failure.retry_after_s <= 60
     assert [s for s, _ in refused.failure.quota_violations] == ["tenant:batch"]
 
 

@@ -29,6 +29,7 @@ from meshllm.api.errors import (
 from meshllm.api.v1 import generation_pb2 as pb
 from meshllm.api.v1 import generation_pb2_grpc as pb_grpc
 
+# [START scripted]
 GENERATION = pb.DESCRIPTOR.services_by_name["Generation"]
 GENERATE = GENERATION.methods_by_name["Generate"]
 GENERATE_STREAM = GENERATION.methods_by_name["GenerateStream"]
@@ -74,9 +75,8 @@ class Scripted:
 
     def take_generate(self) -> tuple[dict[str, str | bytes], pb.GenerateRequest, Any]:
         """The next Generate call the example made (fails if it made none)."""
-        metadata, request, rpc = background(lambda: self.channel.take_unary_unary(GENERATE)).result(
-            WAIT_S
-        )
+        taken = background(lambda: self.channel.take_unary_unary(GENERATE))
+        metadata, request, rpc = taken.result(WAIT_S)
         return dict(metadata), request, rpc
 
 
@@ -92,6 +92,9 @@ def refuse(rpc: Any, error: MeshError, unary: bool = False) -> None:
         rpc.terminate(pb.GenerateResponse(), status.trailing_metadata, status.code, status.details)
     else:
         rpc.terminate(status.trailing_metadata, status.code, status.details)
+
+
+# [END scripted]
 
 
 def chunk(text: str, **fields: Any) -> pb.GenerateChunk:
@@ -181,6 +184,7 @@ def test_stream_that_ends_ok_without_a_last_chunk_is_not_a_reply(scripted: Scrip
     assert error.partial_text == "Hel"
 
 
+# [START scripted_test]
 def test_quota_refusal_is_decoded_and_retried_after_its_retryinfo(scripted: Scripted) -> None:
     reply = scripted.run(ex.generate, sleep=scripted.sleeps.append)
     metadata, _, rpc = scripted.take_generate()
@@ -198,6 +202,9 @@ def test_quota_refusal_is_decoded_and_retried_after_its_retryinfo(scripted: Scri
         "hi there", "FINISH_REASON_STOP", 2, {"x-ratelimit-remaining-tokens": "90"}
     )
     assert len(scripted.sleeps) == 1 and 2.5 <= scripted.sleeps[0] <= 2.5 * 1.2
+
+
+# [END scripted_test]
 
 
 def test_quota_refusals_past_the_attempts_fail_with_every_detail(scripted: Scripted) -> None:

@@ -63,7 +63,7 @@ async def first_chunks(
     except grpc.aio.AioRpcError as e:
         raise CallFailed(decode_failure(e), "".join(parts)) from None
     finally:
-        call.cancel()  # cancelling the task that awaits the call cancels the call too
+        call.cancel()  # as with sync stubs (cancelling an awaiting task cancels its call too)
     return "".join(parts)
 
 

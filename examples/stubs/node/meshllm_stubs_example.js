@@ -190,10 +190,10 @@ async function generate(client, request, { apiKey, timeoutS, attempts = 4, sleep
     } catch (err) {
       failure = decodeFailure(err);
     }
-    const wait = failure.retry_after_s * (1 + 0.2 * Math.random());
     if (!RETRYABLE.has(failure.code) || failure.retry_after_s === null || attempt === attempts) {
       throw new CallFailed(failure);
     }
+    const wait = failure.retry_after_s * (1 + 0.2 * Math.random());
     if (Date.now() + wait * 1000 > callDeadline) throw new CallFailed(failure);
     await sleep(wait);
   }

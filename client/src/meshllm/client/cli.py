@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         parser.error(str(e))
     try:
-        sys.exit(_command(args, conn))
+        status = _command(args, conn)
     except MeshError as e:
         sys.exit(f"meshllm: {type(e).__name__}: {e.message}")
     except BrokenPipeError:  # `meshllm ... | head`: the reader left; say nothing more
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"meshllm: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
+    if status:
+        sys.exit(status)
 
 
 def _command(args: argparse.Namespace, conn: Connection) -> int:

@@ -248,7 +248,10 @@ def _tenant_name(text: str) -> str:
 def keys_command(argv: list[str]) -> int:
     """``hash-key``: the line to store for a key read from stdin. ``new-key NAME [ROLE]``: a
     fresh key, shown once on stderr, and its tenants-file entry on stdout."""
-    args = _keys_parser().parse_args(argv)
+    try:
+        args = _keys_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     if args.tool == "hash-key":
         key = sys.stdin.readline().strip()
         if not key:

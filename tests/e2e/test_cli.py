@@ -194,6 +194,15 @@ def test_key_and_target_come_from_flags_the_environment_or_a_file(
     wrong = {"MESHLLM_TARGET": "127.0.0.1:1", "MESHLLM_API_KEY": "wrong"}
     flag = run(MESHLLM, "models", "--target", target, "--api-key", KEY, env=wrong)
     assert flag.returncode == 0, flag.stderr
+    quiet = subprocess.Popen(
+        [MESHLLM, "models", "--target", target, "--api-key", KEY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert quiet.stdout is not None
+    quiet.stdout.close()  # `meshllm models | head`, the reader gone before the reply
+    _, err = quiet.communicate(timeout=60)
+    assert quiet.returncode == 1 and b"Traceback" not in err and b"BrokenPipe" not in err, err
     refused = run(MESHLLM, "models", "--target", target, env=wrong)
     assert refused.returncode == 1 and "Unauthenticated" in refused.stderr
     assert refused.stderr.count("\n") == 1

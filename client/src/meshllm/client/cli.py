@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     try:
         status = _command(args, conn)
+        sys.stdout.flush()  # here, so that a reader that left is caught below, not at exit
     except MeshError as e:
         sys.exit(f"meshllm: {type(e).__name__}: {e.message}")
     except BrokenPipeError:  # `meshllm ... | head`: the reader left; say nothing more

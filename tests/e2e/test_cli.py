@@ -375,6 +375,12 @@ def test_generate_sends_chat_system_text_and_repetition_penalty(
     raw, chat = prompt_tokens(), prompt_tokens("--chat")
     system = prompt_tokens("--chat", "--system", "Answer in one word.")
     assert raw < chat < system  # the template wraps the message; the system text adds its own
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Hello there"},
+    ]
+    src.write_text(json.dumps({"messages": messages}) + "\n")  # a chat row, as JSONL allows
+    assert prompt_tokens() == prompt_tokens("--chat") == system
     one = run(
         MESHLLM,
         "--target",

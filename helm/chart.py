@@ -16,6 +16,7 @@ check and NOTES included, without a cluster. A real install needs a cluster: use
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -120,6 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     for sp in (lint_p, template_p, install_p):
         sp.add_argument("--values", "-f", type=Path, action="append", default=[])
     args = p.parse_args(argv)
+    try:
+        status = _run(args)
+        sys.stdout.flush()  # here, so that a reader that left is caught below, not at exit
+        return status
+    except BrokenPipeError:  # `chart.py template ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # a values file that cannot be read
+        print(f"chart.py: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     values = load_values(args.values)
     try:
         if args.command == "lint":

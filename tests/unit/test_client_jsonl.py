@@ -82,6 +82,25 @@ def test_resume_drops_transient_failures_so_they_run_again(tmp_path: Path) -> No
     assert not (tmp_path / "out.jsonl.resume-tmp").exists()
 
 
+def test_resume_reruns_rows_the_mesh_cancelled_or_cut_short(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    cut = {"index": 3, "text": "par", "finish_reason": "cancelled", "error": None}
+    broke = {"index": 4, "text": "x", "finish_reason": "error", "error": None}
+    whole = {"index": 5, "text": "all", "finish_reason": "stop", "error": None}
+    out.write_bytes(lines(ok(0), failed(1, "CANCELLED"), failed(2, "NOT_FOUND"), cut, broke, whole))
+    done = resume(out)
+    assert [i for i in range(7) if i in done] == [0, 2, 5]  # NOT_FOUND is final, CANCELLED not
+    assert out.read_bytes() == lines(ok(0), failed(2, "NOT_FOUND"), whole)
+
+
+def test_chat_rows_send_a_text_prompt_as_one_user_message() -> None:
+    row = parse_row(0, b'{"prompt": "hi", "id": 1}', chat=True)
+    assert row.request == {"messages": [{"role": "user", "content": "hi"}]}
+    given = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    line = json.dumps({"messages": given}).encode()
+    assert parse_row(0, line, chat=True).request == {"messages": given}  # kept as given
+
+
 def test_resume_refuses_damage_before_the_end_and_repeated_indexes(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_bytes(lines(ok(0)) + b"garbage\n" + lines(ok(1)))

@@ -16,7 +16,7 @@ from meshllm.api.tracing import ending, generation_attributes, inject, rpc_attri
 from meshllm.api.types import ModelInfo
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
-from meshllm.client._batch import BatchOptions, BatchRunner, Prepared
+from meshllm.client._batch import BatchOptions, BatchRunner, Prepared, Refused
 from meshllm.client._cache import ResponseCache, cache_key
 from meshllm.client._connection import Connected, Connection
 from meshllm.client._convert import (
@@ -283,13 +283,14 @@ class AsyncClient(Connected[gen_grpc.GenerationStub]):
 
     async def iter_batch_with(
         self,
-        prompts: Iterable[Prompt],
+        prompts: Iterable[Prompt | Refused],
         *,
         model: str,
         fields: RequestFields,
         options: BatchOptions = DEFAULT_BATCH,
     ) -> AsyncGenerator[BatchItem]:
-        """:meth:`iter_batch` with the request fields as one :class:`RequestFields`."""
+        """:meth:`iter_batch` with the request fields as one :class:`RequestFields`; a
+        ``Refused`` input ends with its error, unsent, in its place."""
         build_request(None, model=model, fields=fields)  # a bad batch-wide field fails here, once
         runner = BatchRunner(_Transport(self, fields), options)
         async for item in runner.run(prompts, {"model": model}):

@@ -95,9 +95,19 @@ class BatchOptions:
             raise ValueError(f"concurrency: need at least 1, got {self.concurrency}")
 
 
-def item_fields(item: Prompt, fields: Mapping[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Refused:
+    """A batch input its caller already found bad (a JSONL line that is not JSON): it ends
+    with ``error``, unsent, in its place in the input order."""
+
+    error: InvalidArgument
+
+
+def item_fields(item: Prompt | Refused, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The request fields of one batch input: text, a chat, or a dict of request fields
     (``prompt`` or ``messages`` plus any per-item fields; they override the batch's)."""
+    if isinstance(item, Refused):
+        raise item.error
     if isinstance(item, dict):
         own = dict(item)
         if "messages" in own:
@@ -134,7 +144,7 @@ class BatchRunner:
         self.aborted: Aborted | None = None
 
     async def run(
-        self, items: Iterable[Prompt], fields: Mapping[str, Any]
+        self, items: Iterable[Prompt | Refused], fields: Mapping[str, Any]
     ) -> AsyncIterator[BatchItem]:
         """``fields``: what every item's request starts from (a dict item's own fields win)."""
         total = len(items) if isinstance(items, Sized) else None
@@ -144,7 +154,10 @@ class BatchRunner:
                 yield item
 
     async def _run(
-        self, source: Iterator[tuple[int, Prompt]], fields: Mapping[str, Any], finish: _Finisher
+        self,
+        source: Iterator[tuple[int, Prompt | Refused]],
+        fields: Mapping[str, Any],
+        finish: _Finisher,
     ) -> AsyncIterator[BatchItem]:
         opts = self.options
         window = WINDOW_PER_SLOT * opts.concurrency
@@ -206,7 +219,9 @@ class BatchRunner:
         assert self.aborted is not None  # only called once the batch is aborted
         return BatchItem(index=index, result=None, error=self.aborted, attempts=0)
 
-    async def _item(self, index: int, item: Prompt, fields: Mapping[str, Any]) -> BatchItem:
+    async def _item(
+        self, index: int, item: Prompt | Refused, fields: Mapping[str, Any]
+    ) -> BatchItem:
         try:
             prepared = self.transport.prepare(item_fields(item, fields))
         except (InvalidArgument, TypeError, ValueError) as e:

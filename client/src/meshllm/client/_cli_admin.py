@@ -17,10 +17,10 @@ from google.protobuf.message import Message
 from meshllm.api import convert
 from meshllm.api.errors import InvalidArgument
 from meshllm.api.spec import SPEC_FIELDS
-from meshllm.api.tls import ChannelTLS
 from meshllm.api.types import LoadReport, ModelPlacement, QuotaUsage, ReplicaState, ReplicaStatus
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.client._admin import AsyncAdminClient
+from meshllm.client._cli_args import Connection, number, whole
 
 _GiB = 1024**3
 _NO_LOAD = LoadReport(replica_id="", state=ReplicaState.UNKNOWN, model="")
@@ -28,9 +28,14 @@ _STATE = {state: state.value for state in ReplicaState} | {ReplicaState.UNKNOWN:
 """A state's name in the table (a replica that never reported shows as the wire calls it)."""
 
 
-def add_admin_parser(sub: Any) -> None:
-    a = sub.add_parser("admin", help="operate the mesh: models, replicas, load/unload/scale/drain")
-    common = argparse.ArgumentParser(add_help=False)
+def add_admin_parser(sub: Any, after: argparse.ArgumentParser) -> None:
+    """``after``: the connection options, accepted after ``admin`` and after its command too."""
+    a = sub.add_parser(
+        "admin",
+        help="operate the mesh: models, replicas, load/unload/scale/drain",
+        parents=[after],
+    )
+    common = argparse.ArgumentParser(add_help=False, parents=[after])
     common.add_argument("--json", action="store_true", help="print the reply as JSON")
     cmds = a.add_subparsers(dest="admin_command", required=True)
 
@@ -44,7 +49,7 @@ def add_admin_parser(sub: Any) -> None:
     load.add_argument("model")
     load.add_argument(
         "--replicas",
-        type=int,
+        type=whole(0),
         default=0,
         help="at least this many (default: the catalog's desired_replicas, at least 1)",
     )
@@ -61,14 +66,14 @@ def add_admin_parser(sub: Any) -> None:
     unload.add_argument("model")
     unload.add_argument(
         "--drain-timeout",
-        type=float,
+        type=number(0),
         default=0.0,
         help="seconds in-flight requests may finish (default: the router's)",
     )
     scale = command("scale", "set how many replicas host a model (within the catalog's max)")
     scale.add_argument("model")
-    scale.add_argument("replicas", type=int)
-    scale.add_argument("--drain-timeout", type=float, default=0.0)
+    scale.add_argument("replicas", type=whole(0))
+    scale.add_argument("--drain-timeout", type=number(0), default=0.0)
     scale.add_argument("--no-wait", action="store_true")
     for name, what in (("drain", "stop new requests to"), ("undrain", "send requests again to")):
         command(name, f"{what} one replica (it keeps its model)").add_argument("replica")
@@ -153,10 +158,10 @@ async def _placement_call(admin: AsyncAdminClient, args: argparse.Namespace) -> 
     )
 
 
-async def run_admin(args: argparse.Namespace, tls: ChannelTLS | None) -> int:
+async def run_admin(args: argparse.Namespace, conn: Connection) -> int:
     """One Admin call; prints the reply (a table, or JSON with --json)."""
     async with AsyncAdminClient(
-        args.target, api_key=args.api_key, timeout=args.timeout, tls=tls
+        conn.target, api_key=conn.api_key, timeout=conn.timeout, tls=conn.tls
     ) as admin:
         reply = await _reply(admin, args)
     if args.json:

@@ -4,7 +4,9 @@ Each level runs ``c`` closed-loop streams (the next request leaves when the prev
 ended) for ``--duration`` seconds after a short warm-up; latency is send to last chunk and time
 to first token is send to the first chunk with tokens, both at the client. The recommended
 level is the lowest that reaches 95 % of the best tokens/s with no errors and, with
-``--max-p99-ms``, a p99 latency within that limit.
+``--max-p99-ms``, a p99 latency within that limit. Figures with failed requests in them are not
+those of a healthy mesh: the sweep then exits 1 and says what failed, and a level where no
+request succeeded (an unknown model, say) ends the sweep there.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,7 +60,10 @@ async def _one(client: AsyncClient, job: BenchJob, index: int) -> Sample:
     return Sample(latency_s=end - start, ttft_s=(first or end) - start, tokens=tokens)
 
 
-async def _level(client: AsyncClient, job: BenchJob, c: int, seconds: float) -> Level:
+async def _level(
+    client: AsyncClient, job: BenchJob, c: int, seconds: float, failures: Counter[str]
+) -> Level:
+    """One level; each failed request is counted in ``failures`` by what it was."""
     samples: list[Sample] = []
     errors = 0
     start = time.perf_counter()
@@ -69,8 +75,9 @@ async def _level(client: AsyncClient, job: BenchJob, c: int, seconds: float) -> 
         while time.perf_counter() < end:
             try:
                 samples.append(await _one(client, job, w * 1_000_000 + n))
-            except MeshError:
+            except MeshError as e:
                 errors += 1
+                failures[f"{e.code.name}: {e.message}"] += 1
                 await asyncio.sleep(0.05)
             n += 1
 
@@ -81,11 +88,15 @@ async def _level(client: AsyncClient, job: BenchJob, c: int, seconds: float) -> 
 async def run_bench(client: AsyncClient, job: BenchJob) -> dict[str, Any]:
     """Sweep the levels; the report (also ``--json``'s output)."""
     levels: list[Level] = []
+    failures: Counter[str] = Counter()
     for c in job.levels:
         if job.warmup_s > 0:
-            await _level(client, job, c, job.warmup_s)
-        levels.append(await _level(client, job, c, job.duration_s))
+            await _level(client, job, c, job.warmup_s, failures)
+        levels.append(await _level(client, job, c, job.duration_s, failures))
         print(_line(levels[-1]), file=sys.stderr, flush=True)
+        if levels[-1].requests == 0 and failures:
+            print("meshllm bench: no request succeeded; stopping the sweep", file=sys.stderr)
+            break
     best = recommend(levels, max_p99_ms=job.max_p99_ms)
     return {
         "target": client.target,
@@ -95,7 +106,23 @@ async def run_bench(client: AsyncClient, job: BenchJob) -> dict[str, Any]:
         "max_p99_ms": job.max_p99_ms,
         "levels": [asdict(lv) for lv in levels],
         "recommended_concurrency": best.concurrency if best else None,
+        "failures": dict(failures.most_common()),
     }
+
+
+def report_status(report: dict[str, Any], out: Any = None) -> int:
+    """The exit status of a sweep: 0 when every request succeeded; else 1, after saying on
+    ``out`` (stderr) what the failures were (warm-up included), the commonest first."""
+    failures: dict[str, int] = report["failures"]
+    if not failures:
+        return 0
+    out = out or sys.stderr
+    print(f"meshllm bench: {sum(failures.values())} requests failed:", file=out)
+    for what, count in list(failures.items())[:5]:
+        print(f"  {count} x {what}", file=out)
+    if len(failures) > 5:
+        print(f"  ... and {len(failures) - 5} other kinds", file=out)
+    return 1
 
 
 def _line(lv: Level) -> str:
@@ -132,10 +159,3 @@ def print_report(report: dict[str, Any], as_json: bool, out: Any = None) -> None
         f"(lowest reaching 95% of peak tokens/s with no errors{limit})",
         file=out,
     )
-
-
-def parse_levels(text: str) -> tuple[int, ...]:
-    levels = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    if not levels or levels[0] < 1:
-        raise ValueError(f"concurrency levels must be positive integers, got {text!r}")
-    return levels

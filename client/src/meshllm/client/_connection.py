@@ -3,6 +3,7 @@ metadata, the client's default deadline; and the blocking twin's plumbing around
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, Self, TypeVar
 
@@ -16,7 +17,11 @@ S = TypeVar("S")
 
 
 class Connection(Generic[S]):
-    """``stub()`` opens the channel on first use; ``close()`` closes it (a later call reopens)."""
+    """``stub()`` opens the channel on first use; ``close()`` closes it (a later call reopens).
+
+    A grpc.aio channel belongs to the event loop it was opened on: a client used again under a
+    new loop (a second ``asyncio.run``, a notebook cell after another) gets a new channel, and
+    the old one, whose loop has ended, is dropped (it cannot be closed from another loop)."""
 
     def __init__(
         self,
@@ -36,17 +41,19 @@ class Connection(Generic[S]):
         self._make_stub = make_stub
         self._channel: grpc.aio.Channel | None = None
         self._stub: S | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def stub(self) -> S:
-        if self._stub is None:
+        loop = asyncio.get_running_loop()
+        if self._stub is None or self._loop is not loop:
             self._channel = channel(self.target, self.tls)
-            self._stub = self._make_stub(self._channel)
+            self._stub, self._loop = self._make_stub(self._channel), loop
         return self._stub
 
     async def close(self) -> None:
-        if self._channel is not None:
+        if self._channel is not None and self._loop is asyncio.get_running_loop():
             await self._channel.close()
-            self._channel = self._stub = None
+        self._channel = self._stub = self._loop = None
 
 
 class Connected(Generic[S]):

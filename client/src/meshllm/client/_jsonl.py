@@ -12,7 +12,8 @@ row has ``"error": {"code", "message", "reason"}``.
 
 Resume reads the output back: rows with a result, and rows whose error is permanent (a bad
 request: retrying cannot help), are done; rows with a transient error (UNAVAILABLE,
-RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED) are dropped from the file and run again; a last
+RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED) or cancelled by the mesh (CANCELLED, or a reply
+whose finish reason is ``cancelled`` or ``error``) are dropped from the file and run again; a last
 line cut short by a crash is cut away. So after any number of crashes and resumes, the output
 holds exactly one row per input row.
 """
@@ -47,7 +48,10 @@ REQUEST_FIELDS = frozenset(
     }
 )
 """Input keys that shape the request; all others are passed through to the output row."""
-_TRANSIENT_NAMES = frozenset(code.name for code in TRANSIENT)
+_RUN_AGAIN = frozenset(code.name for code in TRANSIENT) | {"CANCELLED"}
+"""Error codes of rows that ``--resume`` runs again."""
+_CUT_SHORT = frozenset({"cancelled", "error"})
+"""Finish reasons of replies that ``--resume`` runs again."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,9 @@ class InputRow:
     passthrough: dict[str, Any]
 
 
-def parse_row(index: int, line: bytes) -> InputRow:
-    """One input line; InvalidArgument when it is not a usable request."""
+def parse_row(index: int, line: bytes, *, chat: bool = False) -> InputRow:
+    """One input line; InvalidArgument when it is not a usable request. ``chat``: a text
+    ``prompt`` goes as a chat of one user message (the model's chat template applies)."""
     try:
         data = json.loads(line)
     except ValueError as e:
@@ -68,6 +73,8 @@ def parse_row(index: int, line: bytes) -> InputRow:
     request = {k: v for k, v in data.items() if k in REQUEST_FIELDS}
     if ("prompt" in request) == ("messages" in request):
         raise InvalidArgument(f'line {index + 1}: needs exactly one of "prompt" and "messages"')
+    if chat and isinstance(request.get("prompt"), str):
+        request["messages"] = [{"role": "user", "content": request.pop("prompt")}]
     return InputRow(index, request, {k: v for k, v in data.items() if k not in REQUEST_FIELDS})
 
 
@@ -129,9 +136,14 @@ class DoneSet:
 
 
 def _final(row: dict[str, Any]) -> bool:
-    """A row that needs no new attempt: a result, or an error that would come back anyway."""
+    """A row that needs no new attempt: a whole result, or an error that would come back
+    anyway. CANCELLED (an error, or a reply cut short) is the mesh's doing: the CLI's own
+    cancel (Ctrl-C) never writes a row, so such a row is run again, as is a reply that an
+    error cut short."""
     error = row.get("error")
-    return not error or error.get("code") not in _TRANSIENT_NAMES
+    if error:
+        return error.get("code") not in _RUN_AGAIN
+    return row.get("finish_reason") not in _CUT_SHORT
 
 
 def resume(path: Path) -> DoneSet:

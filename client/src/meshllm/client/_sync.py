@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from meshllm.api.tls import ChannelTLS
 from meshllm.api.types import ModelInfo
 from meshllm.client._async import DEFAULT_BATCH, AsyncClient, CacheArg, PromptArg
-from meshllm.client._batch import BatchOptions
+from meshllm.client._batch import BatchOptions, Refused
 from meshllm.client._connection import SyncTwin
 from meshllm.client._options import (
     USE_CLIENT_DEFAULT,
@@ -157,7 +157,7 @@ class Client(SyncTwin[AsyncClient]):
 
     def iter_batch_with(
         self,
-        prompts: Iterable[Prompt],
+        prompts: Iterable[Prompt | Refused],
         *,
         model: str,
         fields: RequestFields,

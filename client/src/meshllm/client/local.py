@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 
 from meshllm.api.errors import MeshError
+from meshllm.api.types import ReplicaState, ReplicaStatus
+from meshllm.client._admin import AdminClient
 from meshllm.client._sync import Client
 
 
@@ -90,6 +92,19 @@ def read_catalog(path: Path) -> tuple[CatalogEntry, ...]:
             )
         out.append(CatalogEntry(id=model_id, desired_replicas=desired))
     return tuple(out)
+
+
+def load_failures(replicas: Sequence[ReplicaStatus], placed: int) -> str | None:
+    """Why the mesh cannot become ready, once as many replicas have failed their load as the
+    catalog places at start (None while it still may): each distinct error, with where."""
+    failed = [r for r in replicas if r.state is ReplicaState.FAILED]
+    if not failed or len(failed) < placed:
+        return None
+    where: dict[str, list[str]] = {}
+    for r in failed:
+        where.setdefault(r.error or "no reason given", []).append(r.replica_id)
+    reasons = "; ".join(f"{error} ({', '.join(ids)})" for error, ids in where.items())
+    return f"every replica's load failed: {reasons}"
 
 
 def _die_with_parent() -> None:
@@ -207,17 +222,24 @@ class LocalMesh:
 
     def _wait_ready(self) -> None:
         """Until the router serves the catalog's models on as many replicas as it places them
-        on at start (a built-in model is generated on first use)."""
+        on at start (a built-in model is generated on first use); a RuntimeError with the
+        reason as soon as those loads have all failed."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         placed = min(sum(m.desired_replicas for m in self.catalog), self.config.replicas)
-        with Client(self.address, api_key=self.config.api_key or None, timeout=2.0) as client:
+        key = self.config.api_key or None
+        with (
+            Client(self.address, api_key=key, timeout=2.0) as client,
+            AdminClient(self.address, api_key=key, timeout=2.0) as admin,
+        ):
             while time.monotonic() < deadline:
                 if (gone := self.exited()) is not None:
                     raise RuntimeError(f"the local mesh did not start: {gone}")
                 try:
                     if sum(m.ready_replicas for m in client.list_models()) >= placed:
                         return
-                except MeshError:
+                    if (failed := load_failures(admin.list_replicas(), placed)) is not None:
+                        raise RuntimeError(f"the local mesh did not start: {failed}")
+                except MeshError:  # not up yet, or a key without the admin role
                     pass
                 time.sleep(0.2)
         raise TimeoutError(f"the local mesh was not ready after {self.config.ready_timeout_s:.0f}s")

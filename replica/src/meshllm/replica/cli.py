@@ -12,7 +12,7 @@ from meshllm.replica.config import ReplicaConfig
 from meshllm.replica.engines import engine_names
 from meshllm.replica.server import serve
 from meshllm.server.logs import FORMATS
-from meshllm.server.serving import run_command
+from meshllm.server.serving import distribution_version, run_command
 
 _INT_HELP = {
     "inter_threads": "batches run in parallel",
@@ -27,6 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(Generation, ReplicaControl, health, reflection). Other commands: "
         "'meshllm-replica convert MODEL.gguf OUT_DIR' and 'meshllm-replica prepare smollm2' "
         "(each with --help).",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"meshllm-replica {distribution_version('meshllm-replica')}",
     )
     _server_args(p)
     _spec_args(p)

@@ -18,9 +18,9 @@ from meshllm.router.config import (
 )
 from meshllm.router.quota import STORES
 from meshllm.router.server import serve
-from meshllm.router.tenants import hash_key, new_key
+from meshllm.router.tenants import hash_key, is_tenant_name, new_key
 from meshllm.server.logs import FORMATS
-from meshllm.server.serving import run_command
+from meshllm.server.serving import distribution_version, run_command
 
 # flag dest -> flat setting name (config.FLAT_NAMES places it), for flags that override the file
 _OVERRIDES = {
@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="meshllm-router",
         description="Route meshllm.api.v1.Generation calls to the least busy replica. Key tools: "
         "'meshllm-router new-key TENANT [user|admin]', 'meshllm-router hash-key' (key on stdin).",
+    )
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"meshllm-router {distribution_version('meshllm-router')}",
     )
     p.add_argument(
         "--config",
@@ -210,25 +215,55 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return config
 
 
+def _keys_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshllm-router", description="API key tools")
+    tools = p.add_subparsers(dest="tool", required=True)
+    tools.add_parser(
+        "hash-key",
+        help="the tenants-file line for a key read from stdin",
+        description="Read a key from stdin (never an argument: shell history) and print the "
+        "line to store for it in a tenants file.",
+    )
+    new = tools.add_parser(
+        "new-key",
+        help="a fresh key for a tenant",
+        description="Make a fresh key: the key itself goes to stderr, shown once; the "
+        "tenants-file entry (its hash) to stdout, so `new-key NAME >> tenants.toml` stores "
+        "only the hash.",
+    )
+    new.add_argument("tenant", type=_tenant_name, help="the tenant's name")
+    new.add_argument("role", nargs="?", default="user", choices=("user", "admin"))
+    return p
+
+
+def _tenant_name(text: str) -> str:
+    if not is_tenant_name(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a tenant name is 1-63 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return text
+
+
 def keys_command(argv: list[str]) -> int:
-    """``hash-key``: the line to store for a key read from stdin (never an argument: shell
-    history). ``new-key NAME [ROLE]``: a fresh key, shown once on stderr, and its tenants-file
-    entry on stdout."""
-    if argv[0] == "hash-key":
+    """``hash-key``: the line to store for a key read from stdin. ``new-key NAME [ROLE]``: a
+    fresh key, shown once on stderr, and its tenants-file entry on stdout."""
+    try:
+        args = _keys_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    if args.tool == "hash-key":
         key = sys.stdin.readline().strip()
         if not key:
             print("meshllm-router hash-key: give the key on stdin", file=sys.stderr)
             return 2
         print(hash_key(key))
         return 0
-    if len(argv) not in (2, 3) or argv[2:] not in ([], ["user"], ["admin"]):
-        print("usage: meshllm-router new-key TENANT [user|admin]", file=sys.stderr)
-        return 2
-    key, role = new_key(), (argv[2] if len(argv) == 3 else "user")
+    key = new_key()
     # the key to the terminal (stderr), the entry to stdout: `new-key x >> tenants.toml` stores
     # only the hash
-    print(f"API key for {argv[1]} (shown once; give it to the tenant): {key}", file=sys.stderr)
-    print(f'[[tenants]]\nname = "{argv[1]}"\nrole = "{role}"\nkeys = ["{hash_key(key)}"]')
+    print(f"API key for {args.tenant} (shown once; give it to the tenant): {key}", file=sys.stderr)
+    print(f'[[tenants]]\nname = "{args.tenant}"\nrole = "{args.role}"\nkeys = ["{hash_key(key)}"]')
     return 0
 
 

@@ -59,6 +59,12 @@ ANONYMOUS = Tenant(
 """Every caller when authentication is disabled (local development only)."""
 
 
+def is_tenant_name(name: str) -> bool:
+    """Whether ``name`` may name a tenant: 1-63 letters, digits, '.', '_' or '-', not starting
+    with '.', '_' or '-'."""
+    return _NAME.fullmatch(name) is not None
+
+
 def hash_key(key: str) -> str:
     """The line to store for ``key`` in a tenants file."""
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -147,6 +148,14 @@ async def serve_until_signal(server: Server, what: str) -> None:
     await server.stop()
 
 
+def distribution_version(name: str) -> str:
+    """``--version``'s text: the installed distribution's version."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def run_command(
     prog: str,
     log_level: str,
@@ -154,14 +163,16 @@ def run_command(
     make_config: Callable[[], C],
     serve: Callable[[C], Coroutine[Any, Any, None]],
 ) -> None:
-    """The body of a server command: logging, config (errors name the field), serve, exit codes."""
+    """The body of a server command: logging, config, serve. A bad setting, found in the config
+    or only once used (a tenants file's contents), is one line naming it and exit status 2, as
+    argparse's usage errors; a port that cannot be bound is one line and status 1."""
     setup_logging(log_level, log_format)
     configure_from_env(prog)
     try:
         config = make_config()
-    except MeshError as e:
-        sys.exit(f"{prog}: {e.message}")
-    try:
         asyncio.run(serve(config))
+    except MeshError as e:
+        print(f"{prog}: {e.message}", file=sys.stderr)
+        sys.exit(2)
     except OSError as e:
         sys.exit(f"{prog}: {e}")

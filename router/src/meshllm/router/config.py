@@ -199,7 +199,8 @@ class HttpConfig:
 
     port: int | None = None
     """Port of ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/health``
-    (0: a free port; None: off). Plaintext: put TLS in front of it (an ingress) off loopback."""
+    (0: a free port; None: off). It speaks the gRPC port's TLS (``[router.tls]``), mutual TLS
+    included; plaintext when that is off."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest request body accepted (a larger one is answered 413)."""
     timeout_s: float = 600.0

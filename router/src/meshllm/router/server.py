@@ -162,6 +162,7 @@ class RouterServer:
                 config=c.http,
                 host=c.host,
                 grace_s=c.drain_grace_s,
+                tls=c.tls.loaded,
             )
         gen_grpc.add_GenerationServicer_to_server(
             RouterGenerationService(forwarder, self.registry, self.auth), server

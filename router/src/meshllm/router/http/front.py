@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ import grpc
 from aiohttp import web
 
 from meshllm.api.errors import Internal, MeshError, NotFound, invalid_argument
+from meshllm.api.tls import ServerTLS
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Headers
 from meshllm.router.auth import Authenticator
@@ -66,9 +68,10 @@ class HttpFront:
         config: HttpConfig,
         host: str,
         grace_s: float,
+        tls: ServerTLS | None = None,
     ) -> None:
         self._forwarder, self._registry, self._auth = forwarder, registry, auth
-        self._config, self._host, self._grace_s = config, host, grace_s
+        self._config, self._host, self._grace_s, self._tls = config, host, grace_s, tls
         self._runner: web.AppRunner | None = None
         self._stopping = False
 
@@ -94,6 +97,7 @@ class HttpFront:
             self._config.port or 0,
             backlog=1024,
             reuse_port=False,
+            ssl_context=_ssl_context(self._tls),
         )
         await site.start()
         port: int = self._runner.addresses[0][1]
@@ -241,6 +245,18 @@ class HttpFront:
             {"status": "ok" if ready else "no ready model", "ready_models": ready},
             status=200 if ready else 503,
         )
+
+
+def _ssl_context(tls: ServerTLS | None) -> ssl.SSLContext | None:
+    """The gRPC port's TLS (and mutual TLS) for the HTTP port too: never plaintext beside it."""
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.mutual:
+        context.load_verify_locations(tls.client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 async def _body(http: web.Request) -> Any:

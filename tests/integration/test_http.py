@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -53,7 +54,10 @@ def sdk(router: RouterServer, key: str = "unused") -> openai.AsyncOpenAI:
 async def http_router(
     start_router: StartRouter, *replicas: ReplicaServer | str, **config: object
 ) -> RouterServer:
-    return await start_router(*replicas, http_port=0, **config)
+    # stale_after_s: these tests are not about ejection, and a loaded 2-core machine can hold a
+    # load report back for seconds
+    settings: dict[str, object] = {"http_port": 0, "stale_after_s": 10.0, **config}
+    return await start_router(*replicas, **settings)
 
 
 async def grpc_text(router: RouterServer, **fields: Any) -> gen.GenerateResponse:
@@ -67,11 +71,12 @@ async def grpc_text(router: RouterServer, **fields: Any) -> gen.GenerateResponse
 
 
 async def test_openai_sdk_chat_whole_and_streamed_match_the_grpc_reply(
-    demo_replica: ReplicaServer, start_router: StartRouter
+    demo_replica: ReplicaServer, start_router: StartRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
     router = await http_router(start_router, demo_replica)
     messages = [gen.ChatMessage(role=m["role"], content=m["content"]) for m in CHAT]
     expected = await grpc_text(router, messages=messages, max_tokens=12, temperature=0.0)
+    caplog.set_level(logging.INFO, logger="meshllm.requests")
     async with sdk(router) as client:
         whole = await client.chat.completions.create(
             model="demo",
@@ -102,6 +107,10 @@ async def test_openai_sdk_chat_whole_and_streamed_match_the_grpc_reply(
     assert all(c.usage is None for c in content) and all(c.id == content[0].id for c in chunks)
     assert last.choices == [] and last.usage is not None
     assert last.usage.completion_tokens == len(expected.token_ids)
+    # the router's access log: one line per HTTP request, as for gRPC, with its real outcome
+    lines = [r for r in caplog.records if r.name == "meshllm.requests" and hasattr(r, "tenant")]
+    assert [getattr(r, "request_id", "") for r in lines] == [whole.id, chunks[0].id]
+    assert [getattr(r, "code", "") for r in lines] == ["OK", "OK"]
 
 
 async def test_openai_sdk_sync_client_completions_and_models(

@@ -83,6 +83,7 @@ class HttpFront:
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/ready", self.ready)
+        app.on_response_prepare.append(_server_header)
         return app
 
     async def start(self) -> int:
@@ -176,17 +177,20 @@ class HttpFront:
         created: int,
     ) -> AsyncIterator[bytes]:
         reply: replies.Reply | None = None
+        last: gen.GenerateChunk | None = None
+        # Read ``chunks`` to its end (the forwarder stops after the final chunk): leaving it
+        # early would close it, and the request would be recorded as cancelled.
         async for chunk in chunks:
             first = reply is None
             if reply is None:
                 model = chunk.model or parsed.request.model
                 reply = replies.Reply(chat, parsed.request.request_id, model, created)
             yield _event(reply.chunk(chunk, first=first, include_usage=parsed.include_usage))
-            if chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
-                if parsed.include_usage:
-                    yield _event(reply.usage_chunk(chunk.usage))
-                yield DONE
-                return
+            last = chunk
+        if reply is not None and last is not None:  # the forwarder raises on a cut-short reply
+            if parsed.include_usage:
+                yield _event(reply.usage_chunk(last.usage))
+            yield DONE
 
     def _tenant(self, http: web.Request) -> Tenant:
         key = http.headers.get("Authorization")
@@ -280,6 +284,10 @@ async def _open_stream(
     )
     await stream.prepare(http)
     return stream
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "meshllm"  # not aiohttp's default, which names its version
 
 
 def _mesh(error: Exception) -> MeshError:

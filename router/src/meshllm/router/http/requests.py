@@ -6,6 +6,7 @@ Pure functions on decoded JSON: no I/O, so the mapping is tested field by field 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,11 +129,10 @@ def _object(body: object, known: frozenset[str] | set[str]) -> Mapping[str, Any]
         if name not in known:
             raise invalid_argument(name, "is not a field meshllm knows; remove it")
         if (neutral := _NEUTRAL.get(name)) is not None and not neutral(body[name]):
-            raise invalid_argument(name, f"{_UNSUPPORTED} {body[name]!r:.40}")
+            raise invalid_argument(
+                name, f"{json.dumps(body[name])[:60]} is not supported yet: leave the field out"
+            )
     return body
-
-
-_UNSUPPORTED = "is not supported by meshllm yet; leave it out instead of"
 
 
 def _common(fields: Mapping[str, Any], request_id: str | None) -> gen.GenerateRequest:

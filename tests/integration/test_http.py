@@ -29,7 +29,7 @@ from conftest import (
     tenants_file,
 )
 
-from meshllm.api.errors import Internal
+from meshllm.api.errors import Internal, ResourceExhausted
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.client.local import free_port
 from meshllm.replica.server import ReplicaServer
@@ -339,6 +339,58 @@ async def test_a_stream_broken_after_its_first_token_ends_with_an_error_event(
         with pytest.raises(openai.APIError, match="incomplete"):
             async for _ in stream:
                 pass
+
+
+async def test_failure_before_the_first_token_moves_to_another_replica(
+    start_replica: StartReplica, start_router: StartRouter
+) -> None:
+    full, ok = await start_replica(demo_spec()), await start_replica(demo_spec())
+
+    async def refuse(original: Any, req: GenerationRequest) -> AsyncIterator[Chunk]:
+        raise ResourceExhausted("queue full", retry_after=1.0)
+        yield  # an async generator, like the real one
+
+    assert full.replica is not None
+    full.replica.generate = lambda req: refuse(None, req)  # type: ignore[method-assign]
+    router = await http_router(start_router, full, ok, policy="round-robin", metrics_port=0)
+    async with sdk(router) as client:
+        for i in range(4):
+            whole = await client.completions.create(model="demo", prompt=f"p{i}", max_tokens=2)
+            stream = await client.completions.create(
+                model="demo", prompt=f"p{i}", max_tokens=2, stream=True
+            )
+            chunks = [c async for c in stream]
+            assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "length"
+    retried = await asyncio.to_thread(_scrape_retries, router)
+    assert retried >= 4  # each request that met the full replica first went on to the other
+
+
+def _scrape_retries(router: RouterServer) -> float:
+    assert router.metrics_port is not None
+    text = httpx.get(f"http://127.0.0.1:{router.metrics_port}/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("meshllm_router_retries_total{")
+    )
+
+
+async def test_the_deadline_is_504_or_ends_the_stream_with_an_error(
+    start_replica: StartReplica, start_router: StartRouter
+) -> None:
+    server = await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"}))
+    streams = capture_streams(server)
+    router = await http_router(start_router, server, http_timeout_s=0.4)
+    body = {"model": "demo", "prompt": "x", "max_tokens": 2000}
+    async with httpx.AsyncClient(base_url=base_url(router)) as raw:
+        whole = await raw.post("/completions", json=body)
+        streamed = await raw.post("/completions", json={**body, "stream": True})
+    assert whole.status_code == 504 and whole.json()["error"]["type"] == "timeout"
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["type"] == "timeout"
+    await asyncio.sleep(0.2)
+    assert [s.cancelled and s.done and s.generated < 200 for s in streams] == [True, True]
 
 
 async def test_no_replica_is_503_with_retry_after(start_router: StartRouter) -> None:

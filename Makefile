@@ -14,7 +14,7 @@ TOOLS_STAMP := $(TOOLS_VENV)/.meshllm-tools-installed
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/pyproject.toml router/pyproject.toml replica/pyproject.toml
 
-.PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin clean
+.PHONY: setup demo test check lint typecheck protos chart bench bench-router bench-quota bench-client bench-admin bench-http clean
 
 setup: $(STAMP) $(TOOLS_STAMP)
 
@@ -68,6 +68,9 @@ bench-client: setup
 
 bench-admin: setup
 	$(PY) benchmarks/admin.py
+
+bench-http: setup
+	$(PY) benchmarks/http_api.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -266,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     opts.rounds = opts.rounds or (1 if opts.quick else 4)
     opts.round = opts.round or (1.0 if opts.quick else 4.0)
     exit_on_sigterm()
+    load_before = os.getloadavg()
     levels = asyncio.run(run(opts))
+    load_after = os.getloadavg()
+    print(f"load average (1 min) before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     print_levels(levels)
     one, many = levels
     met = {
@@ -284,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_targets(met)
     report = {
         "machine": machine_info(),
+        # the machine is shared: what else ran shows here (2 cores: above 2, everything waits)
+        "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "settings": {"rounds": opts.rounds, "round_s": opts.round, "max_tokens": opts.max_tokens},
         "levels": [asdict(level) for level in levels],
         "targets": met,

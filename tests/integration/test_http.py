@@ -441,13 +441,15 @@ async def test_litellm_openai_compatible_provider_completes_and_streams(
 async def test_trace_context_and_request_id_come_from_the_http_headers(
     demo_replica: ReplicaServer, start_router: StartRouter
 ) -> None:
-    router = await http_router(start_router, demo_replica)
+    router = await http_router(start_router, demo_replica, http_max_body_bytes=2000)
     body = {"model": "demo", "prompt": "hi", "max_tokens": 2}
     async with httpx.AsyncClient(base_url=base_url(router)) as raw:
         named = await raw.post("/completions", json=body, headers={"X-Request-Id": "job-7.item-1"})
         bad = await raw.post("/completions", json=body, headers={"X-Request-Id": "a b;c"})
+        big = await raw.post("/completions", json={**body, "prompt": "x" * 3000})
     assert named.json()["id"] == "job-7.item-1" == named.headers["x-request-id"]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-request-id"
+    assert big.status_code == 413 and "2000 bytes" in big.json()["error"]["message"]
     # the gRPC front is still there, on the same router
     channel, client = stub(router.port)
     async with channel:

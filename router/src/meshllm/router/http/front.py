@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -153,8 +153,8 @@ class HttpFront:
         stream: web.StreamResponse | None = None
         chunks = self._forwarder.stream(parsed.request, call)
         try:
-            async with contextlib.aclosing(chunks):
-                events = self._events(chunks, parsed, chat, created)
+            events = self._events(chunks, parsed, chat, created)
+            async with contextlib.aclosing(chunks), contextlib.aclosing(events):
                 async for event in events:
                     if stream is None:
                         stream = await _open_stream(http, headers, parsed.request.request_id)
@@ -175,7 +175,7 @@ class HttpFront:
         parsed: requests.Parsed,
         chat: bool,
         created: int,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes]:
         reply: replies.Reply | None = None
         last: gen.GenerateChunk | None = None
         # Read ``chunks`` to its end (the forwarder stops after the final chunk): leaving it

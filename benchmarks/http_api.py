@@ -14,7 +14,8 @@ concurrency C (1 and 32), C closed-loop clients run for ``--round`` seconds per 
 alternate the order of the fronts so drift hits both alike, after a warm-up of each. TTFT = send
 to the first chunk (gRPC) or first ``data:`` event (HTTP) at the client; tokens/s = completion
 tokens (from the final usage) / wall time of the round, pooled over rounds. The router's CPU
-time per request (psutil) is recorded per front, to show what the HTTP front itself costs.
+and client's CPU time per request (psutil; the client is this process) are recorded per front:
+on a shared machine they show what each front costs better than the latencies do.
 
 Targets: HTTP adds under 1 ms TTFT p50 at concurrency 1, and keeps >= 0.9 of the gRPC front's
 tokens/s at 32. Run it from the repository root::
@@ -85,6 +86,7 @@ class FrontResult:
     ttft_p99_ms: float
     tokens_per_s: float
     router_cpu_ms_per_request: float
+    client_cpu_ms_per_request: float
 
 
 @dataclass(frozen=True)
@@ -168,13 +170,15 @@ async def measure_level(
         await closed_loop(one, clients, warmup_s)
     samples: dict[str, list[Sample]] = {name: [] for name in fronts}
     wall = dict.fromkeys(fronts, 0.0)
-    cpu = dict.fromkeys(fronts, 0.0)
+    cpu = {name: {"router": 0.0, "client": 0.0} for name in fronts}
     names = list(fronts)
     for r in range(rounds):
         for name in names[r % 2 :] + names[: r % 2]:  # alternate the order every round
-            before = cpu_seconds({"router": router})["router"]
+            before = cpu_seconds({"router": router})
             got, elapsed = await closed_loop(fronts[name], clients, round_s)
-            cpu[name] += cpu_seconds({"router": router})["router"] - before
+            after = cpu_seconds({"router": router})
+            for who in ("router", "client"):
+                cpu[name][who] += after[who] - before[who]
             samples[name] += got
             wall[name] += elapsed
     results = []
@@ -187,7 +191,8 @@ async def measure_level(
                 ttft_p50_ms=round(percentile(ttft, 0.5) * 1e3, 3),
                 ttft_p99_ms=round(percentile(ttft, 0.99) * 1e3, 3),
                 tokens_per_s=round(sum(s.tokens for s in samples[name]) / wall[name], 1),
-                router_cpu_ms_per_request=round(cpu[name] * 1e3 / max(len(ttft), 1), 3),
+                router_cpu_ms_per_request=round(cpu[name]["router"] * 1e3 / max(len(ttft), 1), 3),
+                client_cpu_ms_per_request=round(cpu[name]["client"] * 1e3 / max(len(ttft), 1), 3),
             )
         )
     grpc_r, http_r = results
@@ -241,13 +246,14 @@ async def run(opts: argparse.Namespace) -> list[Level]:
 def print_levels(levels: Sequence[Level]) -> None:
     print(
         f"\n{'C':>3} {'front':6} {'requests':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'tokens/s':>9} {'router CPU/req':>15}"
+        f"{'tokens/s':>9} {'router CPU/req':>15} {'client CPU/req':>15}"
     )
     for level in levels:
         for f in level.fronts:
             print(
                 f"{level.concurrency:>3} {f.front:6} {f.requests:>8} {f.ttft_p50_ms:>7.2f}ms "
                 f"{f.ttft_p99_ms:>7.2f}ms {f.tokens_per_s:>9.0f} {f.router_cpu_ms_per_request:>13.3f}ms"
+                f" {f.client_cpu_ms_per_request:>13.3f}ms"
             )
         print(
             f"    HTTP - gRPC: TTFT p50 {level.added_ttft_p50_ms:+.2f} ms, p99 "

@@ -180,7 +180,13 @@ async def test_refused_fields_and_bad_input_are_400s_naming_the_field(
         broken = await raw.post("/chat/completions", content=b"{not json")
         wrong = await raw.get("/chat/completions")
         nowhere = await raw.get("/nowhere")
+        surrogate = await raw.post(
+            "/completions", content=b'{"model": "demo", "prompt": "\\ud800"}'
+        )
+        deep = await raw.post("/completions", content=b"[" * 100_000 + b"]" * 100_000)
     assert broken.status_code == 400 and broken.json()["error"]["param"] == "body"
+    for reply in (surrogate, deep):  # never a 500 for what a client sent
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "body"
     assert wrong.status_code == 405 and "error" in wrong.json()
     assert nowhere.status_code == 404 and nowhere.json()["error"]["type"]
 
@@ -201,7 +207,10 @@ async def test_keys_guard_the_http_api_as_they_guard_grpc(
     async with httpx.AsyncClient(base_url=base_url(router)) as raw:  # the SDK insists on a key
         missing = await raw.post("/chat/completions", json=body)
         malformed = await raw.post("/chat/completions", json=body, headers={"Authorization": USER})
-    for r in (missing, malformed):
+        undecodable = await raw.post(
+            "/chat/completions", json=body, headers={b"Authorization": b"Bearer \xff\xfe"}
+        )
+    for r in (missing, malformed, undecodable):
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
     assert "missing API key" in missing.json()["error"]["message"]
     async with sdk(router, USER) as client:
@@ -391,6 +400,22 @@ async def test_the_deadline_is_504_or_ends_the_stream_with_an_error(
     assert json.loads(events[-1])["error"]["type"] == "timeout"
     await asyncio.sleep(0.2)
     assert [s.cancelled and s.done and s.generated < 200 for s in streams] == [True, True]
+
+
+async def test_a_burst_of_new_connections_is_served_whole(
+    demo_replica: ReplicaServer, start_router: StartRouter
+) -> None:
+    """As batch clients send them: 64 requests at once, each on a connection of its own (one
+    httpx client that keeps no connection alive: 64 clients would each build an SSL context on
+    the test's event loop, which the router and replica share)."""
+    router = await http_router(start_router, demo_replica)
+    body = {"model": "demo", "prompt": "hi", "max_tokens": 2}
+    no_reuse = httpx.Limits(max_keepalive_connections=0, max_connections=None)
+    async with httpx.AsyncClient(base_url=base_url(router), limits=no_reuse, timeout=60) as raw:
+        replies = await asyncio.gather(*(raw.post("/completions", json=body) for _ in range(64)))
+    assert [r.status_code for r in replies] == [200] * 64, replies[0].text
+    assert {r.json()["usage"]["completion_tokens"] for r in replies} == {2}
+    assert len({r.json()["id"] for r in replies}) == 64
 
 
 async def test_no_replica_is_503_with_retry_after(start_router: StartRouter) -> None:

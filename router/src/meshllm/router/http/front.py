@@ -194,6 +194,8 @@ class HttpFront:
 
     def _tenant(self, http: web.Request) -> Tenant:
         key = http.headers.get("Authorization")
+        if key is not None and not key.isprintable():  # undecodable bytes arrive as surrogates
+            key = "malformed"
         return self._auth.authenticate([("authorization", key)] if key is not None else [])
 
     def _call(self, http: web.Request, tenant: Tenant, headers: dict[str, str]) -> Call:
@@ -266,9 +268,14 @@ def _ssl_context(tls: ServerTLS | None) -> ssl.SSLContext | None:
 async def _body(http: web.Request) -> Any:
     raw = await http.read()
     try:
-        return json.loads(raw)
-    except ValueError:
+        body = json.loads(raw)
+        # JSON's \ud800-style escapes can spell lone surrogates, which protobuf strings refuse
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise invalid_argument("body", "holds a string that is not valid Unicode") from None
+    except (ValueError, RecursionError):
         raise invalid_argument("body", "is not valid JSON (UTF-8)") from None
+    return body
 
 
 async def _open_stream(

@@ -27,7 +27,7 @@ PYPROJECTS := pyproject.toml protos/pyproject.toml server/pyproject.toml client/
 PARTS := protos server client router replica
 DIST ?= dist
 
-.PHONY: env model setup test-tools demo test check lint typecheck protos chart dist bench bench-router bench-quota bench-client bench-admin clean
+.PHONY: env model setup test-tools demo test check lint typecheck protos chart dist bench bench-router bench-quota bench-client bench-admin bench-http clean
 
 env: $(ENV_STAMP) model
 
@@ -108,6 +108,9 @@ bench-client: setup
 
 bench-admin: setup
 	$(PY) benchmarks/admin.py
+
+bench-http: setup
+	$(PY) benchmarks/http_api.py
 
 dist: $(STAMP)
 	rm -rf $(DIST)

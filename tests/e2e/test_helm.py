@@ -32,6 +32,7 @@ from chart_render import (
     ROOT,
     VALUE_SETS,
     Rendered,
+    container,
     mount_files,
     pod_args,
     pod_env,
@@ -262,6 +263,8 @@ def test_router_loads_the_rendered_config(
     )
     assert config.drain_grace_s == r.values["router"]["drainGraceSeconds"]
     assert config.metrics_port == r.values["router"]["metrics"]["port"]
+    http = r.values["router"]["http"]
+    assert config.http.port == (http["port"] if http["enabled"] else None)
     tls = r.values["tls"]["router"]["enabled"]
     assert config.health_port == (r.values["router"]["healthPort"] if tls else None)
     flat = RouterConfig.from_flat(r.values["router"]["config"])  # the chart's pass-through settings
@@ -427,6 +430,25 @@ def test_schema_refuses(values: dict[str, Any]) -> None:
 def test_several_routers_may_opt_out_of_shared_quotas() -> None:
     r = render_set("default", {"router": {"replicas": 2}, "quota": {"store": "memory"}})
     assert tomllib.loads(r.router_toml)["router"]["quota"]["store"] == "memory"
+
+
+def test_http_api_has_a_container_port_a_service_port_and_the_network_policy() -> None:
+    """The OpenAI-compatible HTTP API: [router.http] port, a container port and a Service port
+    named http, and the same NetworkPolicy rule as gRPC; off, none of them."""
+    on = render_set(
+        "default", {"router": {"http": {"port": 8000}}, "networkPolicy": {"enabled": True}}
+    )
+    assert tomllib.loads(on.router_toml)["router"]["http"] == {"port": 8000}
+    ports = {p["name"]: p["containerPort"] for p in container(on.router)["ports"]}
+    assert ports["http"] == 8000
+    service = on.one("Service", "meshllm-router")["spec"]["ports"]
+    assert {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"} in service
+    policy = on.one("NetworkPolicy", "meshllm-router")["spec"]["ingress"][0]["ports"]
+    assert {"port": "http", "protocol": "TCP"} in policy
+    off = render_set("default", {"router": {"http": {"enabled": False}}})
+    assert "http" not in tomllib.loads(off.router_toml)["router"]
+    assert "http" not in {p["name"] for p in container(off.router)["ports"]}
+    assert "http" not in {p["name"] for p in off.one("Service", "meshllm-router")["spec"]["ports"]}
 
 
 def test_auth_none_mounts_no_tenants() -> None:

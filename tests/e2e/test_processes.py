@@ -14,8 +14,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import httpx
 import psutil
 import pytest
 from conftest import StartProcess
@@ -219,7 +221,7 @@ def test_router_sigterm_lets_in_flight_streams_finish(
 
 
 def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) -> None:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     up = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "meshllm"),
@@ -230,6 +232,8 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
             "2",
             "--port",
             str(port),
+            "--http-port",
+            str(http_port),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -240,6 +244,8 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
         while "meshllm is up" not in (line := up.stdout.readline()):
             assert line, "meshllm up exited before the mesh was up"
         lines.append(line)
+        while "Ctrl-C stops the mesh" not in (line := up.stdout.readline()):
+            lines.append(line)  # the addresses and commands to try
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(psutil.Process(up.pid).children()) == 3  # a router and two replicas
         assert len(engine_processes(children)) == 2  # each replica's engine, in its own process
@@ -254,6 +260,12 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
             ]
         assert info.ready_replicas == 2
         assert {r.timing.replica for r in replies} == {"replica-0", "replica-1"}
+        chat = _post_json(
+            f"http://127.0.0.1:{http_port}/v1/chat/completions",
+            {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        )
+        assert chat["choices"][0]["finish_reason"] == "length"
+        assert chat["usage"]["completion_tokens"] == 3
         up.send_signal(signal.SIGINT)
         lines.append(up.communicate(timeout=60)[0])
     finally:
@@ -262,9 +274,17 @@ def test_meshllm_up_starts_a_mesh_and_stops_it_all_on_ctrl_c(model_cache: Path) 
     assert up.returncode == 0
     out = "".join(lines)
     assert f"router at 127.0.0.1:{port}" in out and out.endswith("stopped.\n")
+    assert f"OpenAI-compatible API at http://127.0.0.1:{http_port}/v1" in out
     assert not any(
         child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children
     )
+
+
+def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    reply = httpx.post(url, json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    data: dict[str, Any] = reply.json()
+    return data
 
 
 def engine_processes(procs: list[psutil.Process]) -> list[psutil.Process]:

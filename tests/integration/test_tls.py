@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 from conftest import StartReplica, StartRouter, demo_spec, wait_routed
 from cryptography import x509
@@ -153,6 +156,33 @@ async def test_tls_client_router_replica(
                     gen.ListModelsRequest(), timeout=5.0
                 )
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_http_api_speaks_the_routers_tls_too(
+    certs: Certs, start_replica: StartReplica, start_router: StartRouter
+) -> None:
+    """With [router.tls] the OpenAI-compatible port is HTTPS with the same certificate and, with
+    a client CA, the same mutual TLS: no plaintext port beside a TLS one."""
+    router = await start_router(
+        await start_replica(demo_spec()), http_port=0, **serving(certs, client_ca=certs.ca)
+    )
+    url = f"https://localhost:{router.http_port}/v1"
+    signed = openai.DefaultAsyncHttpxClient(verify=_client_context(certs), timeout=10.0)
+    async with openai.AsyncOpenAI(base_url=url, api_key="x", http_client=signed) as client:
+        reply = await client.completions.create(model="demo", prompt="hi", max_tokens=2)
+    assert reply.choices[0].finish_reason == "length"
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=certs.ca)) as unsigned:
+        with pytest.raises(httpx.HTTPError):  # the handshake fails: no client certificate
+            await unsigned.get(f"{url}/models")
+    async with httpx.AsyncClient(timeout=5.0) as plaintext:
+        with pytest.raises(httpx.HTTPError):
+            await plaintext.get(f"http://localhost:{router.http_port}/v1/models")
+
+
+def _client_context(certs: Certs) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=certs.ca)
+    context.load_cert_chain(certs.client_cert, certs.client_key)
+    return context
 
 
 async def test_client_trusting_another_ca_is_refused(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import USER, StartRouter, tenants_file
 from opentelemetry import trace
@@ -58,6 +59,31 @@ async def test_one_trace_from_the_client_to_the_engine(
     assert float(engine.attributes["meshllm.time_to_first_token_ms"]) > 0  # type: ignore[arg-type]
     forward = next(s for s in finished if s.name == "meshllm.router/forward")
     assert forward.attributes is not None and forward.attributes["meshllm.replica"] == "r0"
+
+
+async def test_an_http_request_joins_the_callers_trace(
+    spans: InMemorySpanExporter, demo_replica: ReplicaServer, start_router: StartRouter
+) -> None:
+    """The OpenAI-compatible front takes its parent from ``traceparent``, and the request's
+    spans nest as a gRPC call's do: one trace from the HTTP caller to the engine."""
+    router = await start_router(demo_replica, http_port=0)
+    spans.clear()
+    trace_id, caller = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(
+            f"http://127.0.0.1:{router.http_port}/v1/completions",
+            json={"model": "demo", "prompt": "hello", "max_tokens": 3, "stream": True},
+            headers={"traceparent": f"00-{trace_id}-{caller}-01"},
+        )
+    assert reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]")
+    finished = spans.get_finished_spans()
+    assert {f"{s.context.trace_id:032x}" for s in finished} == {trace_id}
+    by_id = {s.context.span_id: s for s in finished}
+    (served,) = [s for s in finished if s.name == "meshllm.router/GenerateStream"]
+    assert served.parent is not None and f"{served.parent.span_id:016x}" == caller
+    chain = {s.name: parent_name(s, by_id) for s in finished if s is not served}
+    assert chain["meshllm.router/forward"] == "meshllm.router/GenerateStream"
+    assert chain["meshllm.replica/generate"] == "meshllm.router/forward"
 
 
 async def test_quota_admission_is_a_span_of_the_request(

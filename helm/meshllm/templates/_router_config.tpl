@@ -1,6 +1,6 @@
 {{/*
 The router's TOML config: a [router] table with the router's own settings, its sub-tables
-([router.discovery], [router.quota], [router.redis], [router.placement], [router.tls],
+([router.discovery], [router.quota], [router.redis], [router.placement], [router.http], [router.tls],
 [router.replica_tls]) and one [models.<id>] table per catalog entry. router.config takes settings
 by their flat names (the router's FLAT_NAMES, as its flags name them: stale_after_s, quota_lease_s,
 redis_timeout_s, placement_refresh_s); meshllm.routerFlatNames places each in its sub-table. The
@@ -8,7 +8,7 @@ router loads the file with `meshllm-router --config`; tests/e2e/test_helm.py loa
 file with the router's own loader and pins meshllm.routerFlatNames to FLAT_NAMES.
 */}}
 {{- define "meshllm.managedRouterSettings" -}}
-host port dns metrics_port health_port auth tenants_file quota_store redis_url redis_url_file share_placement_counts drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
+host port dns metrics_port health_port http_port auth tenants_file quota_store redis_url redis_url_file share_placement_counts drain_grace_s tls_cert tls_key tls_client_ca replica_tls_ca replica_tls_cert replica_tls_key replica_tls_server_name models
 {{- end }}
 
 {{/* Flat name: sub-table.setting (the router's FLAT_NAMES); other names are [router]'s own */}}
@@ -31,6 +31,9 @@ load_retry_s: placement.load_retry_s
 unload_drain_s: placement.unload_drain_s
 placement_refresh_s: placement.refresh_s
 share_placement_counts: placement.share_counts
+http_port: http.port
+http_max_body_bytes: http.max_body_bytes
+http_timeout_s: http.timeout_s
 tls_cert: tls.cert
 tls_key: tls.key
 tls_client_ca: tls.client_ca
@@ -43,7 +46,7 @@ replica_tls_server_name: replica_tls.server_name
 {{- define "meshllm.routerToml" -}}
 {{- $managed := splitList " " (include "meshllm.managedRouterSettings" .) }}
 {{- $flatNames := include "meshllm.routerFlatNames" . | fromYaml }}
-{{- $order := list "discovery" "quota" "redis" "placement" "tls" "replica_tls" }}
+{{- $order := list "discovery" "quota" "redis" "placement" "http" "tls" "replica_tls" }}
 {{- $router := dict }}
 {{- $sections := dict }}
 {{- range $name := $order }}{{ $_ := set $sections $name dict }}{{ end }}
@@ -69,6 +72,9 @@ replica_tls_server_name: replica_tls.server_name
 {{- end }}
 {{- if .Values.router.metrics.enabled }}
 {{- $_ = set $router "metrics_port" (int .Values.router.metrics.port) }}
+{{- end }}
+{{- if .Values.router.http.enabled }}
+{{- $_ = set $sections.http "port" (int .Values.router.http.port) }}
 {{- end }}
 {{- $_ = set $sections.discovery "dns" (printf "%s:%d" (include "meshllm.replicasHost" .) (int .Values.replica.port)) }}
 {{- $_ = set $sections.quota "store" $store }}

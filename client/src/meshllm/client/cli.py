@@ -218,6 +218,13 @@ def _add_up(sub: Any) -> None:
     u.add_argument(
         "--port", type=whole(0, 65535), default=50051, help="router port (default 50051)"
     )
+    http = u.add_mutually_exclusive_group()
+    http.add_argument(
+        "--http-port",
+        type=whole(0, 65535),
+        help="the router's OpenAI-compatible HTTP port (default 8080; with --port 0, a free one)",
+    )
+    http.add_argument("--no-http", action="store_true", help="no OpenAI-compatible HTTP API")
     u.add_argument("--policy", default="least-busy", choices=("least-busy", "round-robin"))
     u.add_argument(
         "--tenants-file",
@@ -331,6 +338,14 @@ async def _bench(args: argparse.Namespace, conn: Connection) -> int:
     return report_status(report)
 
 
+def _http_port(args: argparse.Namespace) -> int | None:
+    if args.no_http:
+        return None
+    if args.http_port is not None:
+        return int(args.http_port)
+    return 0 if args.port == 0 else 8080
+
+
 def _local(args: argparse.Namespace, key: str | None) -> int:
     """``up`` and ``demo`` start router and replica processes: those packages must be installed
     (the client itself imports neither)."""
@@ -349,6 +364,7 @@ def _local(args: argparse.Namespace, key: str | None) -> int:
         model=args.model,
         config=args.config,
         port=args.port,
+        http_port=_http_port(args),
         policy=args.policy,
         tenants_file=args.tenants_file,
         api_key=key or "",

@@ -47,6 +47,8 @@ class LocalMeshConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     """The router's port (0 picks a free one)."""
+    http_port: int | None = 0
+    """The router's OpenAI-compatible HTTP port (0 picks a free one; None: off)."""
     policy: str = "least-busy"
     replica_args: tuple[str, ...] = ()
     """Extra ``meshllm-replica`` flags, e.g. ``("--inter-threads", "1")``."""
@@ -62,8 +64,9 @@ class LocalMeshConfig:
             raise ValueError("api_key: a key from the tenants file is needed to see the mesh ready")
         if self.replicas < 1:
             raise ValueError(f"replicas: need at least 1, got {self.replicas}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port: {self.port} is out of range")
+        for name in ("port", "http_port"):
+            if (value := getattr(self, name)) is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name}: {value} is out of range")
         return self
 
 
@@ -130,6 +133,8 @@ class LocalMesh:
         self.replicas: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.router: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.http_url = ""
+        """The OpenAI-compatible API's base URL (``http://host:port/v1``); "" when off."""
         self.catalog: tuple[CatalogEntry, ...] = ()
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -171,6 +176,11 @@ class LocalMesh:
             self.replicas.append((address, proc))
         port = c.port or free_port(c.host)
         replica_flags = [flag for address, _ in self.replicas for flag in ("--replica", address)]
+        http: tuple[str, ...] = ()
+        if c.http_port is not None:
+            http_port = c.http_port or free_port(c.host)
+            http = ("--http-port", str(http_port))
+            self.http_url = f"http://{c.host}:{http_port}/v1"
         self.router = self._spawn(
             "meshllm.router",
             "--config",
@@ -182,6 +192,7 @@ class LocalMesh:
             "--policy",
             c.policy,
             *self._auth_flags(),
+            *http,
             *replica_flags,
         )
         self.address = f"{c.host}:{port}"
@@ -291,6 +302,13 @@ def up(config: LocalMeshConfig) -> int:
             model = mesh.catalog[0].id if mesh.catalog else config.model
             print(f'try:  meshllm --target {mesh.address}{key} generate "Hello" --model {model}')
             print(f"      meshllm --target {mesh.address}{key} admin models")
+            if mesh.http_url:
+                print(f"OpenAI-compatible API at {mesh.http_url} (docs/http.md):")
+                auth = ' -H "Authorization: Bearer $KEY"' if config.tenants_file else ""
+                body = (
+                    f'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+                )
+                print(f"      curl {mesh.http_url}/chat/completions{auth} -d '{body}'")
             print("Ctrl-C stops the mesh.", flush=True)
             while (gone := mesh.exited()) is None:
                 time.sleep(0.5)

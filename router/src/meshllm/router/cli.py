@@ -40,6 +40,7 @@ _OVERRIDES = {
             "report_interval_ms",
             "metrics_port",
             "health_port",
+            "http_port",
             "tenants_file",
             "quota_store",
             "redis_url",
@@ -94,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="also answer grpc.health.v1 (only) in plaintext on this port, for probes that "
         "cannot speak TLS (default: off)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, ...) on "
+        "this port (0 picks a free one; default: off; docs/http.md)",
     )
     _add_discovery_flags(p)
     _add_access_flags(p)

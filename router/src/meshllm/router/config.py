@@ -2,7 +2,7 @@
 
 A config file has a ``[router]`` table for the router's own settings, one sub-table per part
 (``[router.discovery]``, ``[router.quota]``, ``[router.redis]``, ``[router.placement]``,
-``[router.tls]``, ``[router.replica_tls]``) and the model catalog as ``[models.<id>]`` tables.
+``[router.http]``, ``[router.tls]``, ``[router.replica_tls]``) and the model catalog as ``[models.<id>]`` tables.
 Each component receives only its sub-config. Command-line flags use flat names
 (``--stale-after``, ``--redis-url``); ``FLAT_NAMES`` maps each to its place.
 """
@@ -194,6 +194,27 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP front (``[router.http]``, docs/http.md)."""
+
+    port: int | None = None
+    """Port of ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/health``
+    (0: a free port; None: off). It speaks the gRPC port's TLS (``[router.tls]``), mutual TLS
+    included; plaintext when that is off."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body accepted (a larger one is answered 413)."""
+    timeout_s: float = 600.0
+    """Deadline of one HTTP request (HTTP carries none of its own): the same deadline a gRPC
+    client sets, passed to the replica; past it the reply is 504 or the stream ends with an error."""
+
+    def violations(self) -> list[FieldViolation]:
+        bad = _positive(self, "http", "max_body_bytes", "timeout_s")
+        if self.port is not None and not 0 <= self.port <= 65535:
+            bad.append(FieldViolation(flat("http", "port"), f"{self.port} is out of range"))
+        return bad
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerTLSConfig:
     """TLS for clients -> router (``[router.tls]``, docs/tls.md); all "": plaintext."""
 
@@ -276,6 +297,7 @@ class RouterConfig:
     quota: QuotaConfig = field(default_factory=QuotaConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
     replica_tls: ReplicaTLSConfig = field(default_factory=ReplicaTLSConfig)
 
@@ -312,7 +334,7 @@ class RouterConfig:
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
         bad += self._auth_violations()
-        for part in (self.discovery, self.quota, self.placement):
+        for part in (self.discovery, self.quota, self.placement, self.http):
             bad += part.violations()
         if self.quota.store == "redis" or self.placement.share_counts or self.redis.configured:
             bad += self._redis_violations()
@@ -365,6 +387,7 @@ SECTIONS: dict[str, type[Any]] = {
     "quota": QuotaConfig,
     "redis": RedisConfig,
     "placement": PlacementConfig,
+    "http": HttpConfig,
     "tls": ServerTLSConfig,
     "replica_tls": ReplicaTLSConfig,
 }
@@ -392,6 +415,9 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     **{n: ("placement", n) for n in ("load_timeout_s", "load_retry_s", "unload_drain_s")},
     "placement_refresh_s": ("placement", "refresh_s"),
     "share_placement_counts": ("placement", "share_counts"),
+    "http_port": ("http", "port"),
+    "http_max_body_bytes": ("http", "max_body_bytes"),
+    "http_timeout_s": ("http", "timeout_s"),
     **{f"tls_{n}": ("tls", n) for n in ("cert", "key", "client_ca")},
     **{f"replica_tls_{n}": ("replica_tls", n) for n in ("ca", "cert", "key", "server_name")},
 }

@@ -25,6 +25,7 @@ from meshllm.router.balancer import make_policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.discovery import Discovery
 from meshllm.router.forward import Forwarder
+from meshllm.router.http import HttpFront
 from meshllm.router.metrics import router_metrics
 from meshllm.router.picking import Picker
 from meshllm.router.placement.control import Placement
@@ -88,6 +89,8 @@ class RouterServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
+        self.http_port: int | None = None
+        self._http: HttpFront | None = None
 
     def _counts(self) -> RedisCounts | None:
         """Desired replica counts in Redis when placement shares them (else this router's)."""
@@ -119,6 +122,9 @@ class RouterServer:
             self._metrics_http, self.metrics_port = serve_metrics(
                 prometheus, self.config.host, self.config.metrics_port
             )
+        if self._http is not None:
+            self.http_port = await self._http.start()
+            log.info("OpenAI-compatible HTTP API on %s:%d", self.config.host, self.http_port)
         log.info(
             "router listening on %s (%s, %d replica addresses, %s; to replicas: %s)",
             self.port,
@@ -151,6 +157,16 @@ class RouterServer:
             retry_after_s=c.retry_after_s,
         )
         services = DecodingServer(server)  # undecodable requests: INVALID_ARGUMENT
+        if c.http.port is not None:  # the same forwarder: one path for both fronts
+            self._http = HttpFront(
+                forwarder=forwarder,
+                registry=self.registry,
+                auth=self.auth,
+                config=c.http,
+                host=c.host,
+                grace_s=c.drain_grace_s,
+                tls=c.tls.loaded,
+            )
         gen_grpc.add_GenerationServicer_to_server(
             RouterGenerationService(forwarder, self.registry, self.auth), services
         )
@@ -197,8 +213,10 @@ class RouterServer:
         self._stopped = True
         grace = self.config.drain_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace=grace)
+        stopping = [self._server.stop(grace=grace)] if self._server is not None else []
+        if self._http is not None:
+            stopping.append(self._http.stop())
+        await asyncio.gather(*stopping)
         if self._health_server is not None:
             await self._health_server.stop(grace=None)
         if self._refresher is not None:

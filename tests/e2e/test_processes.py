@@ -301,8 +301,8 @@ def test_a_hung_replica_fails_over_its_queued_work_at_ejection_and_ends_its_stre
     the replica for its missing load reports (2 s); its queued requests then move to the other
     replica at once and its running stream ends UNAVAILABLE soon after (they once waited
     60-70 s for TCP to give up)."""
-    serial = ("--model", "demo", "--engine", "fake", "--option", "token_delay_ms=10")
-    serial += ("--max-batch-size", "1", "--inter-threads", "1")
+    serial = ["--model", "demo", "--engine", "fake", "--option", "token_delay_ms=10"]
+    serial += ["--max-batch-size", "1", "--inter-threads", "1"]
     victim, victim_port = replica_process(*serial, "--replica-id", "victim")
     _, survivor_port = replica_process(*serial, "--replica-id", "survivor")
     _, port = router_process(

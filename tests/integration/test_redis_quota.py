@@ -252,7 +252,7 @@ async def test_a_redis_freeze_frees_the_slots_it_held_once_redis_answers(
         await asyncio.sleep(2.0)
     finally:
         redis_server.proc.send_signal(signal.SIGCONT)
-    thawed, waits = time.monotonic(), []
+    thawed, waits = time.monotonic(), list[float]()
     while not isinstance(reply := (await generate(router))[0], gen.GenerateResponse):
         assert isinstance(reply, MeshError) and reply.retry_after is not None, reply
         assert time.monotonic() - thawed < 10, f"still refused: {reply.message} (waited {waits})"

@@ -4,6 +4,7 @@ SIGTERM drains and a replica killed under load."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -337,3 +338,85 @@ def test_a_local_mesh_with_a_tenants_file_needs_keys(model_cache: Path, tmp_path
         with pytest.raises(Unauthenticated):
             anonymous.generate("hi", model="demo", max_tokens=2)
         assert keyed.generate("hi", model="demo", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_streams_the_client_got_whole_are_ok_in_the_replicas_log_too(
+    replica_process: StartProcess, router_process: StartProcess, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The router waits for the replica's status after the final chunk: cancelling the call at
+    once raced it, and the replica logged (and counted, and traced) about one complete stream
+    in fifteen as CANCELLED while the client and the router saw OK."""
+    _, replica_port = replica_process("--model", "demo")
+    _, port = router_process("--replica", f"127.0.0.1:{replica_port}")
+    ids = [f"whole{i}" for i in range(150)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        client = gen_grpc.GenerationStub(channel)
+        for rid in ids:
+            request = gen.GenerateRequest(
+                model="demo", prompt="Hello", max_tokens=24, temperature=0.0, request_id=rid
+            )
+            chunks = list(client.GenerateStream(request, timeout=30))
+            assert chunks[-1].finish_reason != gen.FINISH_REASON_UNSPECIFIED
+    time.sleep(0.5)  # the replica writes its last lines
+    codes: dict[str, list[str]] = {}
+    for rid, code in re.findall(r"request_id=(whole\d+)\b.*?\bcode=(\w+)", capfd.readouterr().err):
+        codes.setdefault(rid, []).append(code)
+    bad = {rid: c for rid, c in codes.items() if c != ["OK", "OK"]}  # the replica's, the router's
+    assert sorted(codes) == sorted(ids) and not bad, bad
+
+
+def test_a_hung_replica_fails_over_its_queued_work_at_ejection_and_ends_its_streams(
+    replica_process: StartProcess, router_process: StartProcess
+) -> None:
+    """SIGSTOP, not SIGKILL: the connection stays open and nothing answers. The router ejects
+    the replica for its missing load reports (2 s); its queued requests then move to the other
+    replica at once and its running stream ends UNAVAILABLE soon after (they once waited
+    60-70 s for TCP to give up)."""
+    serial = ["--model", "demo", "--engine", "fake", "--option", "token_delay_ms=10"]
+    serial += ["--max-batch-size", "1", "--inter-threads", "1"]
+    victim, victim_port = replica_process(*serial, "--replica-id", "victim")
+    _, survivor_port = replica_process(*serial, "--replica-id", "survivor")
+    _, port = router_process(
+        "--replica", f"127.0.0.1:{victim_port}", "--replica", f"127.0.0.1:{survivor_port}"
+    )
+    ended: dict[int, float] = {}
+
+    def timed(client: gen_grpc.GenerationStub, i: int, started: threading.Event) -> Outcome:
+        request = gen.GenerateRequest(model="demo", prompt=f"request {i}", max_tokens=100)
+        chunks: list[gen.GenerateChunk] = []
+        try:
+            for chunk in client.GenerateStream(request, timeout=120):
+                chunks.append(chunk)
+                started.set()
+            return Outcome(chunks, None)
+        except grpc.RpcError as e:
+            return Outcome(chunks, e)
+        finally:
+            ended[i] = time.monotonic()
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, ThreadPoolExecutor(8) as pool:
+        client = gen_grpc.GenerationStub(channel)
+        started = [threading.Event() for _ in range(8)]
+        futures = [pool.submit(timed, client, i, started[i]) for i in range(8)]
+        deadline = time.monotonic() + 60
+        while sum(e.is_set() for e in started) < 2:  # both replicas are streaming one each
+            assert time.monotonic() < deadline, "streams did not start"
+            time.sleep(0.002)
+        victim.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            outcomes = [f.result(timeout=120) for f in futures]
+        finally:
+            victim.send_signal(signal.SIGCONT)
+    after = {i: round(t - stopped_at, 1) for i, t in ended.items()}
+    interrupted = [i for i, o in enumerate(outcomes) if not o.complete]
+    print(f"seconds after the SIGSTOP each stream ended: {after}; interrupted: {interrupted}")
+    assert len(interrupted) == 1  # the one running there; the queued ones moved on
+    (cut,) = (outcomes[i] for i in interrupted)
+    assert cut.error is not None and cut.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "incomplete" in (cut.error.details() or "")
+    # ejection after 2 s of silence, then 2 s more without a chunk: well before TCP's minute
+    assert after[interrupted[0]] < 8, after
+    # the survivor served the other seven one after another, 1 s each
+    assert max(after.values()) < 20, after
+    assert all(sum(len(c.token_ids) for c in o.chunks) == 100 for o in outcomes if o.complete)

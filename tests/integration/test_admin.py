@@ -24,12 +24,14 @@ from conftest import (
 )
 
 from meshllm.api.errors import MeshError, from_rpc_error
+from meshllm.api.types import FinishReason
 from meshllm.api.v1 import admin_pb2 as adm
 from meshllm.api.v1 import admin_pb2_grpc as adm_grpc
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.api.v1 import replica_control_pb2 as rc
 from meshllm.api.v1 import replica_control_pb2_grpc as rc_grpc
+from meshllm.client import AsyncClient
 from meshllm.replica.server import ReplicaServer
 from meshllm.router import RouterServer
 from meshllm.router.config import DiscoveryConfig, PlacementConfig
@@ -273,6 +275,57 @@ async def test_unloading_under_steady_traffic_loses_no_request(
                 "UNAVAILABLE/REPLICA_DRAINING",
             }
         ), (tokens, status)
+
+
+async def test_a_scale_down_past_its_drain_timeout_never_reports_a_cut_reply_as_ok(
+    idle: Replicas, start_router: StartRouter
+) -> None:
+    """Streams the drained replica cut short at the timeout end UNAVAILABLE STREAM_INTERRUPTED
+    (they once ended OK with finish_reason cancelled); unary calls there move to the replica
+    that stays, so a batch gets every item whole."""
+    slow = {"engine": "fake", "options": {"token_delay_ms": "4"}}
+    catalog = (CatalogModel.of(id="demo", path="demo", desired_replicas=2, **slow),)
+    router = await start_router(*idle, ready=2, models=catalog)
+    tokens = 300  # ~1.2 s per reply: the 0.5 s drain timeout cuts every one running there
+
+    async def stream(stub: gen_grpc.GenerationStub, i: int) -> tuple[int, str]:
+        request = gen.GenerateRequest(model="demo", prompt=f"s{i}", max_tokens=tokens)
+        got, final = 0, gen.FINISH_REASON_UNSPECIFIED
+        try:
+            async for chunk in stub.GenerateStream(request):
+                got, final = got + len(chunk.token_ids), chunk.finish_reason
+        except grpc.aio.AioRpcError as e:
+            return got, f"{e.code().name}/{from_rpc_error(e).reason}"
+        return got, f"OK/{gen.FinishReason.Name(final)}"
+
+    async with (
+        AsyncClient(f"127.0.0.1:{router.port}", timeout=30) as client,
+        grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel,
+    ):
+        stub = gen_grpc.GenerationStub(channel)
+        streams = [asyncio.create_task(stream(stub, i)) for i in range(8)]
+        batch = asyncio.create_task(
+            client.generate_batch(
+                [f"b{i}" for i in range(8)], model="demo", max_tokens=tokens, temperature=0.0
+            )
+        )
+        await asyncio.sleep(0.3)  # every stream and batch item is generating
+        await admin_call(
+            router,
+            "ScaleModel",
+            adm.ScaleModelRequest(model="demo", replicas=1, drain_timeout_s=0.5),
+        )
+        outcomes, items = await asyncio.gather(asyncio.gather(*streams), batch)
+    for got, status in outcomes:
+        assert (status, got) == ("OK/FINISH_REASON_LENGTH", tokens) or (
+            status == "UNAVAILABLE/STREAM_INTERRUPTED" and 0 < got < tokens
+        ), (status, got)
+    assert any(s.startswith("UNAVAILABLE") for _, s in outcomes), outcomes  # the drain cut some
+    for item in items:
+        assert item.result is not None, item.error
+        assert item.result.finish_reason is FinishReason.LENGTH
+        assert item.result.usage.completion_tokens == tokens
+    assert list(hosted(idle).values()).count("demo") == 1
 
 
 async def test_drain_and_undrain_one_replica(router: RouterServer, idle: Replicas) -> None:

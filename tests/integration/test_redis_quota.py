@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -217,3 +219,82 @@ def test_redis_urls_are_logged_without_their_password() -> None:
     assert redacted("redis://:s3cret@redis.ns.svc:6379/0") == "redis://:***@redis.ns.svc:6379/0"
     assert redacted("redis://user:s3cret@h/1") == "redis://user:***@h/1"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_a_redis_freeze_frees_the_slots_it_held_once_redis_answers(
+    start_replica: StartReplica,
+    start_router: StartRouter,
+    tmp_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    """Two requests fill the tenant's two slots; Redis freezes (SIGSTOP) for 2 s while they end,
+    so their settles fail. Once it answers again those settles go through: a client that waits
+    what each refusal's RetryInfo says is admitted within seconds (it was refused until the
+    leases expired, 900 s, while RetryInfo said 1 s)."""
+    replica = await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "10"}))
+    router = await start_router(
+        replica,
+        auth="api-key",
+        quota_store="redis",
+        redis_url=redis_server.url,
+        redis_timeout_s=0.25,
+        tenants_file=tenants_file(tmp_path, concurrent_requests=2),
+    )
+    running = [asyncio.create_task(generate(router, max_tokens=40)) for _ in range(2)]
+    await asyncio.sleep(0.15)  # both admitted; ~0.4 s to go
+    refused = (await generate(router))[0]
+    assert isinstance(refused, MeshError) and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        results = await asyncio.gather(*running)  # they end (and fail to settle) meanwhile
+        assert all(isinstance(r, gen.GenerateResponse) for r, _ in results)
+        await asyncio.sleep(2.0)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    thawed, waits = time.monotonic(), list[float]()
+    while not isinstance(reply := (await generate(router))[0], gen.GenerateResponse):
+        assert isinstance(reply, MeshError) and reply.retry_after is not None, reply
+        assert time.monotonic() - thawed < 10, f"still refused: {reply.message} (waited {waits})"
+        waits.append(reply.retry_after)
+        await asyncio.sleep(reply.retry_after)
+    # at most one refusal, and the time it said was enough
+    assert len(waits) <= 1 and time.monotonic() - thawed < 3, waits
+    # both slots are free again: two at once are admitted
+    both = await asyncio.gather(generate(router), generate(router))
+    assert all(isinstance(r, gen.GenerateResponse) for r, _ in both), both
+
+
+async def test_settling_twice_counts_once_in_both_stores(
+    stores: tuple[Clock, QuotaStore, QuotaStore],
+) -> None:
+    """A settle sent again (Redis may have run one that timed out) changes nothing."""
+    _, memory, shared = stores
+    limits = TenantLimits(tokens_per_minute=300, concurrent_requests=2)
+    for store in (memory, shared):
+        held = await store.reserve("t", limits, Demand(100))
+        other = await store.reserve("t", limits, Demand(50))
+        await store.settle(held, 20)
+        await store.settle(held, 20)
+        used = {u.limit: u.used for u in await store.usage("t", limits)}
+        assert used == {"tokens_per_minute": 70, "concurrent_requests": 1}, store
+        await store.settle(other, 50)
+
+
+async def test_running_requests_keep_their_short_leases(redis_server: RedisServer) -> None:
+    """Leases are renewed every third of lease_s while their request runs: a request longer
+    than lease_s keeps its slot, and it frees when it settles."""
+    clock = Clock()
+    store = RedisQuotaStore(
+        redis_server.url, concurrency_retry_s=0.5, lease_s=0.3, timeout_s=1.0, clock=clock
+    )
+    limits = TenantLimits(concurrent_requests=1)
+    held = await store.reserve("t", limits, Demand(1))
+    for _ in range(6):  # 1.2 s of its clock: four times the lease
+        clock.now += 0.2
+        await asyncio.sleep(0.15)
+    with pytest.raises(QuotaExceeded):
+        await store.reserve("t", limits, Demand(1))
+    await store.settle(held, 1)
+    await store.settle(await store.reserve("t", limits, Demand(1)), 1)
+    await store.close()

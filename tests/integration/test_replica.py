@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ctranslate2
@@ -155,6 +156,33 @@ async def test_deadline_expiry_returns_deadline_exceeded_and_stops_the_engine(
     (stream,) = streams
     assert stream.cancelled and stream.done
     assert stream.generated < 100  # about 40 tokens fit in 0.2 s; then the engine stopped
+
+
+async def test_an_unload_past_its_drain_timeout_ends_its_streams_with_an_error(
+    start_replica: StartReplica,
+) -> None:
+    """What the replica cuts short itself is UNAVAILABLE: STREAM_INTERRUPTED after tokens went
+    out, REPLICA_DRAINING (retry elsewhere) before any did; never OK with finish cancelled."""
+    spec = demo_spec(engine="fake", max_batch_size=1, inter_threads=1)
+    server = await start_replica(replace(spec, options={"token_delay_ms": "5"}))
+    assert server.replica is not None
+    channel, client = stub(server.port)
+    async with channel:
+        request = gen.GenerateRequest(model="demo", prompt="x", max_tokens=2000)
+        running = client.GenerateStream(request)
+        first = await running.read()  # generating; the next one waits behind it (batch of 1)
+        queued = client.Generate(gen.GenerateRequest(model="demo", prompt="y", max_tokens=5))
+        await asyncio.sleep(0.05)
+        await server.replica.unload(drain_timeout_s=0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            while await running.read() != grpc.aio.EOF:
+                pass
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await queued
+    assert isinstance(first, gen.GenerateChunk) and first.token_ids
+    for failure, reason in ((cut, "STREAM_INTERRUPTED"), (refused, "REPLICA_DRAINING")):
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert from_rpc_error(failure.value).reason == reason
 
 
 async def test_slow_consumer_does_not_block_other_streams(demo_replica: ReplicaServer) -> None:

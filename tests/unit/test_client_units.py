@@ -660,3 +660,28 @@ def test_meshllm_up_reads_the_catalog_of_a_router_config(tmp_path: Path) -> None
     config.write_text('[models.demo]\npath = "demo"\ndesired_replicas = "two"\n')
     with pytest.raises(ValueError, match=r"models\.demo\.desired_replicas"):
         read_catalog(config)
+
+
+async def test_a_reply_the_server_cut_short_is_retried_and_never_counted_a_success() -> None:
+    class CutShort(FakeTransport):
+        """Item 1's first two answers end ``cancelled`` (a replica drained past its timeout);
+        item 2 always ends ``error``."""
+
+        async def send(
+            self, prepared: Prepared, timeout: CallTimeout
+        ) -> tuple[Completion, RateLimits]:
+            whole, limits = await super().send(prepared, timeout)
+            index = int(prepared.request["prompt"])
+            if (index == 1 and self.attempts[1] <= 2) or index == 2:
+                reason = FinishReason.CANCELLED if index == 1 else FinishReason.ERROR
+                return dataclasses.replace(whole, finish_reason=reason), limits
+            return whole, limits
+
+    transport = CutShort()
+    items = await collect(runner(transport, concurrency=4), ["0", "1", "2"])
+    assert [i.ok for i in items] == [True, True, False]
+    assert items[1].attempts == 3 and items[1].result is not None
+    assert items[1].result.finish_reason is FinishReason.LENGTH
+    error = items[2].error
+    assert isinstance(error, errors.Unavailable) and error.reason == "STREAM_INTERRUPTED"
+    assert items[2].attempts == 6  # every attempt of the policy, then the error, not a result

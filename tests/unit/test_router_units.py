@@ -15,6 +15,7 @@ from meshllm.api.types import LoadReport, ReplicaState
 from meshllm.router.balancer import LeastBusy, RoundRobin, load
 from meshllm.router.config import RouterConfig, read_config_file
 from meshllm.router.discovery import join_host_port, read_replicas_file
+from meshllm.router.ejection import EjectionWatch
 from meshllm.router.registry import Registry, Replica
 
 
@@ -210,3 +211,41 @@ def test_a_flat_router_table_still_loads_and_a_setting_given_twice_is_refused(
     path.write_text("[router]\nstale_after_s = 3\n[router.discovery]\nstale_after_s = 4\n")
     with pytest.raises(InvalidArgument, match="are the same setting: set one"):
         read_config_file(path)
+
+
+class FakeCall:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_an_ejection_ends_an_unstarted_attempt_at_once_a_started_one_once_silent() -> None:
+    replica = Replica(address="a:1")
+    waiting, streaming = FakeCall(), FakeCall()
+    unstarted = EjectionWatch(replica, waiting, quiet_s=0.2)  # type: ignore[arg-type]
+    started = EjectionWatch(replica, streaming, quiet_s=0.2)  # type: ignore[arg-type]
+    started.progress()
+    replica.eject("no load report for 2.0s")
+    assert waiting.cancelled and unstarted.fired and unstarted.why == "no load report for 2.0s"
+    for _ in range(3):  # chunks keep coming: an ejected replica that still streams goes on
+        await asyncio.sleep(0.1)
+        started.progress()
+        assert not streaming.cancelled
+    await asyncio.sleep(0.3)  # silent for quiet_s after the ejection
+    assert streaming.cancelled and started.fired
+    for watch in (unstarted, started):
+        watch.close()
+    assert not replica.on_eject
+
+
+async def test_a_closed_watch_cancels_nothing() -> None:
+    replica, call = Replica(address="a:1"), FakeCall()
+    watch = EjectionWatch(replica, call, quiet_s=0.05)  # type: ignore[arg-type]
+    watch.progress()
+    replica.eject("gone")
+    watch.close()
+    await asyncio.sleep(0.1)
+    assert not call.cancelled and not watch.fired

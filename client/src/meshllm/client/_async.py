@@ -35,7 +35,7 @@ from meshllm.client._options import (
     resolve_timeout,
 )
 from meshllm.client._pacing import RateLimits, parse_rate_limits
-from meshllm.client._types import BatchItem, Completion, Prompt, StreamChunk
+from meshllm.client._types import BatchItem, Completion, Prompt, StreamChunk, cut_short
 
 PromptArg = str | Sequence[Mapping[str, str]] | None
 CacheArg = str | os.PathLike[str] | ResponseCache | None
@@ -386,4 +386,7 @@ class _Transport:
                 response = await call
             except grpc.aio.AioRpcError as e:
                 raise from_rpc_error(e) from None
-        return completion_from_pb(response), parse_rate_limits(metadata)
+        completion = completion_from_pb(response)
+        if not completion.whole:  # never a success: a server cut it short
+            raise cut_short(completion)
+        return completion, parse_rate_limits(metadata)

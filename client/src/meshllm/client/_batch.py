@@ -32,7 +32,7 @@ from meshllm.client._options import NAMES, USE_CLIENT_DEFAULT, CallTimeout, Requ
 from meshllm.client._pacing import Pacer, Pacing, RateLimits, Ticket
 from meshllm.client._progress import Progress
 from meshllm.client._retry import RetryPolicy, pauses_everyone, retry_delay
-from meshllm.client._types import BatchItem, Completion, Prompt
+from meshllm.client._types import BatchItem, Completion, Prompt, cut_short
 
 OnResult = Callable[[int, Completion | None, MeshError | None], None]
 """Called once per item as it finishes (completion order): ``(index, result, error)``."""
@@ -235,6 +235,8 @@ class BatchRunner:
             ticket = await self._paced(prepared.tokens)
             try:
                 completion, limits = await self.transport.send(prepared, self.options.timeout)
+                if not completion.whole:  # a transport that let a cut-short reply through
+                    raise cut_short(completion)
             except MeshError as e:
                 delay = retry_delay(self.options.retry, e, attempt, self.rng)
                 if delay is None:

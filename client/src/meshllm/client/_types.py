@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from meshllm.api.errors import MeshError
+from meshllm.api.errors import MeshError, Unavailable
 from meshllm.api.types import FinishReason, Timing, Usage
 
 
@@ -44,6 +44,12 @@ class Completion:
     def replica(self) -> str:
         return self.timing.replica
 
+    @property
+    def whole(self) -> bool:
+        """The reply ended as replies do (a stop, or its length), not cut short by a server
+        (``cancelled``, ``error``): only a whole reply counts as a success."""
+        return self.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields (the response cache and the CLI's output rows use it)."""
         out = asdict(self)
@@ -69,6 +75,20 @@ class Completion:
             timing=Timing(**data["timing"]),
             cached=bool(data.get("cached", False)),
         )
+
+
+def cut_short(completion: Completion) -> Unavailable:
+    """The error a reply that is not :attr:`~Completion.whole` stands for: transient, so a batch
+    retries it (the caller saw none of it)."""
+    return Unavailable(
+        f"the reply ended with finish reason {completion.finish_reason.value!r} after "
+        f"{completion.usage.completion_tokens} tokens: the server cut it short",
+        reason="STREAM_INTERRUPTED",
+        metadata={
+            "replica": completion.replica,
+            "tokens_streamed": str(completion.usage.completion_tokens),
+        },
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

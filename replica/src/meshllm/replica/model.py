@@ -207,6 +207,8 @@ class LoadedModel:
             raise _engine_died(stream.error, stream.generated)
         if stream.error is not None:
             raise Internal(f"engine failed: {type(stream.error).__name__}: {stream.error}")
+        if stream.finish_reason == FinishReason.CANCELLED and not stop:
+            raise _cut_short(stream.generated)  # the client's own cancel never gets here
         reason = FinishReason.STOP if stop else (stream.finish_reason or FinishReason.STOP)
         end = time.perf_counter()
         started = stream.started or end
@@ -245,6 +247,24 @@ def _engine_died(error: EngineDied, streamed: int) -> Unavailable:
         )
     return Unavailable(
         f"{error} after {streamed} tokens; the reply is incomplete",
+        reason="STREAM_INTERRUPTED",
+        metadata={"tokens_streamed": str(streamed)},
+    )
+
+
+def _cut_short(streamed: int) -> Unavailable:
+    """The replica ended the request itself (unload or shutdown past its drain timeout): an
+    error status, never a reply that ends OK with fewer tokens than asked."""
+    if streamed == 0:
+        return Unavailable(
+            "the replica stopped serving before this request's first token; "
+            "retry on another replica",
+            reason="REPLICA_DRAINING",
+            retry_after=1.0,
+        )
+    return Unavailable(
+        f"the replica stopped serving (drain timeout) after {streamed} tokens; "
+        "the reply is incomplete",
         reason="STREAM_INTERRUPTED",
         metadata={"tokens_streamed": str(streamed)},
     )

@@ -100,7 +100,7 @@ class Admission:
 
     def _store_down(self, operation: str, error: QuotaStoreUnavailable) -> None:
         outcome = {"reserve": "denied" if self._policy == "deny" else "allowed"}.get(
-            operation, "lost"
+            operation, "deferred"
         )
         self._metrics.store_failures.labels(operation, outcome).inc()
         now = time.monotonic()
@@ -148,7 +148,7 @@ class Admission:
 _CONSEQUENCE = {
     "denied": "refusing requests (redis_unavailable = deny)",
     "allowed": "ADMITTING REQUESTS UNMETERED (redis_unavailable = allow)",
-    "lost": "the request's tokens were not settled (its slot frees when its lease expires)",
+    "deferred": "the request's settle is sent again until the store answers (its slot frees then)",
 }
 
 

@@ -94,9 +94,10 @@ class QuotaConfig:
     """When the store cannot be reached: ``deny`` refuses requests (UNAVAILABLE,
     QUOTA_STORE_UNAVAILABLE), ``allow`` admits them unmetered. Both log at ERROR and count
     ``meshllm_router_quota_store_failures_total``."""
-    lease_s: float = 900.0
-    """Redis store: a concurrent-request slot is freed after this even if its router died
-    without settling (a request running longer stops counting against the limit)."""
+    lease_s: float = 30.0
+    """Redis store: how long a concurrent-request slot outlives its router. The router renews
+    the leases of its running requests every third of this, so a slot is held as long as its
+    request runs, and one whose router died without settling frees within ``lease_s``."""
 
     def violations(self) -> list[FieldViolation]:
         bad = []

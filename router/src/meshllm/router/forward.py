@@ -9,6 +9,7 @@ dataclasses of ``registry``, ``balancer`` and ``picking``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterator, Sequence
@@ -22,6 +23,7 @@ from meshllm.api.errors import DeadlineExceeded, MeshError, Unavailable, from_rp
 from meshllm.api.tracing import child_of, ending, inject, rpc_attributes, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission
+from meshllm.router.ejection import EjectionWatch
 from meshllm.router.metrics import RouterMetrics
 from meshllm.router.picking import Picker
 from meshllm.router.pool import ReplicaLink
@@ -45,6 +47,7 @@ RETRYABLE = frozenset(
     }
 )
 _CALLERS_OWN = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+_STATUS_WAIT_S = 2.0  # a replica's status follows its final chunk within a millisecond
 
 
 class Forwarder:
@@ -118,6 +121,9 @@ class Forwarder:
                 return
             except Relayed as e:
                 raise e.error from None
+            except Retry as e:
+                last = e.error
+                self._count_retry(req.request.model, tried, e.error.code)
             except grpc.aio.AioRpcError as e:
                 last = self._failed(e, link.replica, None)
                 if not self._retryable(e, req.request.model, tried):
@@ -134,31 +140,55 @@ class Forwarder:
             call = link.client.generation.GenerateStream(
                 req.request, timeout=_timeout(time_remaining()), metadata=inject(span)
             )
+            watch = EjectionWatch(replica, call, self._registry.stale_after_s)
             relayed: int | None = None  # tokens the client has seen; None before the first chunk
             held: list[gen.GenerateChunk] = []
             try:
                 async for chunk in call:
+                    watch.progress()
                     lease.received(len(chunk.token_ids))
+                    final = chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED
+                    if final and chunk.finish_reason == gen.FINISH_REASON_CANCELLED:
+                        raise self._cut_short(replica, relayed, "it cancelled the reply itself")
                     if relay:
                         relayed = (relayed or 0) + len(chunk.token_ids)
                         yield chunk
                     else:
                         held.append(chunk)
-                    if chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED:
+                    if final:
                         for whole in held:
                             yield whole
+                        await _ended(call)
                         return
-                raise Unavailable(
-                    f"replica {replica.name} ended the stream without a final chunk after "
-                    f"{relayed or sum(len(c.token_ids) for c in held)} tokens; the reply is incomplete",
-                    reason="STREAM_INTERRUPTED",
-                )
+                raise self._cut_short(replica, relayed, "it ended the stream without a final chunk")
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not watch.fired or (task is not None and task.cancelling()):
+                    raise
+                raise self._cut_short(replica, relayed, f"ejected: {watch.why}") from None
             except grpc.aio.AioRpcError as e:
+                if watch.fired:
+                    raise self._cut_short(replica, relayed, f"ejected: {watch.why}") from None
                 if relayed is None:
                     raise
                 raise Relayed(self._failed(e, replica, relayed)) from None
             finally:
+                watch.close()
                 call.cancel()
+
+    def _cut_short(self, replica: Replica, relayed: int | None, why: str) -> Retry | Relayed:
+        """The replica ended the reply early: before the client saw any of it, another replica
+        may answer; after, the stream ends UNAVAILABLE, never looking complete."""
+        if relayed is None:
+            return Retry(
+                Unavailable(
+                    f"replica {replica.name} gave no complete reply ({why})",
+                    reason="REPLICA_FAILED",
+                    retry_after=self._retry_s,
+                    metadata={"replica": replica.name},
+                )
+            )
+        return Relayed(_interrupted(replica, relayed, why))
 
     @contextlib.contextmanager
     def _span(self, parent: trace.Span, link: ReplicaLink) -> Iterator[trace.Span]:
@@ -207,12 +237,7 @@ class Forwarder:
                 error.details(),
             )
         if relayed is not None and code not in _CALLERS_OWN:
-            return Unavailable(
-                f"replica {replica.name} failed after streaming {relayed} tokens "
-                f"({code.name}: {error.details()}); the reply is incomplete",
-                reason="STREAM_INTERRUPTED",
-                metadata={"replica": replica.name, "tokens_streamed": str(relayed)},
-            )
+            return _interrupted(replica, relayed, f"{code.name}: {error.details()}")
         if down:
             return Unavailable(
                 f"replica {replica.name}: {code.name}: {error.details()}",
@@ -225,14 +250,17 @@ class Forwarder:
     def _retryable(self, error: grpc.aio.AioRpcError, model: str, tried: Sequence[Replica]) -> bool:
         if error.code() not in RETRYABLE:
             return False
-        self._metrics.retries.labels(model, error.code().name).inc()
+        self._count_retry(model, tried, error.code())
+        return True
+
+    def _count_retry(self, model: str, tried: Sequence[Replica], code: grpc.StatusCode) -> None:
+        self._metrics.retries.labels(model, code.name).inc()
         log.info(
             "attempt %d on %s failed before the first token (%s); trying another replica",
             len(tried),
             tried[-1].name,
-            error.code().name,
+            code.name,
         )
-        return True
 
 
 class Relayed(Exception):
@@ -241,6 +269,32 @@ class Relayed(Exception):
     def __init__(self, error: MeshError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+class Retry(Exception):
+    """An attempt ended before the client saw any of it, in a way another replica may not share."""
+
+    def __init__(self, error: MeshError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _interrupted(replica: Replica, relayed: int, why: str) -> Unavailable:
+    return Unavailable(
+        f"replica {replica.name} failed after streaming {relayed} tokens ({why}); "
+        "the reply is incomplete",
+        reason="STREAM_INTERRUPTED",
+        metadata={"replica": replica.name, "tokens_streamed": str(relayed)},
+    )
+
+
+async def _ended(call: grpc.aio.UnaryStreamCall[gen.GenerateRequest, gen.GenerateChunk]) -> None:
+    """Wait (briefly) for the replica to end the call after its final chunk: cancelling it
+    sooner races the replica's status, and the replica would record a reply the client received
+    whole as CANCELLED."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_STATUS_WAIT_S):
+            await call.code()
 
 
 def _timeout(remaining: float | None) -> float | None:

@@ -75,6 +75,9 @@ class Replica:
     """A model this router asked the replica to load and the replica has not reported yet."""
     leaving: bool = False
     """This router is unloading its model: no new work, whatever the last report says."""
+    on_eject: set[Callable[[], None]] = field(default_factory=set)
+    """Called at each ejection: the forwarder's attempts there stop waiting on a replica that
+    may hang (``forward.EjectionWatch``)."""
 
     @property
     def name(self) -> str:
@@ -113,6 +116,8 @@ class Replica:
         """Stop sending work until the replica reports again."""
         self.connected = False
         self.last_error = reason
+        for callback in list(self.on_eject):
+            callback()
 
 
 @dataclass

@@ -163,7 +163,10 @@ def remaining(ledger: TenantLedger, limits: TenantLimits) -> Remaining:
 
 def settle(ledger: TenantLedger, reservation: Reservation, used_tokens: int, now: float) -> None:
     """End a reservation: free its slot and give back what it reserved beyond ``used_tokens``
-    (or charge the excess). A past day's count stays as it was."""
+    (or charge the excess). A past day's count stays as it was. Once only: settling a lease
+    again changes nothing (a settle sent again after a timeout)."""
+    if reservation.lease not in ledger.leases:
+        return
     refund = reservation.tokens - used_tokens
     ledger.leases.discard(reservation.lease)
     if (cap := reservation.limits.tokens_per_minute) is not None:

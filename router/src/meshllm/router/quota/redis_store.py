@@ -4,10 +4,20 @@ Each admission and each settle is one Lua script (``reserve.lua``, ``settle.lua`
 never interleave inside a tenant's update. The time comes from the calling router's wall clock:
 routers of one deployment are NTP-synchronised, and a clock a little behind never makes a
 bucket refill backwards (the scripts keep the latest time a bucket saw).
+
+Redis may be unreachable for a while (a restart, a freeze, a network blip). A settle that fails
+then is kept and sent again until Redis answers (settling is idempotent: a lease settles once),
+so the tenant's concurrency slots free seconds after Redis is back, not when the leases expire.
+The leases of requests still running are renewed every third of ``lease_s``, so a short lease
+still covers a long request, and the slots of a router that died free within ``lease_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,6 +40,10 @@ from meshllm.router.quota.limits import (
 from meshllm.router.quota.store import QuotaExceeded, QuotaStoreUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+MAX_UNSETTLED = 100_000
+"""Failed settles kept for a retry; past this the oldest are dropped (their leases expire)."""
+_RETRY_S = 0.25  # how soon a failed settle is sent again, doubling up to a third of lease_s
 _SCRIPTS = resources.files("meshllm.router.quota")
 
 
@@ -74,6 +88,12 @@ class RedisQuotaStore:
         self._reserve = self.redis.register_script(_SCRIPTS.joinpath("reserve.lua").read_text())
         self._settle = self.redis.register_script(_SCRIPTS.joinpath("settle.lua").read_text())
         self._retry_s, self._lease_s, self._clock = concurrency_retry_s, lease_s, clock
+        self._live: dict[str, str] = {}
+        """Leases of requests running now -> their zset: renewed until they settle."""
+        self._unsettled: dict[str, tuple[Reservation, int]] = {}
+        """Settles Redis did not take (lease -> reservation, tokens used), oldest first."""
+        self._keeper: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
 
     @staticmethod
     def _keys(tenant: str, day: int) -> tuple[str, str, str, str]:
@@ -87,6 +107,17 @@ class RedisQuotaStore:
             raise QuotaStoreUnavailable(f"redis at {self.url}: {type(e).__name__}: {e}") from e
 
     async def reserve(self, tenant: str, limits: TenantLimits, demand: Demand) -> Reservation:
+        try:
+            return await self._reserve_once(tenant, limits, demand)
+        except QuotaExceeded:
+            # This router may hold the tenant's slots itself, in settles Redis has not taken yet:
+            # send them now rather than refuse for slots that are free.
+            if not any(r.tenant == tenant for r, _ in self._unsettled.values()):
+                raise
+            await self._flush()
+            return await self._reserve_once(tenant, limits, demand)
+
+    async def _reserve_once(self, tenant: str, limits: TenantLimits, demand: Demand) -> Reservation:
         now = self._clock()
         day, lease = ledger.day_of(now), uuid.uuid4().hex
         args: list[str | int | float] = [
@@ -107,6 +138,8 @@ class RedisQuotaStore:
         values = [v.decode() if isinstance(v, bytes) else v for v in reply]
         if values[0] != 1:
             raise QuotaExceeded(tenant, _violations(limits, demand, values[1:]))
+        self._live[lease] = self._keys(tenant, day)[2]
+        self._keep()
         return Reservation(
             tenant=tenant,
             tokens=demand.tokens,
@@ -117,6 +150,24 @@ class RedisQuotaStore:
         )
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        """Raises QuotaStoreUnavailable when Redis did not take it; it is then sent again until
+        Redis does (the caller need not)."""
+        self._live.pop(reservation.lease, None)
+        try:
+            await self._settle_once(reservation, used_tokens)
+        except QuotaStoreUnavailable:
+            self._defer(reservation, used_tokens)
+            raise
+
+    def _defer(self, reservation: Reservation, used_tokens: int) -> None:
+        self._unsettled[reservation.lease] = (reservation, used_tokens)
+        while len(self._unsettled) > MAX_UNSETTLED:
+            oldest = next(iter(self._unsettled))
+            del self._unsettled[oldest]
+            log.error("more than %d settles waiting for redis: dropped the oldest", MAX_UNSETTLED)
+        self._keep()
+
+    async def _settle_once(self, reservation: Reservation, used_tokens: int) -> None:
         now = self._clock()
         _, tpm, leases, day_key = self._keys(reservation.tenant, reservation.day)
         today = "1" if ledger.day_of(now) == reservation.day else "0"
@@ -151,6 +202,52 @@ class RedisQuotaStore:
         )
         return ledger.usage(book, tenant, limits, now)
 
+    async def _flush(self) -> None:
+        """Send the settles Redis did not take, oldest first; stop at the first failure."""
+        async with self._flushing:
+            while self._unsettled:
+                lease, (reservation, used) = next(iter(self._unsettled.items()))
+                try:
+                    await self._settle_once(reservation, used)
+                except QuotaStoreUnavailable:
+                    return
+                self._unsettled.pop(lease, None)
+
+    async def _renew(self) -> None:
+        """Push the expiry of every running request's lease ``lease_s`` ahead."""
+        if not self._live:
+            return
+        expiry = self._clock() + self._lease_s
+        ttl = math.ceil(self._lease_s) + 60
+
+        async def renew() -> None:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lease, key in list(self._live.items()):
+                    pipe.zadd(key, {lease: expiry}, xx=True)
+                for key in set(self._live.values()):
+                    pipe.expire(key, ttl, gt=True)
+                await pipe.execute()
+
+        with contextlib.suppress(QuotaStoreUnavailable):  # the next round tries again
+            await self._call(renew)
+
+    def _keep(self) -> None:
+        """Start the task that retries settles and renews leases (needs the running loop)."""
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_leases(), name="quota leases")
+
+    async def _keep_leases(self) -> None:
+        period = self._lease_s / 3
+        backoff, renewed = _RETRY_S, time.monotonic()
+        while self._live or self._unsettled:
+            await asyncio.sleep(min(backoff, period) if self._unsettled else period)
+            if self._unsettled:
+                await self._flush()
+                backoff = _RETRY_S if not self._unsettled else backoff * 2
+            if time.monotonic() - renewed >= period * 0.99:
+                await self._renew()
+                renewed = time.monotonic()
+
     async def ping(self) -> None:
         async def ping() -> None:
             await cast(Awaitable[bool], self.redis.ping())  # typed sync-or-async in redis-py
@@ -158,6 +255,11 @@ class RedisQuotaStore:
         await self._call(ping)
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        await self._flush()  # a last try; what Redis does not take now frees when leases expire
         await self.redis.aclose()
 
 

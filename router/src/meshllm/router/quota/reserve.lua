@@ -43,8 +43,8 @@ if tpm >= 0 then
     table.insert(out, 'tokens_per_minute'); table.insert(out, wait(tlevel, tokens, tpm))
   end
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)  -- leases of a router that died
 if conc >= 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)  -- leases of a router that died
   if redis.call('ZCARD', KEYS[3]) >= conc then
     table.insert(out, 'concurrent_requests'); table.insert(out, ARGV[10])
   end
@@ -61,9 +61,11 @@ if #out > 1 then return out end
 
 if rpm >= 0 then rlevel = rlevel - 1; store(KEYS[1], rpm, rlevel, rupdated) end
 if tpm >= 0 then tlevel = tlevel - tokens; store(KEYS[2], tpm, tlevel, tupdated) end
-if conc >= 0 then
-  redis.call('ZADD', KEYS[3], tonumber(ARGV[8]), ARGV[7])
-  -- relative: the caller's clock is the one that counts (an injected one in tests)
+-- every request holds a lease, limited concurrency or not: settling removes it, once
+redis.call('ZADD', KEYS[3], tonumber(ARGV[8]), ARGV[7])
+-- relative: the caller's clock is the one that counts (an injected one in tests)
+redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[8]) - now) + MINUTE, 'GT')
+if redis.call('TTL', KEYS[3]) < 0 then
   redis.call('EXPIRE', KEYS[3], math.ceil(tonumber(ARGV[8]) - now) + MINUTE)
 end
 if tpd >= 0 then

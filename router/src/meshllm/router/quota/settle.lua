@@ -1,10 +1,12 @@
--- End one reservation: the same steps as ledger.settle (meshllm/router/quota/ledger.py).
+-- End one reservation: the same steps as ledger.settle (meshllm/router/quota/ledger.py);
+-- a lease already settled (or expired) changes nothing.
 -- KEYS: 1 tokens bucket (hash), 2 leases (zset), 3 the reservation day's token count
 -- ARGV: 1 now, 2 tokens/min (-1: unlimited), 3 refund (reserved - used; may be negative),
 --       4 lease id, 5 1 when the reservation was made today (else its day stays as it was)
 local now, tpm, refund = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local MINUTE = 60
-redis.call('ZREM', KEYS[2], ARGV[4])
+-- once only: a settle sent again after a timeout (Redis may have run the first) changes nothing
+if redis.call('ZREM', KEYS[2], ARGV[4]) == 0 then return 0 end
 if tpm >= 0 then
   local h = redis.call('HMGET', KEYS[1], 'level', 'updated')
   local level, updated = tpm, now

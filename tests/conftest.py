@@ -331,6 +331,18 @@ def tenants_file(tmp_path: Path, **limits: int) -> str:
     return str(path)
 
 
+async def keyed_router(
+    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path, **limits: int
+) -> RouterServer:
+    """A router that needs API keys (the ``tenants_file`` tenants, with ``limits``) in front of
+    one demo replica."""
+    return await start_router(
+        await start_replica(demo_spec()),
+        auth="api-key",
+        tenants_file=tenants_file(tmp_path, **limits),
+    )
+
+
 def bearer(key: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {key}"),)
 

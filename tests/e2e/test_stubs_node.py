@@ -21,6 +21,7 @@ from conftest import (
     bearer,
     capture_streams,
     demo_spec,
+    keyed_router,
     stub,
     tenants_file,
 )
@@ -59,16 +60,6 @@ async def node(
     result: dict[str, Any] = json.loads(out)
     assert proc.returncode == (0 if result["ok"] else 1), err.decode()
     return result
-
-
-async def keyed_router(
-    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path, **limits: int
-) -> RouterServer:
-    return await start_router(
-        await start_replica(demo_spec()),
-        auth="api-key",
-        tenants_file=tenants_file(tmp_path, **limits),
-    )
 
 
 async def test_node_streams_a_reply_with_its_rate_limits(

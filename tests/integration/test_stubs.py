@@ -24,6 +24,7 @@ from conftest import (
     bearer,
     capture_streams,
     demo_spec,
+    keyed_router,
     stub,
     tenants_file,
 )
@@ -56,16 +57,6 @@ async def failed(
 
 def request(**fields: Any) -> pb.GenerateRequest:
     return pb.GenerateRequest(model="demo", prompt="hello", **fields)
-
-
-async def keyed_router(
-    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path, **limits: int
-) -> RouterServer:
-    return await start_router(
-        await start_replica(demo_spec()),
-        auth="api-key",
-        tenants_file=tenants_file(tmp_path, **limits),
-    )
 
 
 async def test_sync_stream_returns_the_whole_reply_and_the_rate_limits(

@@ -343,6 +343,19 @@ async def keyed_router(
     )
 
 
+async def one_slot_router(
+    start_replica: StartReplica, start_router: StartRouter, tmp_path: Path
+) -> RouterServer:
+    """A keyed router whose tenant may run one request at a time, a refused one told to come
+    back in 0.3 s (RetryInfo), in front of a slow fake replica (5 ms a token)."""
+    return await start_router(
+        await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"})),
+        auth="api-key",
+        tenants_file=tenants_file(tmp_path, concurrent_requests=1),
+        retry_after_s=0.3,
+    )
+
+
 def bearer(key: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {key}"),)
 

@@ -22,8 +22,8 @@ from conftest import (
     capture_streams,
     demo_spec,
     keyed_router,
+    one_slot_router,
     stub,
-    tenants_file,
 )
 
 from meshllm.api.v1 import generation_pb2 as gen
@@ -88,13 +88,7 @@ async def test_node_generate_waits_by_retryinfo_until_the_tenant_has_room(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # one request at a time; a refused one is told to come back in 0.3 s (RetryInfo)
-    router = await start_router(
-        await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"})),
-        auth="api-key",
-        tenants_file=tenants_file(tmp_path, concurrent_requests=1),
-        retry_after_s=0.3,
-    )
+    router = await one_slot_router(start_replica, start_router, tmp_path)
     channel, client = stub(router.port)
     async with channel:
         held = client.GenerateStream(

@@ -25,8 +25,8 @@ from conftest import (
     capture_streams,
     demo_spec,
     keyed_router,
+    one_slot_router,
     stub,
-    tenants_file,
 )
 
 from meshllm.api.v1 import generation_pb2 as pb
@@ -102,13 +102,7 @@ async def test_sync_generate_waits_out_a_real_quota_refusal_by_its_retryinfo(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # one request at a time; a refused one is told to come back in 0.3 s (RetryInfo)
-    router = await start_router(
-        await start_replica(demo_spec(engine="fake", options={"token_delay_ms": "5"})),
-        auth="api-key",
-        tenants_file=tenants_file(tmp_path, concurrent_requests=1),
-        retry_after_s=0.3,
-    )
+    router = await one_slot_router(start_replica, start_router, tmp_path)
     sleeps: list[float] = []
 
     def sleep(seconds: float) -> None:

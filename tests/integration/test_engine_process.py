@@ -124,7 +124,8 @@ async def test_the_router_retries_requests_a_dying_engine_had_not_started(
 ) -> None:
     a = await start_replica(SLOW)
     b = await start_replica(SLOW)
-    router = await start_router(a, b, policy="round-robin")
+    # replica_queue: requests wait in the replicas' queues (not the router's), for the engine to hold
+    router = await start_router(a, b, policy="round-robin", replica_queue=8)
     doomed = engine_of(a)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as channel:
         client = gen_grpc.GenerationStub(channel)

@@ -34,6 +34,12 @@ share_placement_counts: placement.share_counts
 http_port: http.port
 http_max_body_bytes: http.max_body_bytes
 http_timeout_s: http.timeout_s
+fair_queue: queue.enabled
+replica_queue: queue.replica_queue
+queue_max_queued: queue.max_queued
+queue_max_wait_s: queue.max_wait_s
+queue_max_total: queue.max_total
+queue_share_interval_s: queue.share_interval_s
 tls_cert: tls.cert
 tls_key: tls.key
 tls_client_ca: tls.client_ca
@@ -46,7 +52,7 @@ replica_tls_server_name: replica_tls.server_name
 {{- define "meshllm.routerToml" -}}
 {{- $managed := splitList " " (include "meshllm.managedRouterSettings" .) }}
 {{- $flatNames := include "meshllm.routerFlatNames" . | fromYaml }}
-{{- $order := list "discovery" "quota" "redis" "placement" "http" "tls" "replica_tls" }}
+{{- $order := list "discovery" "quota" "redis" "placement" "http" "queue" "tls" "replica_tls" }}
 {{- $router := dict }}
 {{- $sections := dict }}
 {{- range $name := $order }}{{ $_ := set $sections $name dict }}{{ end }}

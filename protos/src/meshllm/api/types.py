@@ -94,6 +94,8 @@ class LoadReport:
     timestamp_ms: int = 0
     device: str = ""
     """``cpu`` or ``cuda:N``."""
+    capacity: int = 0
+    """Requests the engine runs at once (batch slots over all workers); 0: not said."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

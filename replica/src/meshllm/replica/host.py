@@ -292,6 +292,7 @@ class Replica:
             tokens_total=self.tokens_total,
             timestamp_ms=int(time.time() * 1000),
             device=self.config.device,
+            capacity=stats.capacity if stats else 0,
         )
 
     def status(self) -> ReplicaStatus:

@@ -96,3 +96,5 @@ class EngineStats:
     tokens_in_flight: int = 0
     cache_utilization: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    capacity: int = 0
+    """Requests it runs at once (batch slots over all workers); 0: unknown."""

@@ -2,7 +2,7 @@
 
 A config file has a ``[router]`` table for the router's own settings, one sub-table per part
 (``[router.discovery]``, ``[router.quota]``, ``[router.redis]``, ``[router.placement]``,
-``[router.http]``, ``[router.tls]``, ``[router.replica_tls]``) and the model catalog as ``[models.<id>]`` tables.
+``[router.http]``, ``[router.queue]``, ``[router.tls]``, ``[router.replica_tls]``) and the model catalog as ``[models.<id>]`` tables.
 Each component receives only its sub-config. Command-line flags use flat names
 (``--stale-after``, ``--redis-url``); ``FLAT_NAMES`` maps each to its place.
 """
@@ -216,6 +216,37 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class QueueConfig:
+    """The router's fair queue for saturated models (``[router.queue]``, docs/router.md)."""
+
+    enabled: bool = True
+    """Hold requests in the router while every replica of their model is saturated, and give
+    freed slots by priority lane, then to the tenant served least (by weight). Off: requests
+    go at once and wait, first come first served, in the replicas' own queues."""
+    replica_queue: int = 0
+    """Requests a replica may hold waiting beyond its capacity (the requests its engine runs at
+    once, from its load report) before the router holds them. 0: replicas queue nothing, so
+    every wait is fair; a few hide the round trip between a slot freeing and the next request."""
+    max_queued: int = 256
+    """Requests of one tenant that may wait at once (a tenant's ``max_queued`` overrides it);
+    one more is RESOURCE_EXHAUSTED, reason QUEUE_FULL."""
+    max_wait_s: float = 30.0
+    """Longest a request may wait (a tenant's ``max_queue_wait_s`` overrides it); then
+    RESOURCE_EXHAUSTED, reason QUEUE_WAIT_EXCEEDED."""
+    max_total: int = 10_000
+    """Requests that may wait in this router at once, all tenants and models together."""
+    share_interval_s: float = 0.5
+    """With ``quota.store = "redis"``: how often this router adds the tokens it served each
+    tenant to the counters all routers share, and reads theirs."""
+
+    def violations(self) -> list[FieldViolation]:
+        bad = _positive(self, "queue", "max_queued", "max_wait_s", "max_total", "share_interval_s")
+        if self.replica_queue < 0:
+            bad.append(FieldViolation(flat("queue", "replica_queue"), "must not be negative"))
+        return bad
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerTLSConfig:
     """TLS for clients -> router (``[router.tls]``, docs/tls.md); all "": plaintext."""
 
@@ -299,6 +330,7 @@ class RouterConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
     replica_tls: ReplicaTLSConfig = field(default_factory=ReplicaTLSConfig)
 
@@ -335,7 +367,7 @@ class RouterConfig:
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
         bad += self._auth_violations()
-        for part in (self.discovery, self.quota, self.placement, self.http):
+        for part in (self.discovery, self.quota, self.placement, self.http, self.queue):
             bad += part.violations()
         if self.quota.store == "redis" or self.placement.share_counts or self.redis.configured:
             bad += self._redis_violations()
@@ -389,6 +421,7 @@ SECTIONS: dict[str, type[Any]] = {
     "redis": RedisConfig,
     "placement": PlacementConfig,
     "http": HttpConfig,
+    "queue": QueueConfig,
     "tls": ServerTLSConfig,
     "replica_tls": ReplicaTLSConfig,
 }
@@ -419,6 +452,10 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "http_port": ("http", "port"),
     "http_max_body_bytes": ("http", "max_body_bytes"),
     "http_timeout_s": ("http", "timeout_s"),
+    "fair_queue": ("queue", "enabled"),
+    "replica_queue": ("queue", "replica_queue"),
+    **{f"queue_{n}": ("queue", n) for n in ("max_queued", "max_wait_s", "max_total")},
+    "queue_share_interval_s": ("queue", "share_interval_s"),
     **{f"tls_{n}": ("tls", n) for n in ("cert", "key", "client_ca")},
     **{f"replica_tls_{n}": ("replica_tls", n) for n in ("ca", "cert", "key", "server_name")},
 }

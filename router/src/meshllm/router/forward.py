@@ -24,10 +24,11 @@ from meshllm.api.tracing import child_of, ending, inject, rpc_attributes, tracer
 from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission
 from meshllm.router.ejection import EjectionWatch
+from meshllm.router.fairqueue import AdmissionQueue, Ticket
 from meshllm.router.metrics import RouterMetrics
 from meshllm.router.picking import Picker
 from meshllm.router.pool import ReplicaLink
-from meshllm.router.registry import Registry, Replica
+from meshllm.router.registry import Lease, Registry, Replica
 from meshllm.router.replica_client import transport_failure
 from meshllm.router.request import Call, RoutedRequest, TimeRemaining, budget, routed
 
@@ -58,6 +59,7 @@ class Forwarder:
         *,
         metrics: RouterMetrics,
         admission: Admission,
+        queue: AdmissionQueue,
         max_attempts: int,
         retry_after_s: float,
     ) -> None:
@@ -67,6 +69,7 @@ class Forwarder:
             metrics,
             admission,
         )
+        self._queue = queue
         self._max_attempts, self._retry_s = max_attempts, retry_after_s
 
     def _routed(
@@ -87,7 +90,7 @@ class Forwarder:
     ) -> AsyncGenerator[gen.GenerateChunk]:
         """Relay the reply of one replica; before its first chunk, failures move to another."""
         async with self._routed("meshllm.router/GenerateStream", request, call) as req:
-            chunks = self._attempts(req, call.time_remaining, relay=True)
+            chunks = self._admitted(req, call, relay=True)
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
                     req.streamed(chunk)
@@ -97,14 +100,36 @@ class Forwarder:
         """One whole reply; the client has seen nothing until it ends, so any replica failure
         that another replica might not share is retried (bounded by max_attempts)."""
         async with self._routed("meshllm.router/Generate", request, call) as req:
-            chunks = self._attempts(req, call.time_remaining, relay=False)
+            chunks = self._admitted(req, call, relay=False)
             async with contextlib.aclosing(chunks):
                 response = convert.response_from_chunks([chunk async for chunk in chunks])
             req.answered(response)
             return response
 
+    async def _admitted(
+        self, req: RoutedRequest, call: Call, *, relay: bool
+    ) -> AsyncGenerator[gen.GenerateChunk]:
+        """The attempts, once the fair queue gave the request a slot (at once when the model's
+        replicas have room)."""
+        ticket = await self._queue.admit(
+            req.request.model,
+            call.tenant,
+            priority=req.request.priority,
+            estimate=req.prompt_estimate,
+            time_remaining=call.time_remaining,
+        )
+        if ticket.waited_s:
+            req.span.set_attribute("meshllm.queue_wait_s", ticket.waited_s)
+        try:
+            chunks = self._attempts(req, ticket, call.time_remaining, relay=relay)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            ticket.close()
+
     async def _attempts(
-        self, req: RoutedRequest, time_remaining: TimeRemaining, *, relay: bool
+        self, req: RoutedRequest, ticket: Ticket, time_remaining: TimeRemaining, *, relay: bool
     ) -> AsyncGenerator[gen.GenerateChunk]:
         """The reply of the first replica that gives one. ``relay``: each chunk as it comes (no
         retry once one went out); else the whole reply at its end (any attempt may fail)."""
@@ -112,7 +137,7 @@ class Forwarder:
         while True:
             link = self._next(req.request.model, tried, last)
             try:
-                attempt = self._attempt(req, link, time_remaining, relay=relay)
+                attempt = self._attempt(req, ticket, link, time_remaining, relay=relay)
                 async with contextlib.aclosing(
                     attempt
                 ):  # a client's cancel reaches the replica now
@@ -130,13 +155,20 @@ class Forwarder:
                     raise last from None
 
     async def _attempt(
-        self, req: RoutedRequest, link: ReplicaLink, time_remaining: TimeRemaining, *, relay: bool
+        self,
+        req: RoutedRequest,
+        ticket: Ticket,
+        link: ReplicaLink,
+        time_remaining: TimeRemaining,
+        *,
+        relay: bool,
     ) -> AsyncGenerator[gen.GenerateChunk]:
         replica = link.replica
         with (
             self._registry.lease(replica, budget(req.request, replica.served)) as lease,
             self._span(req.span, link) as span,
         ):
+            ticket.on_replica()
             call = link.client.generation.GenerateStream(
                 req.request, timeout=_timeout(time_remaining()), metadata=inject(span)
             )
@@ -146,7 +178,7 @@ class Forwarder:
             try:
                 async for chunk in call:
                     watch.progress()
-                    lease.received(len(chunk.token_ids))
+                    _received(chunk, lease, ticket)
                     final = chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED
                     if final and chunk.finish_reason == gen.FINISH_REASON_CANCELLED:
                         raise self._cut_short(replica, relayed, "it cancelled the reply itself")
@@ -277,6 +309,14 @@ class Retry(Exception):
     def __init__(self, error: MeshError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+def _received(chunk: gen.GenerateChunk, lease: Lease, ticket: Ticket) -> None:
+    """Count a chunk's tokens: the replica's load left, and the tenant's share served."""
+    lease.received(len(chunk.token_ids))
+    ticket.served(len(chunk.token_ids))
+    if chunk.HasField("usage"):
+        ticket.prompt_tokens = chunk.usage.prompt_tokens
 
 
 def _interrupted(replica: Replica, relayed: int, why: str) -> Unavailable:

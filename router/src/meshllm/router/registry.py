@@ -32,10 +32,17 @@ class Changes:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` at every change, synchronously (it must not block)."""
+        self._listeners.append(listener)
 
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
+        for listener in self._listeners:
+            listener()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         """Wait until ``predicate()`` holds (True) or ``timeout_s`` passed (False)."""

@@ -24,6 +24,8 @@ from meshllm.router.auth import Authenticator, TenantsFile
 from meshllm.router.balancer import make_policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.discovery import Discovery
+from meshllm.router.fairqueue import AdmissionQueue, QueueMetrics
+from meshllm.router.fairqueue.shared import SharedCounters
 from meshllm.router.forward import Forwarder
 from meshllm.router.http import HttpFront
 from meshllm.router.metrics import router_metrics
@@ -89,6 +91,7 @@ class RouterServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self.admission: Admission | None = None
+        self.shared_counters: SharedCounters | None = None
         self.http_port: int | None = None
         self._http: HttpFront | None = None
 
@@ -110,6 +113,8 @@ class RouterServer:
         await self._health.set(GENERATION, NOT_SERVING)
         self.pool.sync(await self._discovery.addresses())
         self.placement.start()
+        if self.shared_counters is not None:
+            self.shared_counters.start()
         if self._discovery.dynamic or self._tenants is not None:
             self._refresher = asyncio.create_task(self._refresh(), name="refresh")
         await server.start()
@@ -148,11 +153,19 @@ class RouterServer:
         picker = Picker(
             self.registry, self.pool, self.policy, catalog=catalog, retry_after_s=c.retry_after_s
         )
+        self.queue = AdmissionQueue(
+            self.registry, c.queue, QueueMetrics(prometheus), retry_after_s=c.retry_after_s
+        )
+        if isinstance(self._store, RedisQuotaStore) and c.queue.enabled:
+            self.shared_counters = SharedCounters(
+                self._store.redis, self.queue, c.queue.share_interval_s
+            )
         forwarder = Forwarder(
             self.registry,
             picker,
             metrics=metrics,
             admission=self.admission,
+            queue=self.queue,
             max_attempts=c.max_attempts,
             retry_after_s=c.retry_after_s,
         )
@@ -224,6 +237,8 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.placement.close()
+        if self.shared_counters is not None:
+            await self.shared_counters.close()
         await self.pool.close()
         if self.admission is not None:
             await self.admission.close()

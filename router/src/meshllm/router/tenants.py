@@ -12,6 +12,9 @@ Keys are stored hashed: the file holds ``sha256:<hex>`` of each key, never the k
     concurrent_requests = 32
     tokens_per_day = 20000000
     max_priority = 0              # highest request priority it may ask for (default 0: normal)
+    weight = 1.0                  # its share of a saturated model against other waiting tenants
+    max_queued = 256              # its requests that may wait in the router's queue at once
+    max_queue_wait_s = 30.0       # longest one may wait there before RESOURCE_EXHAUSTED
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from meshllm.router.quota.limits import LIMITS, TenantLimits
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HASH = re.compile(r"sha256:([0-9a-f]{64})")
-TENANT_FIELDS = frozenset({"name", "role", "keys", "max_priority", *LIMITS})
+QUEUE_FIELDS = ("weight", "max_queued", "max_queue_wait_s")
+TENANT_FIELDS = frozenset({"name", "role", "keys", "max_priority", *QUEUE_FIELDS, *LIMITS})
 """The settings of one ``[[tenants]]`` entry (the Helm chart's schema lists the same)."""
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 """``GenerateRequest.priority`` is an int32."""
@@ -51,6 +55,13 @@ class Tenant:
     max_priority: int = 0
     """The highest ``priority`` its requests may ask for (higher is INVALID_ARGUMENT): by
     default none may jump ahead of normal (0) work; any tenant may ask for less."""
+    weight: float = 1.0
+    """Its share when a model's replicas are saturated: waiting tenants get tokens in
+    proportion to their weights (docs/router.md, "Fair sharing")."""
+    max_queued: int | None = None
+    """Its requests that may wait in the router's queue at once (None: ``[router.queue]``'s)."""
+    max_queue_wait_s: float | None = None
+    """Longest one of its requests may wait there (None: ``[router.queue]``'s)."""
 
 
 ANONYMOUS = Tenant(
@@ -128,7 +139,23 @@ def _tenant(path: Path, i: int, entry: Any) -> Tenant:
         limits=TenantLimits(**limits),
         key_digests=digests,
         max_priority=ceiling,
+        **_queue_settings(path, where, entry),
     )
+
+
+def _queue_settings(path: Path, where: str, entry: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in QUEUE_FIELDS:
+        value = entry.get(name)
+        if value is None:
+            continue
+        integer = name == "max_queued"
+        kinds = (int,) if integer else (int, float)
+        if type(value) not in kinds or value <= 0:
+            what = "a positive integer" if integer else "a positive number"
+            raise _bad(path, f"{where}.{name}", f"must be {what}")
+        out[name] = value if integer else float(value)
+    return out
 
 
 def _digest(path: Path, where: str, key: Any) -> bytes:

@@ -108,7 +108,7 @@ class DeviceMemory(_message.Message):
     def __init__(self, device: _Optional[str] = ..., used_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("replica_id", "state", "model", "queued", "running", "tokens_in_flight", "tokens_per_second", "cache_utilization", "requests_total", "tokens_total", "timestamp_ms", "device")
+    __slots__ = ("replica_id", "state", "model", "queued", "running", "tokens_in_flight", "tokens_per_second", "cache_utilization", "requests_total", "tokens_total", "timestamp_ms", "device", "capacity")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class LoadReport(_message.Message):
     TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: ReplicaState
     model: str
@@ -133,7 +134,8 @@ class LoadReport(_message.Message):
     tokens_total: int
     timestamp_ms: int
     device: str
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cache_utilization: _Optional[float] = ..., requests_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    capacity: int
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., model: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., cache_utilization: _Optional[float] = ..., requests_total: _Optional[int] = ..., tokens_total: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., device: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("replica_id", "state", "spec", "device", "error", "load", "memory", "version")

@@ -77,7 +77,12 @@ class BatchingEngine:
     def stats(self) -> EngineStats:
         queued = self._queue.items()
         left = sum(w.stream.max_tokens - w.stream.generated for w in (*queued, *self._running))
-        return EngineStats(queued=len(queued), running=len(self._running), tokens_in_flight=left)
+        return EngineStats(
+            queued=len(queued),
+            running=len(self._running),
+            tokens_in_flight=left,
+            capacity=self.max_batch_size * self.workers,
+        )
 
     async def close(self) -> None:
         for work in (*self._queue.items(), *self._running):

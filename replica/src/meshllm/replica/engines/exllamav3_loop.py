@@ -130,6 +130,7 @@ class GeneratorLoop:
             tokens_in_flight=left,
             cache_utilization=cache_utilization(used, total),
             extra={"cache_pages_used": float(used), "cache_pages_total": float(total)},
+            capacity=self.max_jobs,
         )
 
     async def close(self) -> None:

@@ -4,7 +4,7 @@ engine's name and settings, pickled (both ends are the same program and user); e
 is a msgpack list whose first item names the message.
 
 Front -> engine: ``[SUBMIT, rid, prompt_ids, sampling, priority]``, ``[CANCEL, rid]``, ``[CLOSE]``.
-Engine -> front: ``[READY]`` or ``[FAILED, status_name, message]`` once, then
+Engine -> front: ``[READY, pid, stats]`` or ``[FAILED, status_name, message]`` once, then
 ``[STEP, [[rid, tokens, started, finish, error, generated], ...], stats]`` (every sequence that moved since
 the last message: one message per engine step, or fewer), and ``[CLOSED]`` at the end.
 """
@@ -59,10 +59,15 @@ def sampling_from_wire(d: dict[str, Any]) -> SamplingParams:
 
 
 def stats_to_wire(s: EngineStats) -> list[Any]:
-    return [s.queued, s.running, s.tokens_in_flight, s.cache_utilization, s.extra]
+    return [s.queued, s.running, s.tokens_in_flight, s.cache_utilization, s.extra, s.capacity]
 
 
 def stats_from_wire(v: list[Any]) -> EngineStats:
     return EngineStats(
-        queued=v[0], running=v[1], tokens_in_flight=v[2], cache_utilization=v[3], extra=v[4]
+        queued=v[0],
+        running=v[1],
+        tokens_in_flight=v[2],
+        cache_utilization=v[3],
+        extra=v[4],
+        capacity=v[5],
     )

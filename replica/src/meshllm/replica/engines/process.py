@@ -91,6 +91,7 @@ class ProcessEngine:
         if first is None or first[0] != ipc.READY:
             self._writer.close()
             raise _load_error(first, await self._proc.wait())
+        self._remote = ipc.stats_from_wire(first[2])  # its capacity, before any step
         self._reader_task = asyncio.create_task(self._read(reader), name=f"engine {self.pid}")
 
     def send(self, message: list[Any]) -> None:
@@ -123,6 +124,7 @@ class ProcessEngine:
             tokens_in_flight=left,
             cache_utilization=r.cache_utilization,
             extra=dict(r.extra),
+            capacity=r.capacity,
         )
 
     async def _read(self, reader: asyncio.StreamReader) -> None:

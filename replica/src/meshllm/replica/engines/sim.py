@@ -117,7 +117,9 @@ class SimEngine:
             streams = [w.stream for w in self._waiting] + [s for _, s in self._running]
             queued, running = len(self._waiting), len(self._running)
         left = sum(s.max_tokens - s.generated for s in streams)
-        return EngineStats(queued=queued, running=running, tokens_in_flight=left)
+        return EngineStats(
+            queued=queued, running=running, tokens_in_flight=left, capacity=self.max_batch
+        )
 
     def _admit(self) -> None:
         """Under the lock: drop cancelled waiters, fill free slots most urgent first."""

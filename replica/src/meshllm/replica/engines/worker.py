@@ -101,7 +101,7 @@ async def serve(sock: socket.socket) -> int:
         writer.write(ipc.frame([ipc.FAILED, status_name(e), message, reason]))
         await writer.drain()
         return 1
-    writer.write(ipc.frame([ipc.READY, os.getpid()]))
+    writer.write(ipc.frame([ipc.READY, os.getpid(), ipc.stats_to_wire(engine.stats())]))
     relay = Relay(engine, writer)
     sender = asyncio.create_task(relay.run(), name="relay")
     try:

@@ -60,6 +60,7 @@ _SAMPLING = frozenset(
         "repetition_penalty",
         "stop",
         "seed",
+        "priority",  # vLLM's extension: GenerateRequest.priority (docs/router.md, fair sharing)
     }
 )
 CHAT_FIELDS = _SAMPLING | _IGNORED | _NEUTRAL.keys() | {"messages"}
@@ -152,6 +153,10 @@ def _common(fields: Mapping[str, Any], request_id: str | None) -> gen.GenerateRe
     if (seed := fields.get("seed")) is not None:
         request.seed = _natural("seed", seed, limit=2**64 - 1)
     request.stop.extend(_stop(fields.get("stop")))
+    if (priority := fields.get("priority")) is not None:
+        if type(priority) is not int or not -(2**31) <= priority < 2**31:
+            raise invalid_argument("priority", "must be an integer (a 32-bit one)")
+        request.priority = priority
     return request
 
 

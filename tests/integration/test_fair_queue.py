@@ -13,8 +13,8 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import (
-    StartReplica,
     RedisServer,
+    StartReplica,
     StartRouter,
     bearer,
     demo_spec,

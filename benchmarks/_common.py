@@ -291,9 +291,13 @@ def replica_args(port: int, model: str, *extra: str) -> list[str]:
     ]
 
 
-def router_args(port: int, replica_ports: Sequence[int], *extra: str) -> list[str]:
-    """``python -m meshllm.router`` on loopback in front of the replicas on ``replica_ports``."""
+def router_args(
+    port: int, replica_ports: Sequence[int], *extra: str, tenants_file: str = ""
+) -> list[str]:
+    """``python -m meshllm.router`` on loopback in front of the replicas on ``replica_ports``;
+    without API keys unless ``tenants_file`` is given."""
     replicas = [a for p in replica_ports for a in ("--replica", f"127.0.0.1:{p}")]
+    auth = ["--tenants-file", tenants_file] if tenants_file else ["--no-auth"]
     return [
         sys.executable,
         "-m",
@@ -303,7 +307,7 @@ def router_args(port: int, replica_ports: Sequence[int], *extra: str) -> list[st
         "--port",
         str(port),
         *replicas,
-        "--no-auth",
+        *auth,
         "--log-level",
         "WARNING",
         *extra,

@@ -36,6 +36,7 @@ http_max_body_bytes: http.max_body_bytes
 http_timeout_s: http.timeout_s
 fair_queue: queue.enabled
 replica_queue: queue.replica_queue
+queue_reserve: queue.reserve
 queue_max_queued: queue.max_queued
 queue_max_wait_s: queue.max_wait_s
 queue_max_total: queue.max_total

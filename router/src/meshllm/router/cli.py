@@ -54,6 +54,8 @@ _OVERRIDES = {
             "replica_tls_key",
             "replica_tls_server_name",
             "share_placement_counts",
+            "fair_queue",
+            "replica_queue",
         )
     },
 }
@@ -136,6 +138,20 @@ def _add_discovery_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stale-after", type=float, help="seconds without a report before ejection (default 2)"
+    )
+    g.add_argument(
+        "--no-fair-queue",
+        dest="fair_queue",
+        action="store_const",
+        const=False,
+        help="send every request at once, to wait first come first served in the replicas' "
+        "queues (default: the router's fair queue holds requests while a model is saturated)",
+    )
+    g.add_argument(
+        "--replica-queue",
+        type=int,
+        help="requests a replica may hold waiting beyond its capacity before the router "
+        "queues them (default 0)",
     )
 
 

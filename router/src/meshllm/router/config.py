@@ -227,6 +227,11 @@ class QueueConfig:
     """Requests a replica may hold waiting beyond its capacity (the requests its engine runs at
     once, from its load report) before the router holds them. 0: replicas queue nothing, so
     every wait is fair; a few hide the round trip between a slot freeing and the next request."""
+    reserve: float = 0.25
+    """Share of each replica's capacity that only tenants running fewer requests than their fair
+    share (capacity x weight / the weights of tenants active in the last 2 s) may take:
+    a flood fills the rest, so a light tenant's request starts at once instead of waiting for
+    a slot. A tenant alone is under its share, so it may use every slot."""
     max_queued: int = 256
     """Requests of one tenant that may wait at once (a tenant's ``max_queued`` overrides it);
     one more is RESOURCE_EXHAUSTED, reason QUEUE_FULL."""
@@ -243,6 +248,8 @@ class QueueConfig:
         bad = _positive(self, "queue", "max_queued", "max_wait_s", "max_total", "share_interval_s")
         if self.replica_queue < 0:
             bad.append(FieldViolation(flat("queue", "replica_queue"), "must not be negative"))
+        if not 0.0 <= self.reserve < 1.0:
+            bad.append(FieldViolation(flat("queue", "reserve"), "must be from 0 to below 1"))
         return bad
 
 
@@ -454,6 +461,7 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "http_timeout_s": ("http", "timeout_s"),
     "fair_queue": ("queue", "enabled"),
     "replica_queue": ("queue", "replica_queue"),
+    "queue_reserve": ("queue", "reserve"),
     **{f"queue_{n}": ("queue", n) for n in ("max_queued", "max_wait_s", "max_total")},
     "queue_share_interval_s": ("queue", "share_interval_s"),
     **{f"tls_{n}": ("tls", n) for n in ("cert", "key", "client_ca")},

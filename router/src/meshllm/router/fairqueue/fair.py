@@ -78,13 +78,24 @@ class FairQueue:
         self._lanes.setdefault(waiter.lane, {}).setdefault(waiter.tenant, deque()).append(waiter)
         return t.served - before
 
-    def pop(self) -> Waiter | None:
-        """The waiter that gets the next slot (counted as running), or None."""
+    def peek(self) -> Waiter | None:
+        """The waiter that gets the next slot, left in place."""
         if not self._lanes:
             return None
         lane = self._lanes[max(self._lanes)]
-        name = min(lane, key=lambda n: self._order(n, lane[n][0]))
-        waiter = lane[name].popleft()
+        return lane[min(lane, key=lambda n: self._order(n, lane[n][0]))][0]
+
+    def running(self, tenant: str) -> int:
+        t = self._tenants.get(tenant)
+        return t.running if t is not None else 0
+
+    def pop(self) -> Waiter | None:
+        """The waiter that gets the next slot (counted as running), or None."""
+        head = self.peek()
+        if head is None:
+            return None
+        name = head.tenant
+        waiter = self._lanes[head.lane][name].popleft()
         self._discard_empty(waiter)
         t = self._tenants[name]
         t.waiting -= 1

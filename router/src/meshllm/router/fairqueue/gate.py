@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from meshllm.api.errors import DeadlineExceeded, MeshError, ResourceExhausted
 from meshllm.router.config import QueueConfig
 from meshllm.router.fairqueue.fair import FairQueue, Waiter
-from meshllm.router.fairqueue.room import total_room
-from meshllm.router.registry import Registry
+from meshllm.router.fairqueue.room import total_capacity, total_room
+from meshllm.router.registry import Registry, Replica
 from meshllm.router.tenants import Tenant
 from meshllm.server.metrics import LATENCY_BUCKETS
 
@@ -29,6 +29,8 @@ RATE_WINDOW_S = 10.0
 """Slots freed over this long give the rate that predicts a wait."""
 MIN_RATE_SAMPLES = 5
 """Fewer freed slots than this in the window: no prediction, so no early refusal."""
+ACTIVE_S = 2.0
+"""A tenant with a request running, waiting or ended this recently shares the capacity."""
 
 
 class QueueMetrics:
@@ -67,6 +69,25 @@ class _Model:
     """When slots were freed, over the last ``RATE_WINDOW_S``."""
     unshared: dict[str, float] = field(default_factory=dict)
     """Counter increments not yet added to the counters routers share."""
+    active: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Tenant -> (weight, when it last had a request start, wait or end)."""
+
+    def seen(self, tenant: Tenant, now: float) -> None:
+        self.active[tenant.name] = (tenant.weight, now)
+
+    def under_share(self, tenant: str, slots: int, now: float) -> bool:
+        """Whether ``tenant`` runs fewer requests than its weight's share of ``slots`` among
+        the tenants active lately."""
+        for name, (_, last) in list(self.active.items()):
+            if (
+                now - last > ACTIVE_S
+                and not self.queue.running(name)
+                and not self.queue.waiting(name)
+            ):
+                del self.active[name]
+        weights = sum(w for w, _ in self.active.values())
+        weight = self.active.get(tenant, (0.0, 0.0))[0]
+        return weights > 0 and self.queue.running(tenant) < slots * weight / weights
 
     def rate(self, now: float) -> float | None:
         """Slots freed per second lately, or None when too few to tell."""
@@ -151,7 +172,8 @@ class AdmissionQueue:
         if not candidates:  # the picker explains why (unknown, loading, none healthy)
             return self.ticket(model, tenant, estimate)
         m = self.models.setdefault(model, _Model())
-        if not len(m.queue) and total_room(candidates, self._config.replica_queue) > m.pending:
+        m.seen(tenant, self._clock())
+        if self._free(m, candidates, tenant.name, queued=bool(len(m.queue))):
             m.pending += 1
             m.queue.started(tenant.name)
             self._metrics.wait.labels(model).observe(0.0)
@@ -200,26 +222,39 @@ class AdmissionQueue:
         self._metrics.wait.labels(model).observe(waited)
         return waited
 
+    def _free(self, m: _Model, candidates: list[Replica], tenant: str, *, queued: bool) -> bool:
+        """Whether a request of ``tenant`` may go now: to a slot outside the reserve when none
+        waits before it, or into the reserve when the tenant runs less than its share."""
+        c = self._config
+        if not queued and total_room(candidates, c.replica_queue, c.reserve) > m.pending:
+            return True
+        if not c.reserve or total_room(candidates, c.replica_queue) <= m.pending:
+            return False
+        return m.under_share(tenant, total_capacity(candidates), self._clock())
+
     def dispatch(self) -> None:
         """Give free slots to waiters, in order (run on every registry change)."""
         for model, m in self.models.items():
             if not m.granted:
                 continue
             candidates = self._registry.candidates(model)
-            free = total_room(candidates, self._config.replica_queue) - m.pending
             # No replica left: let the waiters go, the picker's error says why.
-            while (free > 0 or not candidates) and (waiter := m.queue.pop()) is not None:
-                future = m.granted.pop(waiter)
+            while (head := m.queue.peek()) is not None and (
+                not candidates or self._free(m, candidates, head.tenant, queued=False)
+            ):
+                m.queue.pop()
+                future = m.granted.pop(head)
                 if not future.done():
                     future.set_result(None)
                     m.pending += 1
-                    free -= 1
 
     def reached_replica(self, model: str) -> None:
         self.models[model].pending -= 1
 
     def release(self, model: str, tenant: str, pending: bool) -> None:
         m = self.models[model]
+        if tenant in m.active:
+            m.active[tenant] = (m.active[tenant][0], self._clock())
         if pending:
             m.pending -= 1
         m.queue.finished(tenant)

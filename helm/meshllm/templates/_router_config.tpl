@@ -1,7 +1,7 @@
 {{/*
 The router's TOML config: a [router] table with the router's own settings, its sub-tables
-([router.discovery], [router.quota], [router.redis], [router.placement], [router.http], [router.tls],
-[router.replica_tls]) and one [models.<id>] table per catalog entry. router.config takes settings
+([router.discovery], [router.quota], [router.redis], [router.placement], [router.http],
+[router.outliers], [router.tls], [router.replica_tls]) and one [models.<id>] table per catalog entry. router.config takes settings
 by their flat names (the router's FLAT_NAMES, as its flags name them: stale_after_s, quota_lease_s,
 redis_timeout_s, placement_refresh_s); meshllm.routerFlatNames places each in its sub-table. The
 router loads the file with `meshllm-router --config`; tests/e2e/test_helm.py loads the rendered
@@ -41,6 +41,15 @@ queue_max_queued: queue.max_queued
 queue_max_wait_s: queue.max_wait_s
 queue_max_total: queue.max_total
 queue_share_interval_s: queue.share_interval_s
+outlier_ejection: outliers.enabled
+outlier_window_s: outliers.window_s
+outlier_min_requests: outliers.min_requests
+outlier_failure_rate: outliers.failure_rate
+outlier_consecutive_failures: outliers.consecutive_failures
+outlier_base_ejection_s: outliers.base_ejection_s
+outlier_max_ejection_s: outliers.max_ejection_s
+outlier_max_ejected_percent: outliers.max_ejected_percent
+outlier_ramp_s: outliers.ramp_s
 tls_cert: tls.cert
 tls_key: tls.key
 tls_client_ca: tls.client_ca
@@ -53,7 +62,7 @@ replica_tls_server_name: replica_tls.server_name
 {{- define "meshllm.routerToml" -}}
 {{- $managed := splitList " " (include "meshllm.managedRouterSettings" .) }}
 {{- $flatNames := include "meshllm.routerFlatNames" . | fromYaml }}
-{{- $order := list "discovery" "quota" "redis" "placement" "http" "queue" "tls" "replica_tls" }}
+{{- $order := list "discovery" "quota" "redis" "placement" "http" "queue" "outliers" "tls" "replica_tls" }}
 {{- $router := dict }}
 {{- $sections := dict }}
 {{- range $name := $order }}{{ $_ := set $sections $name dict }}{{ end }}

@@ -56,6 +56,7 @@ _OVERRIDES = {
             "share_placement_counts",
             "fair_queue",
             "replica_queue",
+            "outlier_ejection",
         )
     },
 }
@@ -103,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, ...) on "
         "this port (0 picks a free one; default: off; docs/http.md)",
+    )
+    p.add_argument(
+        "--outlier-ejection",
+        action=argparse.BooleanOptionalAction,
+        help="eject replicas that fail requests fast, for a backoff (default on; "
+        "[router.outliers] in --config tunes it)",
     )
     _add_discovery_flags(p)
     _add_access_flags(p)

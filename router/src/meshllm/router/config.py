@@ -2,7 +2,8 @@
 
 A config file has a ``[router]`` table for the router's own settings, one sub-table per part
 (``[router.discovery]``, ``[router.quota]``, ``[router.redis]``, ``[router.placement]``,
-``[router.http]``, ``[router.queue]``, ``[router.tls]``, ``[router.replica_tls]``) and the model catalog as ``[models.<id>]`` tables.
+``[router.http]``, ``[router.queue]``, ``[router.outliers]``, ``[router.tls]``,
+``[router.replica_tls]``) and the model catalog as ``[models.<id>]`` tables.
 Each component receives only its sub-config. Command-line flags use flat names
 (``--stale-after``, ``--redis-url``); ``FLAT_NAMES`` maps each to its place.
 """
@@ -254,6 +255,55 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OutlierConfig:
+    """Outlier ejection (``[router.outliers]``, docs/router.md): a replica that fails requests
+    fast gets none for a while, however idle its load reports make it look."""
+
+    enabled: bool = True
+    """Off: only a broken connection or a stale load report ejects a replica."""
+    window_s: float = 10.0
+    """How far back the failure rate looks."""
+    min_requests: int = 5
+    """Attempts that must have ended within ``window_s`` before the rate can eject."""
+    failure_rate: float = 0.5
+    """Eject when at least this share of those attempts failed (INTERNAL, UNKNOWN,
+    UNAVAILABLE, ABORTED, DATA_LOSS, a transport failure, a reply cut short)."""
+    consecutive_failures: int = 5
+    """Eject after this many failures in a row, whatever the rate (0: this rule is off)."""
+    base_ejection_s: float = 5.0
+    """The first ejection lasts this long; each one in a row adds as much again."""
+    max_ejection_s: float = 60.0
+    """The longest an ejection lasts."""
+    max_ejected_percent: int = 50
+    """At most this share of a model's replicas is ejected at once (at least one of two or
+    more; never the last one)."""
+    ramp_s: float = 10.0
+    """After an ejection the replica's chance of being a candidate rises from 10 % to 100 %
+    over this time; a failure meanwhile ejects it again, a clean ramp resets the count of
+    ejections in a row (0: no ramp)."""
+
+    def violations(self) -> list[FieldViolation]:
+        bad = _positive(self, "outliers", "window_s", "base_ejection_s")
+        if self.max_ejection_s < self.base_ejection_s:
+            why = f"must be at least {flat('outliers', 'base_ejection_s')}"
+            bad.append(FieldViolation(flat("outliers", "max_ejection_s"), why))
+        if self.min_requests < 1:
+            bad.append(FieldViolation(flat("outliers", "min_requests"), "must be at least 1"))
+        if not 0 < self.failure_rate <= 1:
+            why = "must be above 0 and at most 1"
+            bad.append(FieldViolation(flat("outliers", "failure_rate"), why))
+        if not 0 <= self.max_ejected_percent <= 100:
+            why = "must be 0 to 100"
+            bad.append(FieldViolation(flat("outliers", "max_ejected_percent"), why))
+        bad += [
+            FieldViolation(flat("outliers", n), "must not be negative")
+            for n in ("consecutive_failures", "ramp_s")
+            if getattr(self, n) < 0
+        ]
+        return bad
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerTLSConfig:
     """TLS for clients -> router (``[router.tls]``, docs/tls.md); all "": plaintext."""
 
@@ -338,6 +388,7 @@ class RouterConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    outliers: OutlierConfig = field(default_factory=OutlierConfig)
     tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
     replica_tls: ReplicaTLSConfig = field(default_factory=ReplicaTLSConfig)
 
@@ -374,7 +425,14 @@ class RouterConfig:
         if self.drain_grace_s < 0:
             bad.append(FieldViolation("drain_grace_s", "must not be negative"))
         bad += self._auth_violations()
-        for part in (self.discovery, self.quota, self.placement, self.http, self.queue):
+        for part in (
+            self.discovery,
+            self.quota,
+            self.placement,
+            self.http,
+            self.queue,
+            self.outliers,
+        ):
             bad += part.violations()
         if self.quota.store == "redis" or self.placement.share_counts or self.redis.configured:
             bad += self._redis_violations()
@@ -429,6 +487,7 @@ SECTIONS: dict[str, type[Any]] = {
     "placement": PlacementConfig,
     "http": HttpConfig,
     "queue": QueueConfig,
+    "outliers": OutlierConfig,
     "tls": ServerTLSConfig,
     "replica_tls": ReplicaTLSConfig,
 }
@@ -464,6 +523,20 @@ FLAT_NAMES: dict[str, tuple[str, str]] = {
     "queue_reserve": ("queue", "reserve"),
     **{f"queue_{n}": ("queue", n) for n in ("max_queued", "max_wait_s", "max_total")},
     "queue_share_interval_s": ("queue", "share_interval_s"),
+    "outlier_ejection": ("outliers", "enabled"),
+    **{
+        f"outlier_{n}": ("outliers", n)
+        for n in (
+            "window_s",
+            "min_requests",
+            "failure_rate",
+            "consecutive_failures",
+            "base_ejection_s",
+            "max_ejection_s",
+            "max_ejected_percent",
+            "ramp_s",
+        )
+    },
     **{f"tls_{n}": ("tls", n) for n in ("cert", "key", "client_ca")},
     **{f"replica_tls_{n}": ("replica_tls", n) for n in ("ca", "cert", "key", "server_name")},
 }

@@ -26,6 +26,7 @@ from meshllm.router.admission import Admission
 from meshllm.router.ejection import EjectionWatch
 from meshllm.router.fairqueue import AdmissionQueue, Ticket
 from meshllm.router.metrics import RouterMetrics
+from meshllm.router.outliers import Outcome, outcome_of
 from meshllm.router.picking import Picker
 from meshllm.router.pool import ReplicaLink
 from meshllm.router.registry import Lease, Registry, Replica
@@ -175,12 +176,14 @@ class Forwarder:
             watch = EjectionWatch(replica, call, self._registry.stale_after_s)
             relayed: int | None = None  # tokens the client has seen; None before the first chunk
             held: list[gen.GenerateChunk] = []
+            outcome = Outcome.NEUTRAL  # for outlier ejection; a caller's cancel says nothing
             try:
                 async for chunk in call:
                     watch.progress()
                     _received(chunk, lease, ticket)
                     final = chunk.finish_reason != gen.FINISH_REASON_UNSPECIFIED
                     if final and chunk.finish_reason == gen.FINISH_REASON_CANCELLED:
+                        outcome = Outcome.FAILURE
                         raise self._cut_short(replica, relayed, "it cancelled the reply itself")
                     if relay:
                         relayed = (relayed or 0) + len(chunk.token_ids)
@@ -188,10 +191,12 @@ class Forwarder:
                     else:
                         held.append(chunk)
                     if final:
+                        outcome = Outcome.SUCCESS
                         for whole in held:
                             yield whole
                         await _ended(call)
                         return
+                outcome = Outcome.FAILURE
                 raise self._cut_short(replica, relayed, "it ended the stream without a final chunk")
             except asyncio.CancelledError:
                 task = asyncio.current_task()
@@ -201,12 +206,27 @@ class Forwarder:
             except grpc.aio.AioRpcError as e:
                 if watch.fired:
                     raise self._cut_short(replica, relayed, f"ejected: {watch.why}") from None
+                outcome = outcome_of(e.code())
                 if relayed is None:
                     raise
                 raise Relayed(self._failed(e, replica, relayed)) from None
             finally:
                 watch.close()
                 call.cancel()
+                self._judge(replica, outcome)
+
+    def _judge(self, replica: Replica, outcome: Outcome) -> None:
+        """Count the attempt for outlier ejection (``outliers``), which it may trigger."""
+        ejection = self._registry.ended(replica, outcome)
+        if ejection is not None:
+            self._metrics.outlier_ejections.labels(replica.name).inc()
+            log.warning(
+                "replica %s ejected as an outlier for %g s (ejection %d in a row): %s",
+                replica.name,
+                ejection.duration_s,
+                ejection.count,
+                ejection.why,
+            )
 
     def _cut_short(self, replica: Replica, relayed: int | None, why: str) -> Retry | Relayed:
         """The replica ended the reply early: before the client saw any of it, another replica

@@ -1,5 +1,6 @@
 """The router's Prometheus metrics: per-request counters and histograms (as the replica's, with
-the ``meshllm_router`` prefix), retries, and each replica's load as this router sees it."""
+the ``meshllm_router`` prefix), retries, outlier ejections, and each replica's load as this
+router sees it."""
 
 from __future__ import annotations
 
@@ -45,13 +46,24 @@ class ReplicaLoadCollector(Collector):
             ),
         }
         now, stale = self._registry.clock(), self._registry.stale_after_s
+        ejected: dict[str, int] = {}
         for r in self._registry.replicas.values():
             model = r.report.model if r.report is not None else ""
             values = [r.name, r.address, model]
             families["inflight"].add_metric(values, r.inflight)
             families["load"].add_metric(values, load(r, self._tokens_per_request))
             families["available"].add_metric(values, 1.0 if r.serves(model, now, stale) else 0.0)
-        return list(families.values())
+            if model:  # a model some replica reports: never a name a client sent
+                ejected[model] = ejected.get(model, 0) + r.outlier.ejected(now)
+        outliers = GaugeMetricFamily(
+            "meshllm_router_replicas_ejected",
+            "Replicas of the model ejected as outliers now (their load reports do not re-admit "
+            "them).",
+            labels=["model"],
+        )
+        for model, count in sorted(ejected.items()):
+            outliers.add_metric([model], count)
+        return [*families.values(), outliers]
 
 
 class RouterMetrics(RequestMetrics):
@@ -61,6 +73,12 @@ class RouterMetrics(RequestMetrics):
             "meshllm_router_retries",
             "Attempts retried on another replica, by the failed attempt's code.",
             ["model", "code"],
+            registry=registry,
+        )
+        self.outlier_ejections = Counter(
+            "meshllm_router_outlier_ejections",
+            "Outlier ejections of the replica (it failed too many attempts).",
+            ["replica"],  # the configured replicas' names, never a client's
             registry=registry,
         )
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from meshllm.api.spec import ModelSpec
 from meshllm.api.types import HOSTING, LoadReport, ModelInfo, ReplicaState
+from meshllm.router.outliers import Ejection, Outcome, OutlierDetector, OutlierRecord
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,9 @@ class Replica:
     on_eject: set[Callable[[], None]] = field(default_factory=set)
     """Called at each ejection: the forwarder's attempts there stop waiting on a replica that
     may hang (``forward.EjectionWatch``)."""
+    outlier: OutlierRecord = field(default_factory=OutlierRecord)
+    """How its attempts ended lately, and its outlier ejection (``outliers``): unlike
+    :meth:`eject`, a load report does not end that."""
 
     @property
     def name(self) -> str:
@@ -109,7 +113,11 @@ class Replica:
         return self.connected and now - self.reported_at <= stale_after_s
 
     def serves(self, model: str, now: float, stale_after_s: float) -> bool:
-        """Takes new work for ``model``: connected, reporting, READY with that model, listed."""
+        """Takes new work for ``model``: ready for it and not ejected as an outlier."""
+        return self.ready_for(model, now, stale_after_s) and not self.outlier.ejected(now)
+
+    def ready_for(self, model: str, now: float, stale_after_s: float) -> bool:
+        """Connected, reporting, READY with ``model``, listed (outlier ejection aside)."""
         return (
             not self.removed
             and not self.leaving
@@ -149,6 +157,8 @@ class Registry:
     replicas: dict[str, Replica] = field(default_factory=dict)
     changes: Changes = field(default_factory=Changes)
     """Notified on every change of what the router knows of a replica."""
+    outliers: OutlierDetector | None = None
+    """Ejects replicas that fail requests (None: outlier ejection is off)."""
 
     def add(self, address: str) -> Replica:
         replica = self.replicas.get(address)
@@ -165,6 +175,8 @@ class Registry:
         return replica
 
     def update(self, replica: Replica, report: LoadReport) -> None:
+        if replica.report is not None and replica.report.model != report.model:
+            replica.outlier = OutlierRecord()  # a model (re)loaded there starts afresh
         replica.report, replica.reported_at = report, self.clock()
         replica.others_requests = max(report.queued + report.running - replica.inflight, 0)
         replica.others_tokens = max(report.tokens_in_flight - replica.inflight_tokens, 0)
@@ -179,12 +191,37 @@ class Registry:
         self.changes.notify()
 
     def candidates(self, model: str, exclude: Iterable[Replica] = ()) -> list[Replica]:
+        """Replicas that take work for ``model``; one in its re-admission ramp after an
+        outlier ejection is among them by chance (by all of them when none else is left)."""
         now, skip = self.clock(), set(map(id, exclude))
-        return [
+        serving = [
             r
             for r in self.replicas.values()
             if id(r) not in skip and r.serves(model, now, self.stale_after_s)
         ]
+        if self.outliers is None:
+            return serving
+        admitted = [r for r in serving if self.outliers.admits(r.outlier, now)]
+        return admitted or serving
+
+    def ended(self, replica: Replica, outcome: Outcome) -> Ejection | None:
+        """Count how an attempt on ``replica`` ended; the outlier ejection it caused, if any."""
+        if self.outliers is None:
+            return None
+        now, model = self.clock(), replica.report.model if replica.report is not None else ""
+        peers = [
+            r.outlier for r in self.replicas.values() if r.ready_for(model, now, self.stale_after_s)
+        ]
+        ejection = self.outliers.record(replica.outlier, outcome, now, peers)
+        if ejection is not None:
+            self.changes.notify()
+        return ejection
+
+    def outlier_note(self, replica: Replica) -> str:
+        """Its outlier ejection or ramp in words ("" when neither), for the Admin service."""
+        if self.outliers is None:
+            return ""
+        return self.outliers.note(replica.outlier, self.clock())
 
     def find(self, name: str) -> Replica | None:
         """A replica by id (as reported) or address."""

@@ -29,6 +29,7 @@ from meshllm.router.fairqueue.shared import SharedCounters
 from meshllm.router.forward import Forwarder
 from meshllm.router.http import HttpFront
 from meshllm.router.metrics import router_metrics
+from meshllm.router.outliers import OutlierDetector
 from meshllm.router.picking import Picker
 from meshllm.router.placement.control import Placement
 from meshllm.router.placement.desired import RedisCounts
@@ -62,7 +63,8 @@ class RouterServer:
     def __init__(self, config: RouterConfig) -> None:
         self.config = c = config.validate()
         self.port = 0
-        self.registry = Registry(stale_after_s=c.discovery.stale_after_s)
+        outliers = OutlierDetector(c.outliers) if c.outliers.enabled else None
+        self.registry = Registry(stale_after_s=c.discovery.stale_after_s, outliers=outliers)
         links = LinkSettings(
             discovery=c.discovery,
             tls=c.replica_tls.loaded,

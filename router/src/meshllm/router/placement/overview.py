@@ -29,6 +29,12 @@ class Overview:
         return list(await asyncio.gather(*(self._status(r) for r in replicas)))
 
     async def _status(self, replica: Replica) -> ReplicaStatus:
+        status = await self._asked(replica)
+        if note := self._registry.outlier_note(replica):  # the replica cannot know of it
+            return replace(status, error=f"{status.error}; {note}" if status.error else note)
+        return status
+
+    async def _asked(self, replica: Replica) -> ReplicaStatus:
         client = self._clients.client(replica)
         if client is not None and replica.connected:
             with contextlib.suppress(MeshError):

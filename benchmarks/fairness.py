@@ -14,6 +14,12 @@ Phases, each ``--seconds`` long after a 2 s warm-up (not counted), on both route
 3. ``a`` and ``b`` both flooding (24 clients each): tokens served to each.
 4. ``flood`` (32 clients at priority 0) with 2 clients of the same tenant at priority 5.
 
+Then two fair routers sharing one ``redis-server`` (quota store and fair-queue counters):
+5. ``flood`` through both (16 clients each), ``light`` through the first (4 clients).
+6. ``a`` and ``b`` each through both routers (12 clients per router each), and
+7. ``a`` only through the first, ``b`` only through the second (24 clients each): what the
+   shared counters cannot do, as each router then queues one tenant only.
+
 Reports the light tenant's TTFT p99 with the flood / alone (target <= 1.5 with the fair
 queue), ``b``'s share of tokens against its weight's 75 % (target within 10 %), and the
 high-lane TTFT p99. Run from the repository root::
@@ -28,6 +34,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -162,6 +171,42 @@ async def run_router(stub: Any, seconds: float) -> dict[str, Any]:
     }
 
 
+async def run_two_routers(stubs: Sequence[Any], seconds: float) -> dict[str, Any]:
+    one, two = stubs
+    start = time.perf_counter()
+    alone = await phase(one, [("light", 0, 4)], seconds)
+    flooded_parts = await asyncio.gather(
+        phase(one, [("light", 0, 4), ("flood", 0, 16)], seconds),
+        phase(two, [("flood", 0, 16)], seconds),
+    )
+    both = await asyncio.gather(
+        phase(one, [("a", 0, 12), ("b", 0, 12)], seconds),
+        phase(two, [("a", 0, 12), ("b", 0, 12)], seconds),
+    )
+    apart = await asyncio.gather(
+        phase(one, [("a", 0, 24)], seconds), phase(two, [("b", 0, 24)], seconds)
+    )
+    flooded = [d for part in flooded_parts for d in part]
+    shared, split = [d for x in both for d in x], [d for x in apart for d in x]
+    light_alone, light_flooded = ttft(alone, "light"), ttft(flooded, "light")
+    return {
+        "light_alone": light_alone,
+        "light_with_flood": light_flooded,
+        "light_ttft_p99_ratio": light_flooded["ttft_p99_ms"] / light_alone["ttft_p99_ms"],
+        "b_share_through_both": tokens(shared, "b") / max(sum(d.tokens for d in shared), 1),
+        "b_share_one_router_each": tokens(split, "b") / max(sum(d.tokens for d in split), 1),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed: `make setup` installs Debian's package")
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     replica_ports = [free_port() for _ in range(REPLICAS)]
     fair_port, fcfs_port = free_port(), free_port()
@@ -188,9 +233,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await wait_ready(_Keyed(stub), procs, "demo", replicas=REPLICAS)
                 results[mode] = await run_router(stub, args.seconds)
             print_mode(mode, results[mode])
+        stop_processes(procs[REPLICAS:])  # the single routers
+        del procs[REPLICAS:]
+        redis_port = free_port()
+        procs.append(start_redis(redis_port))
+        os.environ["MESHLLM_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"  # not on argv
+        shared = ["--quota-store", "redis"]
+        ports = [free_port(), free_port()]
+        for port in ports:
+            procs.append(
+                start_process(router_args(port, replica_ports, *shared, tenants_file=str(tenants)))
+            )
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        try:
+            stubs = [gen_grpc.GenerationStub(c) for c in channels]
+            for stub in stubs:
+                await wait_ready(_Keyed(stub), procs, "demo", replicas=REPLICAS)
+            results["two_routers"] = await run_two_routers(stubs, args.seconds)
+        finally:
+            for channel in channels:
+                await channel.close()
+        print_two(results["two_routers"])
     finally:
         stop_processes(procs)
     return results
+
+
+def print_two(r: dict[str, Any]) -> None:
+    la, lf = r["light_alone"], r["light_with_flood"]
+    print("\n== two fair routers, one Redis ==")
+    print(
+        f"light alone p99 {la['ttft_p99_ms']:.1f} ms, with the flood through both routers "
+        f"{lf['ttft_p99_ms']:.1f} ms (ratio {r['light_ttft_p99_ratio']:.2f})"
+    )
+    print(
+        f"weights 1:3: b share {r['b_share_through_both']:.3f} with both tenants on both "
+        f"routers, {r['b_share_one_router_each']:.3f} with one router each"
+    )
 
 
 class _Keyed:

@@ -119,9 +119,9 @@ class Forwarder:
             estimate=req.prompt_estimate,
             time_remaining=call.time_remaining,
         )
-        if ticket.waited_s:
-            req.span.set_attribute("meshllm.queue_wait_s", ticket.waited_s)
         try:
+            if ticket.waited_s:
+                req.span.set_attribute("meshllm.queue_wait_s", ticket.waited_s)
             chunks = self._attempts(req, ticket, call.time_remaining, relay=relay)
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:

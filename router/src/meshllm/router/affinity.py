@@ -114,7 +114,7 @@ class Affinity:
         start; None when neither applies."""
         s = self.settings
         if key.session:
-            return key_hash(f"s\0{key.tenant}\0{key.session}".encode())
+            return key_hash(f"s\0{key.tenant}\0{key.session}".encode(errors="surrogatepass"))
         if key.prefix and s.prefix_chars:
             return key_hash(f"p\0{key.prefix[: s.prefix_chars]}".encode(errors="surrogatepass"))
         if key.token_ids and s.prefix_tokens:

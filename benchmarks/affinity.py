@@ -119,6 +119,7 @@ def context(session: int) -> str:
 
 @dataclass(frozen=True)
 class Sent:
+    round: int
     session: int
     turn: int
     replica: str
@@ -127,7 +128,13 @@ class Sent:
 
 
 async def one(
-    stub: gen_grpc.GenerationStub, session: int, turn: int, opts: Options, *, header: bool
+    stub: gen_grpc.GenerationStub,
+    session: int,
+    turn: int,
+    opts: Options,
+    *,
+    header: bool,
+    round_: int,
 ) -> Sent:
     prompt = f"{context(session)}Turn {turn}: what is the next step?"
     request = gen.GenerateRequest(model="demo", prompt=prompt, max_tokens=opts.max_tokens)
@@ -140,17 +147,21 @@ async def one(
     if last is None or last.finish_reason == gen.FINISH_REASON_UNSPECIFIED:
         raise RuntimeError(f"session {session} turn {turn}: no final chunk")
     ttft = (first or time.perf_counter()) - start
-    return Sent(session, turn, last.timing.replica, ttft, last.usage.completion_tokens)
+    return Sent(round_, session, turn, last.timing.replica, ttft, last.usage.completion_tokens)
 
 
 async def drive(
-    stub: gen_grpc.GenerationStub, opts: Options, *, header: bool
+    stub: gen_grpc.GenerationStub, opts: Options, *, header: bool, round_: int = 0
 ) -> tuple[list[Sent], float]:
     """Every session's turns, ``concurrency`` workers each owning every n-th session."""
 
     async def worker(w: int) -> list[Sent]:
         mine = range(w, opts.sessions, opts.concurrency)
-        return [await one(stub, s, t, opts, header=header) for t in range(opts.turns) for s in mine]
+        return [
+            await one(stub, s, t, opts, header=header, round_=round_)
+            for t in range(opts.turns)
+            for s in mine
+        ]
 
     start = time.perf_counter()
     done = await asyncio.gather(*(worker(w) for w in range(opts.concurrency)))
@@ -159,13 +170,14 @@ async def drive(
 
 def hits(sent: Sequence[Sent]) -> tuple[int, int]:
     """(requests that went where their session's previous one did, requests with a previous)."""
-    last: dict[int, str] = {}
+    last: dict[tuple[int, int], str] = {}
     same = pairs = 0
-    for s in sorted(sent, key=lambda s: (s.session, s.turn)):
-        if s.session in last:
+    for s in sorted(sent, key=lambda s: (s.round, s.session, s.turn)):
+        session = (s.round, s.session)
+        if session in last:
             pairs += 1
-            same += last[s.session] == s.replica
-        last[s.session] = s.replica
+            same += last[session] == s.replica
+        last[session] = s.replica
     return same, pairs
 
 
@@ -197,6 +209,7 @@ class Arm:
             "arm": self.name,
             "requests": len(self.sent),
             "hit_rate": round(same / pairs, 4) if pairs else 0.0,
+            "hit_pairs": [same, pairs],
             "requests_per_replica": dict(sorted(per_replica.items())),
             "spread_max_over_mean": round(max(per_replica.values()) / mean, 3),
             "tokens_per_s": round(sum(s.tokens for s in self.sent) / self.wall_s, 1),
@@ -236,7 +249,9 @@ async def measure(opts: Options) -> list[Arm]:
             for name in order:
                 port = lb_port if name == "least-busy" else aff_port
                 before = picks(aff_metrics)
-                sent, wall = await drive(stubs[port], opts, header=name != "affinity-prefix")
+                sent, wall = await drive(
+                    stubs[port], opts, header=name != "affinity-prefix", round_=round_
+                )
                 after = picks(aff_metrics)
                 arm = arms[name]
                 arm.sent += sent

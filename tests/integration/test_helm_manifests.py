@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import tomllib
 
+import helm_python as helm
 import pytest
 import yaml
 from chart import manifests_text, render
 from chart_render import CHART, NAMESPACE, Rendered, container, render_all, render_set
+
+from meshllm.router.placement import parse_catalog
 
 TMP = "/tmp"  # noqa: S108  (the pods' emptyDir mount point, not a file of this test)
 
@@ -284,3 +287,32 @@ def test_router_config_change_rolls_the_routers() -> None:
         a["checksum/config"]
         != b.router["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     )
+
+
+def test_catalog_routing_settings_reach_the_router_config() -> None:
+    """A catalog model's routing policy and affinity knobs render into its [models.<id>] table
+    and parse as the router parses them; the schema refuses unknown policies and bad knobs."""
+    toml = tomllib.loads(render_set("cpu").router_toml)
+    models = {m.id: m for m in parse_catalog(toml["models"])}
+    qwen, demo = models["qwen2.5-0.5b-instruct"], models["demo"]
+    assert (qwen.routing, qwen.affinity_load_factor, qwen.affinity_prefix_chars) == (
+        "affinity",
+        2,
+        512,
+    )
+    assert (demo.routing, demo.affinity_load_factor) == ("power-of-two", 1.25)
+    r = render_set(
+        "default",
+        {"catalog": [{"id": "m", "path": "p", "routing": "affinity", "affinity_load_factor": 1.5}]},
+    )
+    (model,) = parse_catalog(tomllib.loads(r.router_toml)["models"])
+    assert (model.routing, model.affinity_load_factor) == ("affinity", 1.5)
+    policy = render_set("default", {"router": {"config": {"policy": "power-of-two"}}})
+    assert tomllib.loads(policy.router_toml)["router"]["policy"] == "power-of-two"
+    for bad in (
+        {"routing": "sticky"},
+        {"affinity_load_factor": 0.5},
+        {"affinity_prefix_chars": -1},
+    ):
+        with pytest.raises(helm.HelmValuesError):
+            render_set("default", {"catalog": [{"id": "m", "path": "p", **bad}]})

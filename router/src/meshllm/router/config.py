@@ -23,7 +23,7 @@ from meshllm.api.tls import ChannelTLS, ServerTLS
 from meshllm.router.placement.catalog import CatalogModel, catalog_violations, parse_catalog
 from meshllm.router.quota.store import STORES
 
-POLICIES = ("least-busy", "round-robin")
+POLICIES = ("least-busy", "round-robin", "power-of-two", "affinity")
 AUTH_MODES = ("api-key", "none")
 STORE_FAILURE_POLICIES = ("deny", "allow")
 REDIS_URL_ENV = "MESHLLM_REDIS_URL"
@@ -358,7 +358,8 @@ class RouterConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     policy: str = "least-busy"
-    """``least-busy`` or ``round-robin`` (kept for comparison)."""
+    """``least-busy``, ``round-robin`` (kept for comparison), ``power-of-two`` or ``affinity``
+    (docs/router.md, "Routing policies"); a catalog model's ``routing`` overrides it."""
     tokens_per_request: int = 256
     """Least-busy load = requests in flight + queued + tokens in flight / this: how many tokens
     still to generate weigh as much as one more request."""

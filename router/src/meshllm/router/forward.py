@@ -32,6 +32,7 @@ from meshllm.router.pool import ReplicaLink
 from meshllm.router.registry import Lease, Registry, Replica
 from meshllm.router.replica_client import transport_failure
 from meshllm.router.request import Call, RoutedRequest, TimeRemaining, budget, routed
+from meshllm.router.route_key import RouteKey
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Forwarder:
         retry once one went out); else the whole reply at its end (any attempt may fail)."""
         tried, last = list[Replica](), None
         while True:
-            link = self._next(req.request.model, tried, last)
+            link = self._next(req.route, tried, last)
             try:
                 attempt = self._attempt(req, ticket, link, time_remaining, relay=relay)
                 async with contextlib.aclosing(
@@ -258,11 +259,11 @@ class Forwarder:
         with ending(span):
             yield span
 
-    def _next(self, model: str, tried: list[Replica], last: MeshError | None) -> ReplicaLink:
+    def _next(self, route: RouteKey, tried: list[Replica], last: MeshError | None) -> ReplicaLink:
         if len(tried) >= self._max_attempts and last is not None:
             raise last
         try:
-            link = self._picker.pick(model, tried)
+            link = self._picker.pick(route, tried)
         except Unavailable:
             if last is not None:  # what the last replica said explains more than "none left"
                 raise last from None

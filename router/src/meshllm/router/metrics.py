@@ -11,8 +11,11 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from meshllm.api.bounds import UNKNOWN_MODEL_LABEL
+from meshllm.router.affinity import Outcome
 from meshllm.router.balancer import load
 from meshllm.router.registry import Registry
+from meshllm.router.route_key import RouteKey
 from meshllm.server.metrics import RequestMetrics, on_loop, server_registry
 
 
@@ -81,6 +84,16 @@ class RouterMetrics(RequestMetrics):
             ["replica"],  # the configured replicas' names, never a client's
             registry=registry,
         )
+        self.affinity_picks = Counter(
+            "meshllm_router_affinity_picks",
+            "Picks of the affinity policy (each attempt), by outcome: hit (the key's own "
+            "replica), fallback (it was beyond the load bound), no_key.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+
+    def affinity_pick(self, key: RouteKey, outcome: Outcome) -> None:
+        self.affinity_picks.labels(key.label or UNKNOWN_MODEL_LABEL, outcome.value).inc()
 
 
 def router_metrics(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from meshllm.api.bounds import UNKNOWN_MODEL_LABEL, shown
 from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
@@ -11,10 +11,12 @@ from meshllm.router.balancer import Policy
 from meshllm.router.placement import plan
 from meshllm.router.pool import ReplicaLink, ReplicaPool
 from meshllm.router.registry import Registry, Replica, ServedModel
+from meshllm.router.route_key import RouteKey
 
 
 class Picker:
-    """The policy's pick among the replicas that serve a model, skipping those already tried."""
+    """The policy's pick among the replicas that serve a model, skipping those already tried.
+    ``policies``: a model's own (its catalog ``routing``); ``policy`` for the others."""
 
     def __init__(
         self,
@@ -24,17 +26,20 @@ class Picker:
         *,
         catalog: frozenset[str],
         retry_after_s: float,
+        policies: Mapping[str, Policy] | None = None,
     ) -> None:
         self._registry, self._pool, self._policy = registry, pool, policy
         self._catalog, self._retry_s = catalog, retry_after_s
+        self._policies = dict(policies or {})
 
-    def pick(self, model: str, tried: Sequence[Replica]) -> ReplicaLink:
+    def pick(self, key: RouteKey, tried: Sequence[Replica]) -> ReplicaLink:
         """The replica for the next attempt, or the error that explains why there is none."""
+        model, policy = key.model, self._policies.get(key.model, self._policy)
         while True:
             candidates = self._registry.candidates(model, exclude=tried)
             if not candidates:
                 raise self.no_replica(model, tried)
-            replica = self._policy.pick(candidates)
+            replica = policy.pick(candidates, key)
             link = self._pool.link(replica)
             if link is not None:
                 return link

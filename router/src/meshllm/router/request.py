@@ -33,6 +33,14 @@ from meshllm.api.v1 import generation_pb2 as gen
 from meshllm.router.admission import Admission, Headers
 from meshllm.router.metrics import RouterMetrics
 from meshllm.router.registry import ServedModel
+from meshllm.router.route_key import (
+    MAX_PREFIX_TOKENS,
+    NO_KEY,
+    SESSION_HEADER,
+    RouteKey,
+    prompt_prefix,
+    session_violation,
+)
 from meshllm.router.tenants import Tenant
 from meshllm.server.metrics import RequestRecord
 
@@ -76,6 +84,8 @@ class RoutedRequest:
     record: RequestRecord
     span: trace.Span
     prompt_estimate: int
+    route: RouteKey = NO_KEY
+    """What the routing policy sees of it (``route_key``)."""
 
     def streamed(self, chunk: gen.GenerateChunk) -> None:
         self.record.tokens(len(chunk.token_ids))
@@ -100,6 +110,30 @@ class RoutedRequest:
         if r.prompt_tokens:
             return r.prompt_tokens + r.completion_tokens
         return self.prompt_estimate + r.completion_tokens if r.completion_tokens else 0
+
+
+def route_key(
+    request: gen.GenerateRequest, metadata: grpc.aio.Metadata | None, *, label: str, tenant: str
+) -> RouteKey:
+    """The request as routing policies see it: the one place they are read from the wire."""
+    session = next((v for k, v in metadata or () if k == SESSION_HEADER), "")
+    session = session if isinstance(session, str) else ""  # a binary (-bin) value is no key
+    if (bad := session_violation(session)) is not None:
+        raise invalid_fields("invalid request", [bad])
+    messages = ((m.role, m.content) for m in request.messages)
+    return RouteKey(
+        model=request.model,
+        label=label,
+        tenant=tenant,
+        session=session,
+        # a token_ids prompt is keyed by its ids
+        prefix=""
+        if request.token_ids
+        else prompt_prefix(
+            instructions=request.instructions, messages=messages, prompt=request.prompt
+        ),
+        token_ids=tuple(request.token_ids[:MAX_PREFIX_TOKENS]),
+    )
 
 
 def check_request(request: gen.GenerateRequest, tenant: Tenant) -> None:
@@ -157,7 +191,8 @@ async def routed(
         check_request(request, call.tenant)  # before the id is logged or the model echoed
         request.request_id = request.request_id or uuid.uuid4().hex
         record.request_id = request.request_id
-        routed = RoutedRequest(request, record, span, prompt_estimate(request))
+        route = route_key(request, call.metadata, label=model, tenant=call.tenant.name)
+        routed = RoutedRequest(request, record, span, prompt_estimate(request), route)
         held = None
         if not call.tenant.limits.unlimited:  # no registry scan for an unmetered tenant
             tokens = routed.prompt_estimate + budget(request, served(request.model))

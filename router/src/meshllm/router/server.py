@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -21,7 +22,7 @@ from meshllm.api.v1 import generation_pb2_grpc as gen_grpc
 from meshllm.router.admin import RouterAdminService
 from meshllm.router.admission import Admission, QuotaMetrics
 from meshllm.router.auth import Authenticator, TenantsFile
-from meshllm.router.balancer import make_policy
+from meshllm.router.balancer import Routing, make_policy
 from meshllm.router.config import RouterConfig
 from meshllm.router.discovery import Discovery
 from meshllm.router.fairqueue import AdmissionQueue, QueueMetrics
@@ -72,7 +73,6 @@ class RouterServer:
             drain_grace_s=c.drain_grace_s,
         )
         self.pool = ReplicaPool(links, self.registry, self._on_change)
-        self.policy = make_policy(c.policy, c.tokens_per_request)
         self._discovery = Discovery(c.discovery)
         self._tenants = TenantsFile(Path(c.tenants_file)) if c.auth == "api-key" else None
         self._store = make_store(
@@ -152,8 +152,17 @@ class RouterServer:
             self._store, c.quota.unavailable, c.retry_after_s, QuotaMetrics(prometheus)
         )
         catalog = frozenset(m.id for m in c.models)
+        routing = Routing(tokens_per_request=c.tokens_per_request, counted=metrics.affinity_pick)
         picker = Picker(
-            self.registry, self.pool, self.policy, catalog=catalog, retry_after_s=c.retry_after_s
+            self.registry,
+            self.pool,
+            make_policy(c.policy, routing),
+            catalog=catalog,
+            retry_after_s=c.retry_after_s,
+            policies={  # a catalog model's own policy and knobs
+                m.id: make_policy(m.routing or c.policy, replace(routing, affinity=m.affinity))
+                for m in c.models
+            },
         )
         self.queue = AdmissionQueue(
             self.registry, c.queue, QueueMetrics(prometheus), retry_after_s=c.retry_after_s

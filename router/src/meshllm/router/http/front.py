@@ -32,6 +32,7 @@ from meshllm.router.http import replies, requests
 from meshllm.router.http.errors import HttpError, error_body, http_error, quota_headers
 from meshllm.router.registry import Registry
 from meshllm.router.request import Call
+from meshllm.router.route_key import SESSION_HEADER
 from meshllm.router.service import listed
 from meshllm.router.tenants import Tenant
 
@@ -127,7 +128,7 @@ class HttpFront:
         except MeshError as e:
             return _reply(http_error(e, tenant.limits if tenant else None))
         headers: dict[str, str] = {}
-        call = self._call(http, tenant, headers)
+        call = self._call(http, tenant, headers, parsed.session)
         if parsed.stream:
             return await self._stream(
                 http, parsed=parsed, call=call, headers=headers, chat=chat, created=created
@@ -198,11 +199,16 @@ class HttpFront:
             key = "malformed"
         return self._auth.authenticate([("authorization", key)] if key is not None else [])
 
-    def _call(self, http: web.Request, tenant: Tenant, headers: dict[str, str]) -> Call:
-        """The request as the forwarder sees a gRPC call: tenant, deadline, trace context, and
-        quota headers kept for the reply's status line."""
+    def _call(
+        self, http: web.Request, tenant: Tenant, headers: dict[str, str], session: str = ""
+    ) -> Call:
+        """The request as the forwarder sees a gRPC call: tenant, deadline, trace context, the
+        session key (the header, else the body's ``prompt_cache_key``), and quota headers kept
+        for the reply's status line."""
         deadline = time.monotonic() + self._config.timeout_s
-        trace = [(k, v) for k in TRACE_HEADERS if (v := http.headers.get(k)) is not None]
+        metadata = [(k, v) for k in TRACE_HEADERS if (v := http.headers.get(k)) is not None]
+        if session := http.headers.get(SESSION_HEADER, session):
+            metadata.append((SESSION_HEADER, session))
 
         async def keep_headers(quota: Headers) -> None:
             headers.update(quota_headers(quota))
@@ -210,7 +216,7 @@ class HttpFront:
         return Call(
             tenant,
             lambda: deadline - time.monotonic(),
-            grpc.aio.Metadata(*trace),
+            grpc.aio.Metadata(*metadata),
             keep_headers,
         )
 

@@ -14,15 +14,15 @@ from typing import Any
 
 from meshllm.api.errors import invalid_argument
 from meshllm.api.v1 import generation_pb2 as gen
+from meshllm.router.route_key import session_violation
 
 MAX_STOP = 16
 """Stop strings one request may give (OpenAI allows 4; the replica takes more)."""
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Accepted and without effect on what is generated (bookkeeping for OpenAI's own service).
-_IGNORED = frozenset(
-    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
-)
+# ``prompt_cache_key`` has none either: it is the session key of the affinity policy.
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier"})
 # Fields whose neutral value is accepted; any other value is refused until it is supported.
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "n": lambda v: v is None or v == 1,
@@ -61,6 +61,7 @@ _SAMPLING = frozenset(
         "stop",
         "seed",
         "priority",  # vLLM's extension: GenerateRequest.priority (docs/router.md, fair sharing)
+        "prompt_cache_key",
     }
 )
 CHAT_FIELDS = _SAMPLING | _IGNORED | _NEUTRAL.keys() | {"messages"}
@@ -75,6 +76,8 @@ class Parsed:
     request: gen.GenerateRequest
     stream: bool
     include_usage: bool
+    session: str = ""
+    """``prompt_cache_key``: the affinity policy's session key."""
 
 
 def chat(body: object, request_id: str | None) -> Parsed:
@@ -234,7 +237,17 @@ def _parsed(fields: Mapping[str, Any], request: gen.GenerateRequest) -> Parsed:
         include_usage = options.get("include_usage") in (True,)
         if options.get("include_usage") not in (None, True, False):
             raise invalid_argument("stream_options.include_usage", "must be true or false")
-    return Parsed(request, bool(stream), include_usage)
+    return Parsed(request, bool(stream), include_usage, _session(fields.get("prompt_cache_key")))
+
+
+def _session(key: object) -> str:
+    if key is None:
+        return ""
+    if not isinstance(key, str):
+        raise invalid_argument("prompt_cache_key", "must be a string")
+    if (bad := session_violation(key, "prompt_cache_key")) is not None:
+        raise invalid_argument(bad.field, bad.description)
+    return key
 
 
 def _is_number(value: object) -> bool:

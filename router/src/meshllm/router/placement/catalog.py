@@ -7,6 +7,9 @@ In a router config file each model is a ``[models.<id>]`` table next to ``[route
     desired_replicas = 2     # placed on idle replicas at start and whenever capacity appears
     max_replicas = 3         # the most that load / scale may ask for (0: no limit)
 
+    routing = "affinity"     # its routing policy (default: the router's ``policy``)
+    affinity_load_factor = 1.25
+
     [models.demo.options]    # engine-specific settings, as strings
     cache_size = "8192"
 
@@ -23,6 +26,8 @@ from typing import Any
 
 from meshllm.api.errors import FieldViolation, invalid_fields
 from meshllm.api.spec import ENGINES, SPEC_FIELDS, ModelSpec
+from meshllm.router.affinity import AffinitySettings
+from meshllm.router.balancer import POLICIES
 
 DEVICES = ("", "cpu", "cuda")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
@@ -41,6 +46,15 @@ class CatalogModel:
     appears; never removed automatically (unload and scale do that)."""
     max_replicas: int = 0
     """Most replicas ``load`` and ``scale`` may put it on (0: no limit)."""
+    routing: str = ""
+    """Its routing policy (``least-busy``, ``round-robin``, ``power-of-two``, ``affinity``);
+    "": the router's ``policy``."""
+    affinity_load_factor: float = 1.25
+    """Affinity: a replica takes a key's requests while its load <= this x mean load + 1."""
+    affinity_prefix_chars: int = 256
+    """Affinity: characters of a text prompt hashed when no session key comes (0: none)."""
+    affinity_prefix_tokens: int = 64
+    """Affinity: token ids of a ``token_ids`` prompt hashed likewise (0: none)."""
 
     @classmethod
     def of(cls, **settings: Any) -> CatalogModel:
@@ -52,6 +66,14 @@ class CatalogModel:
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def affinity(self) -> AffinitySettings:
+        return AffinitySettings(
+            load_factor=self.affinity_load_factor,
+            prefix_chars=self.affinity_prefix_chars,
+            prefix_tokens=self.affinity_prefix_tokens,
+        )
 
     def violations(self) -> list[FieldViolation]:
         where = f"models.{self.id}"
@@ -84,7 +106,13 @@ class CatalogModel:
                     f"{self.desired_replicas} is above max_replicas {self.max_replicas}",
                 )
             )
-        return bad
+        if self.routing and self.routing not in POLICIES:
+            bad.append(
+                FieldViolation(
+                    f"{where}.routing", f"{self.routing!r} is not one of {', '.join(POLICIES)}"
+                )
+            )
+        return bad + self.affinity.violations(f"{where}.")
 
     def fits(self, device: str) -> bool:
         """May go to a replica on ``device`` (``cpu``, ``cuda:0``, ...)."""
@@ -147,6 +175,8 @@ def _check(key: str, value: Any) -> str:
         return "must be an integer"
     if kind == "str" and not isinstance(value, str):
         return "must be a string"
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "must be a number"
     if key == "options" and not (
         isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values())
     ):

@@ -204,3 +204,7 @@ async def test_routers_sharing_redis_order_their_queues_by_the_same_counters(
             break
         await asyncio.sleep(0.05)
     assert learned() == pytest.approx((flood_a, light_b))
+    # Each also knows the tenants active on the other (for the reserve), with nothing running.
+    assert a.queue.models["demo"].elsewhere.get("light") == (1.0, 0)
+    assert b.queue.models["demo"].elsewhere.get("flood") == (1.0, 0)
+    assert "flood" not in a.queue.models["demo"].elsewhere  # its own, not another router's

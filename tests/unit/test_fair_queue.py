@@ -324,3 +324,20 @@ async def test_the_prompt_estimate_is_charged_at_once_and_corrected_by_the_real_
     ticket.prompt_tokens = 14
     ticket.close()
     assert q.served("a") == (14 + 20) / 2.0
+
+
+def test_the_fair_share_counts_tenants_and_requests_on_other_routers() -> None:
+    from meshllm.router.fairqueue.gate import ModelQueue
+
+    m = ModelQueue()
+    flood = tenant("flood")
+    m.seen(flood, now=0.0)
+    for _ in range(6):
+        m.queue.started("flood")
+    assert m.under_share("flood", slots=16, now=0.0)  # alone: its share is every slot
+    m.elsewhere = {"light": (1.0, 2)}  # active on another router
+    assert m.under_share("flood", slots=16, now=0.0)  # 6 < 16 / 2
+    m.elsewhere = {"light": (1.0, 2), "flood": (1.0, 3)}  # 3 more of its own elsewhere
+    assert not m.under_share("flood", slots=16, now=0.0)  # 9 >= 8
+    m.elsewhere = {"light": (3.0, 0)}
+    assert not m.under_share("flood", slots=16, now=0.0)  # 6 >= 16 x 1/4

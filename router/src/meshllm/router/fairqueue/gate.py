@@ -58,7 +58,7 @@ class QueueMetrics:
 
 
 @dataclass
-class _Model:
+class ModelQueue:
     """One model's queue and the counts that pair with it."""
 
     queue: FairQueue = field(default_factory=FairQueue)
@@ -71,13 +71,15 @@ class _Model:
     """Counter increments not yet added to the counters routers share."""
     active: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Tenant -> (weight, when it last had a request start, wait or end)."""
+    elsewhere: dict[str, tuple[float, int]] = field(default_factory=dict)
+    """Tenant -> (weight, requests running) on the other routers sharing counters, as their
+    last sync said (``shared.SharedCounters``)."""
 
     def seen(self, tenant: Tenant, now: float) -> None:
         self.active[tenant.name] = (tenant.weight, now)
 
-    def under_share(self, tenant: str, slots: int, now: float) -> bool:
-        """Whether ``tenant`` runs fewer requests than its weight's share of ``slots`` among
-        the tenants active lately."""
+    def prune(self, now: float) -> None:
+        """Forget tenants with nothing running or waiting for ``ACTIVE_S``."""
         for name, (_, last) in list(self.active.items()):
             if (
                 now - last > ACTIVE_S
@@ -85,9 +87,16 @@ class _Model:
                 and not self.queue.waiting(name)
             ):
                 del self.active[name]
-        weights = sum(w for w, _ in self.active.values())
-        weight = self.active.get(tenant, (0.0, 0.0))[0]
-        return weights > 0 and self.queue.running(tenant) < slots * weight / weights
+
+    def under_share(self, tenant: str, slots: int, now: float) -> bool:
+        """Whether ``tenant`` (on every router) runs fewer requests than its weight's share of
+        ``slots`` among the tenants active lately (on any router)."""
+        self.prune(now)
+        weights = {name: w for name, (w, _) in self.active.items()}
+        weights |= {name: w for name, (w, _) in self.elsewhere.items()}
+        total = sum(weights.values())
+        running = self.queue.running(tenant) + self.elsewhere.get(tenant, (0.0, 0))[1]
+        return total > 0 and running < slots * weights.get(tenant, 0.0) / total
 
     def rate(self, now: float) -> float | None:
         """Slots freed per second lately, or None when too few to tell."""
@@ -149,8 +158,11 @@ class AdmissionQueue:
     ) -> None:
         self._registry, self._config, self._metrics = registry, config, metrics
         self._retry_s, self._clock = retry_after_s, clock
-        self.models: dict[str, _Model] = {}
+        self.models: dict[str, ModelQueue] = {}
         registry.changes.subscribe(self.dispatch)
+
+    def now(self) -> float:
+        return self._clock()
 
     def ticket(self, model: str, tenant: Tenant, estimate: int) -> Ticket:
         """A slot without waiting (the queue is off or the model has no replica to count)."""
@@ -171,7 +183,7 @@ class AdmissionQueue:
         candidates = self._registry.candidates(model)
         if not candidates:  # the picker explains why (unknown, loading, none healthy)
             return self.ticket(model, tenant, estimate)
-        m = self.models.setdefault(model, _Model())
+        m = self.models.setdefault(model, ModelQueue())
         m.seen(tenant, self._clock())
         if self._free(m, candidates, tenant.name, queued=bool(len(m.queue))):
             m.pending += 1
@@ -185,7 +197,7 @@ class AdmissionQueue:
 
     async def _wait(
         self,
-        m: _Model,
+        m: ModelQueue,
         model: str,
         tenant: Tenant,
         priority: int,
@@ -222,7 +234,7 @@ class AdmissionQueue:
         self._metrics.wait.labels(model).observe(waited)
         return waited
 
-    def _free(self, m: _Model, candidates: list[Replica], tenant: str, *, queued: bool) -> bool:
+    def _free(self, m: ModelQueue, candidates: list[Replica], tenant: str, *, queued: bool) -> bool:
         """Whether a request of ``tenant`` may go now: to a slot outside the reserve when none
         waits before it, or into the reserve when the tenant runs less than its share."""
         c = self._config
@@ -270,7 +282,7 @@ class AdmissionQueue:
 
     # -- refusals -------------------------------------------------------------------------------
 
-    def _refuse_at_once(self, m: _Model, model: str, tenant: Tenant, priority: int) -> None:
+    def _refuse_at_once(self, m: ModelQueue, model: str, tenant: Tenant, priority: int) -> None:
         where = {"model": model, "tenant": tenant.name}
         if priority < 0:
             self._refuse(
@@ -311,7 +323,7 @@ class AdmissionQueue:
             )
 
     def _refuse_unmeetable(
-        self, m: _Model, model: str, tenant: Tenant, waiter: Waiter, remaining: float | None
+        self, m: ModelQueue, model: str, tenant: Tenant, waiter: Waiter, remaining: float | None
     ) -> None:
         rate = m.rate(self._clock())
         if remaining is None or rate is None:
@@ -352,10 +364,10 @@ class AdmissionQueue:
         self._metrics.refusals.labels(model, tenant.name, error.reason).inc()
         raise error
 
-    def _next_slot_s(self, m: _Model) -> float:
+    def _next_slot_s(self, m: ModelQueue) -> float:
         return self._wait_s(m, 1)
 
-    def _wait_s(self, m: _Model, slots: int) -> float:
+    def _wait_s(self, m: ModelQueue, slots: int) -> float:
         """Seconds until ``slots`` more slots are expected to free (the default when unknown)."""
         rate = m.rate(self._clock())
         if rate is None:

@@ -13,6 +13,7 @@ from meshllm.api.errors import DeadlineExceeded, ResourceExhausted
 from meshllm.api.types import LoadReport, ReplicaState
 from meshllm.router.config import QueueConfig
 from meshllm.router.fairqueue import AdmissionQueue, FairQueue, QueueMetrics, Ticket, Waiter
+from meshllm.router.fairqueue.gate import ModelQueue
 from meshllm.router.fairqueue.room import UNBOUNDED, room, total_room
 from meshllm.router.quota.limits import TenantLimits
 from meshllm.router.registry import Registry, Replica
@@ -327,7 +328,6 @@ async def test_the_prompt_estimate_is_charged_at_once_and_corrected_by_the_real_
 
 
 def test_the_fair_share_counts_tenants_and_requests_on_other_routers() -> None:
-    from meshllm.router.fairqueue.gate import ModelQueue
 
     m = ModelQueue()
     flood = tenant("flood")

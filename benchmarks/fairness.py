@@ -6,7 +6,9 @@ Two replicas run the simulated engine (``sim``: continuous batching, 8 slots eac
 4 ms of "device" time with the GIL released plus a little Python), so 16 slots in all; two
 routers run in front of the same replicas, one with the fair queue (the default) and one
 without. The tenants (``flood``, ``light``, ``a`` weight 1, ``b`` weight 3) come from a
-tenants file this script writes. Closed-loop clients stream 64 tokens per request.
+tenants file this script writes. Closed-loop clients stream 32 to 96 tokens per request
+(64 on average, each client's lengths in a fixed pseudo-random order: equal lengths would keep
+the flood's requests starting and ending in waves).
 
 Phases, each ``--seconds`` long after a 2 s warm-up (not counted), on both routers:
 1. ``light`` alone: 4 clients.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -108,10 +111,14 @@ async def client(stub: Any, tenant: str, priority: int, end: float, index: int) 
     """Closed loop: the next request goes out when the previous one ended."""
     out: list[Done] = []
     metadata = (("authorization", f"Bearer {key(tenant)}"),)
-    request = gen.GenerateRequest(
-        model="demo", token_ids=[10 + index % 50], max_tokens=TOKENS, priority=priority
-    )
+    lengths = random.Random(f"{tenant}{priority}{index}")
     while time.perf_counter() < end:
+        request = gen.GenerateRequest(
+            model="demo",
+            token_ids=[10 + index % 50],
+            max_tokens=lengths.randint(TOKENS // 2, TOKENS * 3 // 2),
+            priority=priority,
+        )
         start, first, tokens = time.perf_counter(), None, 0
         async for chunk in stub.GenerateStream(request, metadata=metadata):
             if first is None and chunk.token_ids:
@@ -238,7 +245,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         redis_port = free_port()
         procs.append(start_redis(redis_port))
         os.environ["MESHLLM_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"  # not on argv
-        shared = ["--quota-store", "redis"]
+        shared = ["--quota-store", "redis", *args.router_flags]
         ports = [free_port(), free_port()]
         for port in ports:
             procs.append(
@@ -308,6 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=12.0, help="length of each phase")
     p.add_argument("--quick", action="store_true", help="3 s phases (a smoke run)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument(
+        "--two-router-flag",
+        dest="router_flags",
+        action="append",
+        default=[],
+        help="a flag for the two routers sharing Redis (e.g. --two-router-flag=--report-interval-ms=50)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seconds = 3.0

@@ -341,3 +341,38 @@ def test_the_fair_share_counts_tenants_and_requests_on_other_routers() -> None:
     assert not m.under_share("flood", slots=16, now=0.0)  # 9 >= 8
     m.elsewhere = {"light": (3.0, 0)}
     assert not m.under_share("flood", slots=16, now=0.0)  # 6 >= 16 x 1/4
+
+
+async def test_the_reserve_keeps_slots_for_a_tenant_under_its_share() -> None:
+    mesh = Mesh(capacity=8, reserve=0.25)  # 2 of the 8 slots kept
+    flood, light = tenant("flood"), tenant("light")
+    running = [await mesh.admit(flood) for _ in range(8)]  # alone: every slot is its share
+    for ticket in running:
+        mesh.run(ticket)
+        ticket.served(100)
+    waiting_flood = asyncio.create_task(mesh.admit(flood))
+    waiting_light = asyncio.create_task(mesh.admit(light))
+    await settle()
+    assert not waiting_flood.done() and not waiting_light.done()
+
+    def end(ticket: Ticket) -> None:
+        mesh.replica.inflight -= 1
+        ticket.close()
+
+    end(running.pop())
+    await settle()
+    assert waiting_light.done() and not waiting_flood.done()  # light first: served least
+    mesh.run(waiting_light.result())
+    end(running.pop())  # one slot free, but the reserve keeps 2 - light's 1 running
+    await settle()
+    assert not waiting_flood.done()
+    end(running.pop())  # two free: one beyond what the reserve keeps
+    await settle()
+    assert waiting_flood.done()
+    # Light, under its share (1 of 4), goes at once into a free slot even past a waiter.
+    more = asyncio.create_task(mesh.admit(flood))
+    await settle()
+    end(running.pop())
+    assert (await mesh.admit(light)).waited_s == 0.0
+    more.cancel()
+    await settle()

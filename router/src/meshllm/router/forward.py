@@ -195,6 +195,10 @@ class Forwarder:
                         outcome = Outcome.SUCCESS
                         for whole in held:
                             yield whole
+                        # The tenant's slot is free before the replica's (the lease, which
+                        # ends after its status): the fair queue then sees the tenant one
+                        # request lighter when the replica's slot frees.
+                        ticket.close()
                         await _ended(call)
                         return
                 outcome = Outcome.FAILURE

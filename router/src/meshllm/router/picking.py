@@ -8,6 +8,7 @@ from meshllm.api.bounds import UNKNOWN_MODEL_LABEL, shown
 from meshllm.api.errors import FailedPrecondition, MeshError, NotFound, Unavailable
 from meshllm.api.types import ReplicaState
 from meshllm.router.balancer import Policy
+from meshllm.router.fairqueue.room import room
 from meshllm.router.placement import plan
 from meshllm.router.pool import ReplicaLink, ReplicaPool
 from meshllm.router.registry import Registry, Replica, ServedModel
@@ -15,8 +16,10 @@ from meshllm.router.route_key import RouteKey
 
 
 class Picker:
-    """The policy's pick among the replicas that serve a model, skipping those already tried.
-    ``policies``: a model's own (its catalog ``routing``); ``policy`` for the others."""
+    """The policy's pick among the replicas that serve a model, skipping those already tried,
+    and those at capacity while another has a free slot (``replica_queue``: as the fair queue
+    counts room; None: the queue is off, and so is this). ``policies``: a model's own (its catalog ``routing``); ``policy`` for the
+    others."""
 
     def __init__(
         self,
@@ -27,10 +30,12 @@ class Picker:
         catalog: frozenset[str],
         retry_after_s: float,
         policies: Mapping[str, Policy] | None = None,
+        replica_queue: int | None = None,
     ) -> None:
         self._registry, self._pool, self._policy = registry, pool, policy
         self._catalog, self._retry_s = catalog, retry_after_s
         self._policies = dict(policies or {})
+        self._replica_queue = replica_queue
 
     def pick(self, key: RouteKey, tried: Sequence[Replica]) -> ReplicaLink:
         """The replica for the next attempt, or the error that explains why there is none."""
@@ -39,6 +44,12 @@ class Picker:
             candidates = self._registry.candidates(model, exclude=tried)
             if not candidates:
                 raise self.no_replica(model, tried)
+            # A full replica would queue the request first come, first served, behind a flood
+            # the fair queue holds back; least-busy's token term alone can prefer it.
+            if self._replica_queue is not None:
+                candidates = [
+                    r for r in candidates if room(r, self._replica_queue) > 0
+                ] or candidates
             replica = policy.pick(candidates, key)
             link = self._pool.link(replica)
             if link is not None:

@@ -163,6 +163,7 @@ class RouterServer:
                 m.id: make_policy(m.routing or c.policy, replace(routing, affinity=m.affinity))
                 for m in c.models
             },
+            replica_queue=c.queue.replica_queue if c.queue.enabled else None,
         )
         self.queue = AdmissionQueue(
             self.registry, c.queue, QueueMetrics(prometheus), retry_after_s=c.retry_after_s

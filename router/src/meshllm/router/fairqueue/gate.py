@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from meshllm.api.errors import DeadlineExceeded, MeshError, ResourceExhausted
 from meshllm.router.config import QueueConfig
 from meshllm.router.fairqueue.fair import FairQueue, Waiter
-from meshllm.router.fairqueue.room import total_capacity, total_room
+from meshllm.router.fairqueue.room import reserved, total_capacity, total_room
 from meshllm.router.registry import Registry, Replica
 from meshllm.router.tenants import Tenant
 from meshllm.server.metrics import LATENCY_BUCKETS
@@ -88,6 +88,15 @@ class ModelQueue:
             ):
                 del self.active[name]
 
+    def running_under_share(self, slots: int, now: float) -> int:
+        """Requests on this router of its tenants running less than their share. A tenant
+        under its share on another router keeps the whole reserve: what it runs there now is
+        known here only as of the last sync, and a slot it frees would be taken from it."""
+        return sum(self.queue.running(n) for n in self.active if self.under_share(n, slots, now))
+
+    def _running(self, tenant: str) -> int:
+        return self.queue.running(tenant) + self.elsewhere.get(tenant, (0.0, 0))[1]
+
     def under_share(self, tenant: str, slots: int, now: float) -> bool:
         """Whether ``tenant`` (on every router) runs fewer requests than its weight's share of
         ``slots`` among the tenants active lately (on any router)."""
@@ -95,8 +104,7 @@ class ModelQueue:
         weights = {name: w for name, (w, _) in self.active.items()}
         weights |= {name: w for name, (w, _) in self.elsewhere.items()}
         total = sum(weights.values())
-        running = self.queue.running(tenant) + self.elsewhere.get(tenant, (0.0, 0))[1]
-        return total > 0 and running < slots * weights.get(tenant, 0.0) / total
+        return total > 0 and self._running(tenant) < slots * weights.get(tenant, 0.0) / total
 
     def rate(self, now: float) -> float | None:
         """Slots freed per second lately, or None when too few to tell."""
@@ -235,14 +243,20 @@ class AdmissionQueue:
         return waited
 
     def _free(self, m: ModelQueue, candidates: list[Replica], tenant: str, *, queued: bool) -> bool:
-        """Whether a request of ``tenant`` may go now: to a slot outside the reserve when none
-        waits before it, or into the reserve when the tenant runs less than its share."""
+        """Whether a request of ``tenant`` may go now. A tenant under its fair share may take
+        any free slot, ahead of waiters; any other only when none waits before it and more
+        slots are free than the reserve still keeps (its slots not used by such tenants)."""
         c = self._config
-        if not queued and total_room(candidates, c.replica_queue, c.reserve) > m.pending:
-            return True
-        if not c.reserve or total_room(candidates, c.replica_queue) <= m.pending:
+        free = total_room(candidates, c.replica_queue) - m.pending
+        if free <= 0:
             return False
-        return m.under_share(tenant, total_capacity(candidates), self._clock())
+        now, slots = self._clock(), total_capacity(candidates)
+        if c.reserve and m.under_share(tenant, slots, now):
+            return True
+        if queued:
+            return False
+        kept = reserved(candidates, c.reserve) - m.running_under_share(slots, now)
+        return free > max(kept, 0)
 
     def dispatch(self) -> None:
         """Give free slots to waiters, in order (run on every registry change)."""

@@ -5,9 +5,9 @@ this router's own in-flight count plus what the last report showed beyond it (ot
 Up to ``capacity + replica_queue`` the router sends at once; past that on every replica a
 request waits in the router's fair queue instead of in one replica's first-come queue.
 
-A share of each replica's capacity (``reserve``) is kept for tenants running fewer requests than
-their fair share: a flood fills the rest, and a light tenant's next request finds a slot free
-at once instead of waiting for the flood's next one to end.
+A share of each replica's capacity (``reserve``) is kept free or for tenants running fewer
+requests than their fair share (``gate``): a flood fills the rest, and a light tenant's next
+request finds a slot free at once instead of waiting for the flood's next one to end.
 """
 
 from __future__ import annotations
@@ -24,18 +24,21 @@ def capacity(replica: Replica) -> int:
     return replica.report.capacity if replica.report is not None else 0
 
 
-def room(replica: Replica, replica_queue: int, reserve: float = 0.0) -> int:
-    """Requests ``replica`` may still be sent before it is saturated; ``reserve``: the share of
-    its capacity to leave free (for tenants under their fair share)."""
+def room(replica: Replica, replica_queue: int) -> int:
+    """Requests ``replica`` may still be sent before it is saturated."""
     slots = capacity(replica)
     if slots <= 0:
         return UNBOUNDED
-    kept = int(slots * reserve)
-    return max(slots - kept + replica_queue - replica.inflight - replica.others_requests, 0)
+    return max(slots + replica_queue - replica.inflight - replica.others_requests, 0)
 
 
-def total_room(replicas: Iterable[Replica], replica_queue: int, reserve: float = 0.0) -> int:
-    return min(sum(room(r, replica_queue, reserve) for r in replicas), UNBOUNDED)
+def total_room(replicas: Iterable[Replica], replica_queue: int) -> int:
+    return min(sum(room(r, replica_queue) for r in replicas), UNBOUNDED)
+
+
+def reserved(replicas: Iterable[Replica], reserve: float) -> int:
+    """The slots of ``replicas`` kept for tenants under their share: ``reserve`` of each one's."""
+    return sum(int(capacity(r) * reserve) for r in replicas)
 
 
 def total_capacity(replicas: Iterable[Replica]) -> int:

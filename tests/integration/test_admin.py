@@ -304,6 +304,12 @@ async def test_a_scale_down_past_its_drain_timeout_never_reports_a_cut_reply_as_
     ):
         stub = gen_grpc.GenerationStub(channel)
         streams = [asyncio.create_task(stream(stub, i)) for i in range(8)]
+        # The streams first, so least-busy splits them 4 and 4: sent interleaved with the batch
+        # items, alternate picks could put every stream on the replica that stays.
+        for _ in range(500):
+            if sum(r.inflight for r in router.registry.replicas.values()) == 8:
+                break
+            await asyncio.sleep(0.01)
         batch = asyncio.create_task(
             client.generate_batch(
                 [f"b{i}" for i in range(8)], model="demo", max_tokens=tokens, temperature=0.0

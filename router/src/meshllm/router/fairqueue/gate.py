@@ -106,10 +106,17 @@ class ModelQueue:
         total = sum(weights.values())
         return total > 0 and self._running(tenant) < slots * weights.get(tenant, 0.0) / total
 
-    def rate(self, now: float) -> float | None:
-        """Slots freed per second lately, or None when too few to tell."""
+    def slot_freed(self, now: float) -> None:
+        self.freed.append(now)
+        self._forget_freed(now)
+
+    def _forget_freed(self, now: float) -> None:
         while self.freed and self.freed[0] < now - RATE_WINDOW_S:
             self.freed.popleft()
+
+    def rate(self, now: float) -> float | None:
+        """Slots freed per second lately, or None when too few to tell."""
+        self._forget_freed(now)
         if len(self.freed) < MIN_RATE_SAMPLES:
             return None
         return len(self.freed) / max(now - self.freed[0], 1e-3)
@@ -284,7 +291,7 @@ class AdmissionQueue:
         if pending:
             m.pending -= 1
         m.queue.finished(tenant)
-        m.freed.append(self._clock())
+        m.slot_freed(self._clock())
         self.dispatch()
 
     def charge(self, model: str, tenant: Tenant, tokens: float) -> None:

@@ -334,13 +334,13 @@ def test_the_fair_share_counts_tenants_and_requests_on_other_routers() -> None:
     m.seen(flood, now=0.0)
     for _ in range(6):
         m.queue.started("flood")
-    assert m.under_share("flood", slots=16, now=0.0)  # alone: its share is every slot
+    assert "flood" in m.under_share(slots=16, now=0.0)  # alone: its share is every slot
     m.elsewhere = {"light": (1.0, 2)}  # active on another router
-    assert m.under_share("flood", slots=16, now=0.0)  # 6 < 16 / 2
+    assert m.under_share(slots=16, now=0.0) == {"flood", "light"}  # 6 < 16 / 2
     m.elsewhere = {"light": (1.0, 2), "flood": (1.0, 3)}  # 3 more of its own elsewhere
-    assert not m.under_share("flood", slots=16, now=0.0)  # 9 >= 8
+    assert m.under_share(slots=16, now=0.0) == {"light"}  # 9 >= 8
     m.elsewhere = {"light": (3.0, 0)}
-    assert not m.under_share("flood", slots=16, now=0.0)  # 6 >= 16 x 1/4
+    assert "flood" not in m.under_share(slots=16, now=0.0)  # 6 >= 16 x 1/4
 
 
 async def test_the_reserve_keeps_slots_for_a_tenant_under_its_share() -> None:

@@ -88,23 +88,25 @@ class ModelQueue:
             ):
                 del self.active[name]
 
-    def running_under_share(self, slots: int, now: float) -> int:
-        """Requests on this router of its tenants running less than their share. A tenant
-        under its share on another router keeps the whole reserve: what it runs there now is
-        known here only as of the last sync, and a slot it frees would be taken from it."""
-        return sum(self.queue.running(n) for n in self.active if self.under_share(n, slots, now))
-
-    def _running(self, tenant: str) -> int:
-        return self.queue.running(tenant) + self.elsewhere.get(tenant, (0.0, 0))[1]
-
-    def under_share(self, tenant: str, slots: int, now: float) -> bool:
-        """Whether ``tenant`` (on every router) runs fewer requests than its weight's share of
+    def under_share(self, slots: int, now: float) -> set[str]:
+        """The tenants (on every router) running fewer requests than their weight's share of
         ``slots`` among the tenants active lately (on any router)."""
         self.prune(now)
         weights = {name: w for name, (w, _) in self.active.items()}
         weights |= {name: w for name, (w, _) in self.elsewhere.items()}
         total = sum(weights.values())
-        return total > 0 and self._running(tenant) < slots * weights.get(tenant, 0.0) / total
+        return {
+            name for name, weight in weights.items() if self._running(name) < slots * weight / total
+        }
+
+    def running_under_share(self, under: set[str]) -> int:
+        """Requests on this router of its tenants in ``under``. A tenant under its share on
+        another router keeps the whole reserve: what it runs there now is known here only as
+        of the last sync, and a slot it frees would be taken from it."""
+        return sum(self.queue.running(n) for n in self.active if n in under)
+
+    def _running(self, tenant: str) -> int:
+        return self.queue.running(tenant) + self.elsewhere.get(tenant, (0.0, 0))[1]
 
     def slot_freed(self, now: float) -> None:
         self.freed.append(now)
@@ -257,13 +259,15 @@ class AdmissionQueue:
         free = total_room(candidates, c.replica_queue) - m.pending
         if free <= 0:
             return False
-        now, slots = self._clock(), total_capacity(candidates)
-        if c.reserve and m.under_share(tenant, slots, now):
+        kept = reserved(candidates, c.reserve)
+        if not queued and free > kept:  # room beyond the whole reserve: nobody's share matters
             return True
-        if queued:
+        if not c.reserve:
             return False
-        kept = reserved(candidates, c.reserve) - m.running_under_share(slots, now)
-        return free > max(kept, 0)
+        under = m.under_share(total_capacity(candidates), self._clock())
+        if tenant in under:
+            return True
+        return not queued and free > kept - m.running_under_share(under)
 
     def dispatch(self) -> None:
         """Give free slots to waiters, in order (run on every registry change)."""

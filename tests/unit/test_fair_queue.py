@@ -20,8 +20,8 @@ from meshllm.router.registry import Registry, Replica
 from meshllm.router.tenants import Role, Tenant
 
 
-def waiter(tenant: str, lane: int = 0, weight: float = 1.0) -> Waiter:
-    return Waiter(tenant=tenant, weight=weight, lane=lane, since=0.0)
+def waiter(tenant: str, lane: int = 0) -> Waiter:
+    return Waiter(tenant=tenant, lane=lane)
 
 
 def order(queue: FairQueue) -> list[str]:
@@ -44,8 +44,8 @@ def test_the_tenant_served_least_goes_first_then_arrival_order() -> None:
 
 def test_counters_divide_tokens_by_weight() -> None:
     q = FairQueue()
-    q.push(waiter("a", weight=1.0))
-    q.push(waiter("b", weight=4.0))
+    q.push(waiter("a"))
+    q.push(waiter("b"))
     q.charge("a", 100, 1.0)
     q.charge("b", 300, 4.0)  # 75 virtual tokens: less than a's 100
     assert q.served("b") == 75.0

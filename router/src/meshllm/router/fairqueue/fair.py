@@ -25,11 +25,8 @@ class Waiter:
     """One request waiting for a slot."""
 
     tenant: str
-    weight: float
     lane: int
     """Its priority: higher lanes go first."""
-    since: float
-    """When it began to wait (the queue's clock)."""
     seq: int = 0
 
 
@@ -62,9 +59,6 @@ class FairQueue:
         """The tenant's virtual counter."""
         t = self._tenants.get(tenant)
         return t.served if t is not None else 0.0
-
-    def counters(self) -> dict[str, float]:
-        return {name: t.served for name, t in self._tenants.items()}
 
     def push(self, waiter: Waiter) -> float:
         """Queue ``waiter``; returns how far its tenant's counter was lifted (0 if not)."""

@@ -222,7 +222,7 @@ class AdmissionQueue:
     ) -> float:
         self._refuse_at_once(m, model, tenant, priority)
         start = self._clock()
-        waiter = Waiter(tenant=tenant.name, weight=tenant.weight, lane=priority, since=start)
+        waiter = Waiter(tenant=tenant.name, lane=priority)
         if lift := m.queue.push(waiter):  # other routers lift it too
             m.unshared[tenant.name] = m.unshared.get(tenant.name, 0.0) + lift
         future = m.granted[waiter] = asyncio.get_running_loop().create_future()
